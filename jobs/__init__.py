@@ -1,0 +1,1 @@
+"""jobs: the job spec (pydantic) and the command line (typer). Imports `cluster` and below."""

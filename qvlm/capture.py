@@ -1,0 +1,160 @@
+"""Capture each unit's inputs and outputs from full-precision forward passes, and replay units alone.
+
+A unit is called by its model as ``unit(hidden_states, *args, **kwargs)`` where the extra arguments
+(attention mask, position embeddings, ...) are the same for every unit of one layer list. We record
+them once per call so that a unit, or a block of consecutive units, can later run on its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from qvlm.structure import Unit
+
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+
+
+@dataclass
+class UnitCall:
+    """One captured invocation of a unit: its hidden-state input and the rest of its arguments."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mask: torch.Tensor | None = None  # [batch, tokens] bool of positions that count in errors, None = all
+
+    def with_hidden(self, hidden: torch.Tensor) -> "UnitCall":
+        return UnitCall(hidden, self.args, self.kwargs, self.mask)
+
+
+@dataclass
+class UnitCapture:
+    unit: Unit
+    calls: list[UnitCall] = field(default_factory=list)  # one per calibration batch
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def unit_output(out: Any) -> torch.Tensor:
+    """Layers return a tensor or a tuple whose first item is the hidden state."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def call_unit(module: nn.Module, call: UnitCall, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    x = call.hidden if hidden is None else hidden
+    return unit_output(module(x, *call.args, **call.kwargs))
+
+
+def _split_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    first = next(iter(kwargs))  # the projector is called with its single input by keyword in some models
+    hidden = kwargs.pop(first)
+    return hidden, (), kwargs
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_units(
+    model: nn.Module, units: Sequence[Unit], batches: Sequence[dict[str, torch.Tensor]]
+) -> list[UnitCapture]:
+    """Run ``model`` on every batch and record every unit's inputs and outputs, in unit order."""
+    captures = [UnitCapture(u) for u in units]
+    token_mask: list[torch.Tensor | None] = [None]
+    handles = []
+    for cap in captures:
+        module = model.get_submodule(cap.unit.name)
+
+        def hook(_m, args, kwargs, out, cap=cap):
+            hidden, rest, kw = _split_inputs(args, kwargs)
+            mask = token_mask[0] if cap.unit.segment == "language" else None
+            if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
+                mask = None
+            cap.calls.append(UnitCall(hidden.detach(), _detach(rest), _detach(kw), mask))
+            cap.outputs.append(unit_output(out).detach())
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        for batch in batches:
+            am = batch.get("attention_mask")
+            token_mask[0] = am.bool() if am is not None else None
+            model(**batch, **extra)
+    finally:
+        for h in handles:
+            h.remove()
+    return captures
+
+
+@torch.no_grad()
+def capture_linear_inputs(
+    unit_module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], max_rows: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Inputs of each named linear inside a unit over all calls, as [rows, in_features] (masked rows only).
+
+    ``max_rows`` keeps an evenly strided subset of rows so statistics stay bounded on large models.
+    """
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    current_mask: list[torch.Tensor | None] = [None]
+    handles = []
+    for name in linears:
+
+        def hook(_m, args, name=name):
+            x = args[0]
+            mask = current_mask[0]
+            flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+            rows[name].append(flat.detach())
+
+        handles.append(unit_module.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        for call in calls:
+            current_mask[0] = call.mask
+            call_unit(unit_module, call)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: _strided(torch.cat(v), max_rows) for n, v in rows.items()}
+
+
+def _strided(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
+    if max_rows is None or x.shape[0] <= max_rows:
+        return x
+    idx = torch.linspace(0, x.shape[0] - 1, max_rows).round().long()
+    return x[idx]
+
+
+def shared_input_groups(unit_module: nn.Module, linears: Sequence[str], call: UnitCall) -> list[tuple[str, ...]]:
+    """Group the unit's linears by the input tensor they receive (q/k/v share one, gate/up another)."""
+    # Hold the input tensors so their memory cannot be reused by a later input during the call.
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+    for name in linears:
+
+        def hook(_m, args, name=name):
+            for tensor, names in seen:
+                if tensor is args[0]:
+                    names.append(name)
+                    return
+            seen.append((args[0], [name]))
+
+        handles.append(unit_module.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_unit(unit_module, call)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [tuple(dict.fromkeys(names)) for _, names in seen]
+    return sorted(groups, key=lambda g: linears.index(g[0]))

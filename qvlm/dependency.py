@@ -1,0 +1,101 @@
+"""Cross-layer dependency D(k, k+1): conditional entropy of consecutive units' quantized outputs (Q-VLM Eq. 4-5).
+
+Our readings where the paper is silent (method.md 1.3 and 3):
+- the "layer activation" is a unit's output (the residual stream), so units k and k+1 share element indices;
+- each element gets a soft assignment over the M = 2^bits levels of its channel's uniform grid
+  (per-channel min/max over the calibration data), ``p(m) ∝ exp(-((x - q_m) / Δ)^2)``: Eq. 5 with the
+  distance measured in grid steps, which makes it independent of the activation scale;
+- the joint P(m, m') is pooled over elements and samples; D = H(k+1 | k) is divided by log M_{k+1} so units
+  of different bit widths compare (all values lie in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qvlm.capture import _strided
+
+
+@dataclass(frozen=True)
+class ChannelGrid:
+    lo: torch.Tensor  # [C]
+    hi: torch.Tensor  # [C]
+    levels: int
+
+
+def _valid_rows(outputs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], max_rows: int | None) -> torch.Tensor:
+    rows = [o[m] if m is not None else o.reshape(-1, o.shape[-1]) for o, m in zip(outputs, masks)]
+    return _strided(torch.cat(rows).float(), max_rows)
+
+
+def channel_grid(rows: torch.Tensor, bits: int) -> ChannelGrid:
+    return ChannelGrid(rows.amin(0), rows.amax(0), 1 << bits)
+
+
+def soft_assign(rows: torch.Tensor, grid: ChannelGrid) -> torch.Tensor:
+    """[N, C] values -> [N * C, M] soft level probabilities."""
+    span = (grid.hi - grid.lo).clamp_min(torch.finfo(torch.float32).tiny)
+    steps = (rows - grid.lo) / span * (grid.levels - 1)  # position in grid steps, [N, C]
+    levels = torch.arange(grid.levels, dtype=rows.dtype, device=rows.device)
+    logits = -((steps.reshape(-1, 1) - levels) ** 2)
+    return torch.softmax(logits, dim=-1)
+
+
+def joint_distribution(
+    rows_k: torch.Tensor, rows_next: torch.Tensor, grid_k: ChannelGrid, grid_next: ChannelGrid, chunk_rows: int = 256
+) -> torch.Tensor:
+    """P(m, m') pooled over every element, accumulated in float64 in a fixed order."""
+    joint = torch.zeros(grid_k.levels, grid_next.levels, dtype=torch.float64, device=rows_k.device)
+    for start in range(0, rows_k.shape[0], chunk_rows):
+        pk = soft_assign(rows_k[start : start + chunk_rows], grid_k)
+        pn = soft_assign(rows_next[start : start + chunk_rows], grid_next)
+        joint += (pk.T @ pn).double()
+    return joint / joint.sum()
+
+
+def conditional_entropy(joint: torch.Tensor) -> float:
+    """H(next | k) = -sum P(m, m') log(P(m, m') / P(m)), in nats."""
+    marginal = joint.sum(1, keepdim=True)
+    ratio = torch.where(joint > 0, joint / marginal.clamp_min(1e-300), torch.ones_like(joint))
+    return float(-(joint * ratio.log()).sum())
+
+
+def entropy(p: torch.Tensor) -> float:
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+@dataclass(frozen=True)
+class DependencySeries:
+    """For one stream of n units: normalised entropy of each unit's output and D between neighbours."""
+
+    entropy: tuple[float, ...]  # n values, H(k) / log M_k
+    dependency: tuple[float, ...]  # n - 1 values, D(k, k+1) / log M_{k+1}
+
+
+def dependency_series(
+    outputs: Sequence[Sequence[torch.Tensor]],
+    masks: Sequence[Sequence[torch.Tensor | None]],
+    bits: Sequence[int],
+    max_rows: int | None = 4096,
+) -> DependencySeries:
+    """``outputs[k][b]`` is unit k's output on batch b ([B, T, C]); all units of a stream share shapes.
+
+    ``max_rows`` keeps an evenly strided subset of token rows (the same rows for every unit).
+    """
+    rows = [_valid_rows(o, m, max_rows) for o, m in zip(outputs, masks)]
+    grids = [channel_grid(r, b) for r, b in zip(rows, bits)]
+    entropies, deps = [], []
+    for k in range(len(rows)):
+        if k + 1 < len(rows):
+            joint = joint_distribution(rows[k], rows[k + 1], grids[k], grids[k + 1])
+            deps.append(conditional_entropy(joint) / torch.log(torch.tensor(float(grids[k + 1].levels))).item())
+            marginal = joint.sum(1)
+        else:
+            pk = soft_assign(rows[k], grids[k]).double().sum(0)
+            marginal = pk / pk.sum()
+        entropies.append(entropy(marginal) / torch.log(torch.tensor(float(grids[k].levels))).item())
+    return DependencySeries(tuple(entropies), tuple(deps))

@@ -1,0 +1,100 @@
+"""The quantizable units of a transformers model, found from its module structure.
+
+A *unit* is one repeated layer (a vision-tower encoder layer, a decoder layer, an encoder layer) or the
+multimodal projector. Units are found from the module tree, never from widths or checkpoint names:
+a *layer list* is an ``nn.ModuleList`` of same-class children that contain linear layers; a *loose*
+module holds linears outside every layer list. The projector is the loose module that sits between a
+vision layer list and a language layer list in module order (``lm_head``, poolers and heads are not units).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+Segment = Literal["vision", "projector", "language"]
+SEGMENTS: tuple[Segment, ...] = ("vision", "projector", "language")
+_VISION_WORDS = ("vision", "visual")
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    name: str  # module path inside the model, e.g. "model.language_model.layers.3"
+    segment: Segment
+    linears: tuple[str, ...]  # linear layer names relative to the unit, in module order
+
+    def linear_name(self, relative: str) -> str:
+        return f"{self.name}.{relative}"
+
+
+def _linear_names(module: nn.Module) -> tuple[str, ...]:
+    return tuple(n for n, m in module.named_modules() if isinstance(m, nn.Linear))
+
+
+def _is_layer_list(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        return False
+    first = type(module[0])
+    return all(type(m) is first for m in module) and all(_linear_names(m) for m in module)
+
+
+def _contains_layer_list(module: nn.Module) -> bool:
+    return any(_is_layer_list(m) for m in module.modules())
+
+
+def _is_vision(path: str, ancestors: list[nn.Module]) -> bool:
+    words = [p.lower() for p in path.split(".")] + [type(a).__name__.lower() for a in ancestors]
+    return any(v in w for w in words for v in _VISION_WORDS)
+
+
+def _walk(module: nn.Module, path: str, ancestors: list[nn.Module], found: list) -> None:
+    """Depth-first in registration order: record layer lists and loose linear-holding modules."""
+    for child_name, child in module.named_children():
+        child_path = f"{path}.{child_name}" if path else child_name
+        if _is_layer_list(child):
+            segment = "vision" if _is_vision(child_path, ancestors + [module]) else "language"
+            found.append(("list", child_path, child, segment))
+        elif _contains_layer_list(child):
+            _walk(child, child_path, ancestors + [module], found)
+        elif _linear_names(child):
+            found.append(("loose", child_path, child, None))
+
+
+def find_units(model: nn.Module) -> list[Unit]:
+    """The ordered quantizable units of ``model``; raises if it has no repeated layer list."""
+    found: list = []
+    _walk(model, "", [], found)
+    if not any(kind == "list" for kind, *_ in found):
+        raise ValueError(
+            f"{type(model).__name__} has no repeated layer list with linear layers; "
+            "qvlm supports decoder LLMs, LLaVA-style models and transformer encoders"
+        )
+    units: list[Unit] = []
+    for i, (kind, path, module, segment) in enumerate(found):
+        if kind == "list":
+            for j, layer in enumerate(module):
+                units.append(Unit(len(units), f"{path}.{j}", segment, _linear_names(layer)))
+        elif _between_vision_and_language(found, i):
+            units.append(Unit(len(units), path, "projector", _linear_names(module)))
+    return units
+
+
+def _between_vision_and_language(found: list, i: int) -> bool:
+    before = [seg for kind, _, _, seg in found[:i] if kind == "list"]
+    after = [seg for kind, _, _, seg in found[i + 1 :] if kind == "list"]
+    return bool(before) and before[-1] == "vision" and bool(after) and after[0] == "language"
+
+
+def segments_of(units: list[Unit]) -> list[list[Unit]]:
+    """Consecutive runs of units that share a segment and a layer list (the streams D is defined on)."""
+    runs: list[list[Unit]] = []
+    for unit in units:
+        parent = unit.name.rsplit(".", 1)[0]
+        if runs and runs[-1][-1].segment == unit.segment and runs[-1][-1].name.rsplit(".", 1)[0] == parent:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs

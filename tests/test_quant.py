@@ -1,0 +1,117 @@
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+from qvlm.packing import pack_weight, unpack_weight
+from qvlm.quant import (
+    ActScheme,
+    WeightScheme,
+    calibrate_act_range,
+    fake_quantize_activation,
+    percentile_bounds,
+    quantize_weight,
+)
+
+SCHEMES = [
+    WeightScheme(bits, group, sym)
+    for bits in range(2, 9)
+    for group in (32, 64, 128, -1)
+    for sym in (True, False)
+]
+
+
+def _weight(seed=0, shape=(48, 256)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 0.02
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_rtn_error_is_at_most_half_a_step(scheme):
+    w = _weight()
+    qw = quantize_weight(w, scheme)
+    assert qw.qweight.dtype == torch.int8
+    assert int(qw.qweight.min()) >= scheme.qmin and int(qw.qweight.max()) <= scheme.qmax
+    err = (qw.dequantize() - w).abs()
+    step = qw.scale.repeat_interleave(w.shape[1] // qw.scale.shape[1], dim=1)
+    assert torch.all(err <= step / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_pack_unpack_round_trip_is_exact(scheme):
+    qw = quantize_weight(_weight(1), scheme)
+    back = unpack_weight(pack_weight(qw), scheme)
+    assert torch.equal(back.qweight, qw.qweight)
+    assert torch.equal(back.scale, qw.scale)
+    assert (back.zero is None) == scheme.symmetric
+    if not scheme.symmetric:
+        assert torch.equal(back.zero, qw.zero)
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, True, 128), (4, False, 64), (8, True, -1), (8, False, 32)])
+def test_dequantize_matches_compressed_tensors(bits, sym, group):
+    """Our integers and qparams dequantize to exactly what compressed-tensors computes from them."""
+    w = _weight(2)
+    scheme = WeightScheme(bits, group, sym)
+    qw = quantize_weight(w, scheme)
+    strategy = "channel" if group == -1 else "group"
+    args = QuantizationArgs(num_bits=bits, symmetric=sym, strategy=strategy, group_size=None if group == -1 else group)
+    zero = qw.zero if qw.zero is not None else torch.zeros_like(qw.scale, dtype=torch.int8)
+    theirs = fake_quantize(w, qw.scale, zero, args)
+    assert torch.equal(theirs, qw.dequantize())
+
+
+def test_more_bits_less_error():
+    w = _weight(3)
+    errs = [float((quantize_weight(w, WeightScheme(b, 64)).dequantize() - w).pow(2).mean()) for b in (2, 4, 8)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_group_must_divide_width():
+    with pytest.raises(ValueError, match="does not divide the input width 100"):
+        quantize_weight(torch.randn(4, 100), WeightScheme(4, 64))
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bad_bit_widths_are_refused(bits):
+    with pytest.raises(ValueError, match="weight bits"):
+        WeightScheme(bits)
+
+
+def test_clipping_percentile_narrows_the_range():
+    w = _weight(4)
+    w[0, 0] = 1.0  # one outlier
+    full = quantize_weight(w, WeightScheme(4, 128), 1.0)
+    clipped = quantize_weight(w, WeightScheme(4, 128), 0.98)
+    assert clipped.scale[0, 0] < full.scale[0, 0]
+    lo, hi = percentile_bounds(torch.arange(101.0).reshape(1, -1), 0.99, symmetric=False)
+    assert float(lo) == 1.0 and float(hi) == 99.0
+
+
+def test_dynamic_token_activation_error_bound():
+    x = torch.randn(3, 7, 64)
+    y = fake_quantize_activation(x, ActScheme(8, "token", True))
+    step = x.abs().amax(-1, keepdim=True) / 127.5
+    assert torch.all((y - x).abs() <= step / 2 + 1e-6)
+    assert torch.equal(fake_quantize_activation(x, ActScheme(16)), x)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_static_activation_ranges(granularity):
+    x = torch.randn(4, 16, 32) * torch.linspace(0.1, 3, 32)
+    scheme = ActScheme(4, granularity, symmetric=False)
+    rng = calibrate_act_range(x, scheme)
+    assert rng.lo.shape == ((32,) if granularity == "channel" else ())
+    y = fake_quantize_activation(x, scheme, rng)
+    assert y.shape == x.shape
+    err = (y - x).abs().amax()
+    width = (rng.hi - rng.lo).max()
+    assert err <= width / 15 / 2 + 1e-6
+    with pytest.raises(ValueError, match="needs a calibrated range"):
+        fake_quantize_activation(x, scheme, None)
+
+
+def test_storage_bits_counts_scales_and_zeros():
+    assert WeightScheme(4, 128, True).storage_bits(8, 256) == 8 * 256 * 4 + 16 * 16
+    assert WeightScheme(4, 128, False).storage_bits(8, 256) == 8 * 256 * 4 + 16 * 16 + 16 * 4
+    assert WeightScheme(8, -1, True).storage_bits(8, 256) == 8 * 256 * 8 + 8 * 16
