@@ -66,11 +66,19 @@ def _detach(value: Any) -> Any:
     return value
 
 
+class _StopForward(Exception):
+    """Raised from the last captured unit's hook when the rest of the model lives in later stages."""
+
+
 @torch.no_grad()
 def capture_units(
-    model: nn.Module, units: Sequence[Unit], batches: Sequence[dict[str, torch.Tensor]]
+    model: nn.Module, units: Sequence[Unit], batches: Sequence[dict[str, torch.Tensor]], stop_after_last: bool = False
 ) -> list[UnitCapture]:
-    """Run ``model`` on every batch and record every unit's inputs and outputs, in unit order."""
+    """Run ``model`` on every batch and record every unit's inputs and outputs, in unit order.
+
+    With ``stop_after_last`` the forward pass ends right after the last given unit, so modules after it
+    may have no weights (a pipeline stage that owns only the first units).
+    """
     captures = [UnitCapture(u) for u in units]
     token_mask: list[torch.Tensor | None] = [None]
     handles = []
@@ -84,6 +92,8 @@ def capture_units(
                 mask = None
             cap.calls.append(UnitCall(hidden.detach(), _detach(rest), _detach(kw), mask))
             cap.outputs.append(unit_output(out).detach())
+            if stop_after_last and cap is captures[-1]:
+                raise _StopForward
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
@@ -91,7 +101,10 @@ def capture_units(
         for batch in batches:
             am = batch.get("attention_mask")
             token_mask[0] = am.bool() if am is not None else None
-            model(**batch, **extra)
+            try:
+                model(**batch, **extra)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -11,6 +11,8 @@ Our readings where the paper is silent (method.md 1.3 and 3):
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,6 +78,25 @@ class DependencySeries:
     dependency: tuple[float, ...]  # n - 1 values, D(k, k+1) / log M_{k+1}
 
 
+def unit_rows(outputs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], max_rows: int | None = 4096) -> torch.Tensor:
+    """One unit's output rows over all batches (valid tokens only), strided down to ``max_rows``."""
+    return _valid_rows(outputs, masks, max_rows)
+
+
+def unit_entropy(rows: torch.Tensor, bits: int) -> float:
+    """H(k) / log M_k of the unit's pooled soft level distribution."""
+    grid = channel_grid(rows, bits)
+    p = soft_assign(rows, grid).double().sum(0)
+    return entropy(p / p.sum()) / math.log(grid.levels)
+
+
+def pair_dependency(rows_k: torch.Tensor, rows_next: torch.Tensor, bits_k: int, bits_next: int) -> float:
+    """D(k, k+1) / log M_{k+1}; rows of both units must come from the same tokens."""
+    grid_k, grid_next = channel_grid(rows_k, bits_k), channel_grid(rows_next, bits_next)
+    joint = joint_distribution(rows_k, rows_next, grid_k, grid_next)
+    return conditional_entropy(joint) / math.log(grid_next.levels)
+
+
 def dependency_series(
     outputs: Sequence[Sequence[torch.Tensor]],
     masks: Sequence[Sequence[torch.Tensor | None]],
@@ -86,16 +107,7 @@ def dependency_series(
 
     ``max_rows`` keeps an evenly strided subset of token rows (the same rows for every unit).
     """
-    rows = [_valid_rows(o, m, max_rows) for o, m in zip(outputs, masks)]
-    grids = [channel_grid(r, b) for r, b in zip(rows, bits)]
-    entropies, deps = [], []
-    for k in range(len(rows)):
-        if k + 1 < len(rows):
-            joint = joint_distribution(rows[k], rows[k + 1], grids[k], grids[k + 1])
-            deps.append(conditional_entropy(joint) / torch.log(torch.tensor(float(grids[k + 1].levels))).item())
-            marginal = joint.sum(1)
-        else:
-            pk = soft_assign(rows[k], grids[k]).double().sum(0)
-            marginal = pk / pk.sum()
-        entropies.append(entropy(marginal) / torch.log(torch.tensor(float(grids[k].levels))).item())
-    return DependencySeries(tuple(entropies), tuple(deps))
+    rows = [unit_rows(o, m, max_rows) for o, m in zip(outputs, masks)]
+    entropies = tuple(unit_entropy(r, b) for r, b in zip(rows, bits))
+    deps = tuple(pair_dependency(rows[k], rows[k + 1], bits[k], bits[k + 1]) for k in range(len(rows) - 1))
+    return DependencySeries(entropies, deps)

@@ -1,0 +1,212 @@
+"""Calibration data: records from a built-in generator or a JSONL file, and model-input batches from records.
+
+A JSONL file holds one object per line, ``{"image": <path or null>, "text": <str>, "answer": <optional str>}``;
+image paths are relative to the file's folder. Batches are right-padded; a LLaVA-style processor expands
+the image token into one token per image feature, and truncation never cuts those away.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+_KEYS = ("image", "text", "answer")
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    text: str  # the prompt (question) text, without the answer
+    image: "Image.Image | None" = None
+    answer: str | None = None  # expected answer for QA data, else None
+
+
+class CalibrationError(ValueError):
+    """Bad calibration data or settings; the message names the source (file and line) and how to fix it."""
+
+
+def _builtin_shapes(samples: int, seed: int) -> list[CalibrationRecord]:
+    from qvlm.shapes import make_shapes_records  # shapes imports this module
+
+    return make_shapes_records(samples, seed)
+
+
+BUILTINS: dict[str, Callable[[int, int], list[CalibrationRecord]]] = {"shapes": _builtin_shapes}
+
+
+def load_records(source: str, samples: int, seed: int) -> list[CalibrationRecord]:
+    """``samples`` records from ``builtin:<name>`` or a JSONL file (a seeded subset, in file order)."""
+    if samples < 1:
+        raise CalibrationError(f"calibration source {source!r}: samples must be at least 1, got {samples}")
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTINS:
+            known = ", ".join(f"builtin:{k}" for k in sorted(BUILTINS))
+            raise CalibrationError(f"unknown calibration source {source!r}; known built-in sources: {known}")
+        return BUILTINS[name](samples, seed)
+    return _load_jsonl(Path(source), samples, seed)
+
+
+def _load_jsonl(path: Path, samples: int, seed: int) -> list[CalibrationRecord]:
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} not found; fix: give an existing .jsonl path or builtin:shapes")
+    rows = []  # (line number, parsed record)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                rows.append((lineno, _parse_line(path, lineno, line)))
+    if len(rows) < samples:
+        raise CalibrationError(
+            f"calibration file {path} has {len(rows)} records, job asks for samples={samples}; "
+            f"fix: add records or lower samples"
+        )
+    if len(rows) > samples:
+        keep = sorted(random.Random(seed).sample(range(len(rows)), samples))
+        rows = [rows[i] for i in keep]
+    return [_materialise(path, lineno, row) for lineno, row in rows]
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    where = f"calibration file {path}, line {lineno}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{where}: invalid JSON ({e.msg}); fix: write one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise CalibrationError(f"{where}: expected a JSON object, got {type(row).__name__}; fix: write {{\"text\": ...}}")
+    unknown = sorted(set(row) - set(_KEYS))
+    if unknown:
+        raise CalibrationError(f"{where}: unknown field(s) {unknown}; fix: use only the fields {list(_KEYS)}")
+    text = row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise CalibrationError(f"{where}: field \"text\" is missing or empty; fix: give a non-empty string")
+    for key in ("image", "answer"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise CalibrationError(f"{where}: field \"{key}\" must be a string or null, got {type(row[key]).__name__}")
+    if row.get("image") is not None and not (path.parent / row["image"]).is_file():
+        raise CalibrationError(
+            f"{where}: field \"image\": file {path.parent / row['image']} not found; "
+            f"fix: give a path relative to {path.parent} or null"
+        )
+    return row
+
+
+def _materialise(path: Path, lineno: int, row: dict[str, Any]) -> CalibrationRecord:
+    image = None
+    if row.get("image") is not None:
+        image_path = path.parent / row["image"]
+        try:
+            with Image.open(image_path) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise CalibrationError(
+                f"calibration file {path}, line {lineno}: field \"image\": cannot read {image_path} ({e}); "
+                f"fix: point it at a valid image file (PNG, JPEG, ...)"
+            ) from None
+    return CalibrationRecord(text=row["text"], image=image, answer=row.get("answer"))
+
+
+def record_text(record: CalibrationRecord, include_answer: bool = True) -> str:
+    """The prompt, followed by the answer when asked for and present."""
+    if include_answer and record.answer is not None:
+        return f"{record.text} {record.answer}"
+    return record.text
+
+
+def _is_multimodal(processor: Any) -> bool:
+    return getattr(processor, "image_processor", None) is not None
+
+
+def make_batches(
+    records: Sequence[CalibrationRecord], processor: Any, max_length: int, batch_size: int, include_answer: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Model inputs for ``records`` in order, ``batch_size`` per batch (the last may be smaller).
+
+    With a plain tokenizer (text-only model) the records' images are ignored.
+    """
+    if batch_size < 1 or max_length < 1:
+        raise CalibrationError(f"batch_size and max_length must be at least 1, got {batch_size} and {max_length}")
+    return [
+        _make_batch(records[start : start + batch_size], processor, max_length, include_answer, start)
+        for start in range(0, len(records), batch_size)
+    ]
+
+
+def _make_batch(chunk, processor, max_length: int, include_answer: bool, start: int) -> dict[str, torch.Tensor]:
+    texts = [record_text(r, include_answer) for r in chunk]
+    if not _is_multimodal(processor):
+        enc = processor(texts)
+        return _pad(enc["input_ids"], _pad_id(processor), max_length, None, start)
+    with_image = [r.image is not None for r in chunk]
+    if any(with_image) and not all(with_image):
+        raise CalibrationError(
+            f"calibration batch of records {start}..{start + len(chunk) - 1} mixes records with and without images; "
+            f"fix: group image and text-only records apart in the file, or use batch_size=1"
+        )
+    if not any(with_image):
+        enc = processor(text=texts)
+        return _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, None, start)
+    texts = [f"{processor.image_token} {t}" for t in texts]
+    enc = processor(text=texts, images=[r.image for r in chunk])
+    batch = _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, _image_token_id(processor), start)
+    batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(p)) for p in enc["pixel_values"]])
+    return batch
+
+
+def _image_token_id(processor: Any) -> int:
+    token_id = getattr(processor, "image_token_id", None)
+    return token_id if token_id is not None else processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # masked out by attention_mask, so any valid id does
+
+
+def _pad(rows, pad_id: int, max_length: int, image_id: int | None, start: int) -> dict[str, torch.Tensor]:
+    """Truncate each row to ``max_length`` (never dropping image tokens) and right-pad to the longest."""
+    rows = [list(r) for r in rows]
+    if image_id is not None:
+        for i, row in enumerate(rows):
+            last = max((j for j, t in enumerate(row) if t == image_id), default=-1)
+            if last + 1 > max_length:
+                raise CalibrationError(
+                    f"calibration record {start + i}: its image expands to {row.count(image_id)} image tokens "
+                    f"(ending at position {last + 1}) but max_length={max_length}; "
+                    f"fix: max_length must be at least {last + 1} (plus room for the text)"
+                )
+    rows = [r[:max_length] for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def make_pixel_batches(
+    records: Sequence[CalibrationRecord], image_processor: Any, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """``{"pixel_values": ...}`` batches for a vision-only encoder; every record needs an image."""
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be at least 1, got {batch_size}")
+    image_processor = getattr(image_processor, "image_processor", image_processor)
+    missing = [i for i, r in enumerate(records) if r.image is None]
+    if missing:
+        raise CalibrationError(
+            f"calibration records {missing[:5]} have no image but the model is a vision encoder; "
+            f"fix: give every record an \"image\""
+        )
+    return [
+        {"pixel_values": image_processor(images=[r.image for r in records[s : s + batch_size]], return_tensors="pt")["pixel_values"]}
+        for s in range(0, len(records), batch_size)
+    ]

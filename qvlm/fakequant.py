@@ -1,0 +1,50 @@
+"""A drop-in ``nn.Linear`` that runs with a quantized weight and fake-quantized inputs, for search and evaluation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvlm.quant import ActRange, ActScheme, fake_quantize_activation
+
+
+class FakeQuantLinear(nn.Linear):
+    """Same parameters and state-dict keys as the linear it replaces; ``weight`` holds the dequantized weight.
+
+    ``weight_fn``, when set, supplies the weight at each call (learned rounding trains through it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.act_scheme = ActScheme()
+        self.act_range: ActRange | None = None
+        self.weight_fn: Callable[[], torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
+        fq = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        fq.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        if linear.bias is not None:
+            fq.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return fq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fake_quantize_activation(x, self.act_scheme, self.act_range)
+        weight = self.weight if self.weight_fn is None else self.weight_fn()
+        return F.linear(x, weight, self.bias)
+
+
+def swap_in_fake_quant(root: nn.Module, names: list[str]) -> dict[str, FakeQuantLinear]:
+    """Replace the named linears under ``root`` by FakeQuantLinear copies (in place); returns them by name."""
+    swapped = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        linear = getattr(parent, child)
+        fq = linear if isinstance(linear, FakeQuantLinear) else FakeQuantLinear.from_linear(linear)
+        setattr(parent, child, fq)
+        swapped[name] = fq
+    return swapped

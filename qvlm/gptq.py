@@ -1,0 +1,202 @@
+"""GPTQ: second-order post-training weight quantization (Frantar et al., 2022).
+
+For one linear layer ``y = x W^T`` the layer-wise objective is ``||X W^T - X W_q^T||^2``, whose Hessian
+with respect to each weight row is ``H = 2/n X^T X`` (the same for every row). GPTQ quantizes the input
+columns one at a time in their natural order (no act-order) and, after each column, spreads the
+quantization error over the columns not yet quantized with the optimal (OBS) update, which only needs the
+rows of the upper Cholesky factor of ``H^-1``. Updates to columns outside the current block of
+``block_size`` columns are applied lazily, once per block, as one matrix product.
+
+The integers and quantization parameters follow :mod:`qvlm.quant`'s convention, and the values the
+algorithm uses as the quantized columns are computed with the same arithmetic as
+``QuantizedWeight.dequantize()``, so the returned weight can be packed into a checkpoint as is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qvlm.quant import QuantizedWeight, WeightScheme, qparams_from_bounds
+
+__all__ = ["HessianAccumulator", "gptq_quantize"]
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over calibration tokens of one linear's input, in float64 or float32.
+
+    The unnormalized sum ``sum x x^T`` and the token count are kept separately and ``H`` is formed when it
+    is read, so the result does not depend on how the tokens were split into chunks (up to the summation
+    order of floating point) and no rescaling error accumulates. Chunks added in the same order give
+    bitwise identical results.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64):
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"the Hessian is accumulated in float64 or float32, got {dtype}")
+        self.in_features = in_features
+        self.dtype = dtype
+        self._device = torch.device(device) if device is not None else None
+        self._sum: torch.Tensor | None = None
+        self._tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add calibration inputs ``x`` [..., in_features]; every leading index is one token."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        flat = x.detach().reshape(-1, self.in_features)
+        if flat.shape[0] == 0:
+            return
+        if self._sum is None:
+            device = self._device if self._device is not None else flat.device
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=device)
+        flat = flat.to(device=self._sum.device, dtype=self.dtype)
+        self._sum.addmm_(flat.t(), flat)
+        self._tokens += flat.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2/n X^T X`` (a new tensor, [in_features, in_features], in the accumulator's dtype)."""
+        if self._sum is None:
+            raise ValueError("the Hessian has no calibration tokens; add() inputs before reading it")
+        return self._sum * (2.0 / self._tokens)
+
+
+def _not_positive_definite(what: str, damp: float) -> ValueError:
+    return ValueError(
+        f"GPTQ: the Hessian of this layer is not positive definite ({what}) even after damping with "
+        f"damp={damp}; use a larger damp (e.g. 0.1) or more calibration tokens"
+    )
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of ``H^-1`` (``H^-1 = U^T U``), in float64."""
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise _not_positive_definite(f"Cholesky of H failed at column {int(info) - 1}", damp)
+    h_inv = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(h_inv, upper=True)
+    if int(info) != 0:
+        raise _not_positive_definite(f"Cholesky of H^-1 failed at column {int(info) - 1}", damp)
+    if not torch.isfinite(upper).all():
+        raise _not_positive_definite("the inverse has non-finite entries", damp)
+    return upper
+
+
+def _gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float, block_size: int
+) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ proper; also returns the float32 quantized columns the algorithm used (for tests)."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"expected a [{in_features}, {in_features}] Hessian, got shape {tuple(hessian.shape)}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    n_groups = scheme.groups(in_features)
+    device = weight.device
+    sdtype = weight.dtype  # the checkpoint dtype of the scale
+    gs = in_features if scheme.group_size == -1 else scheme.group_size
+
+    h = hessian.detach().to(device=device, dtype=torch.float64, copy=True)
+    if not torch.isfinite(h).all():
+        raise ValueError("GPTQ: the Hessian of this layer has non-finite entries (NaN/inf in the calibration inputs?)")
+    w = weight.detach().to(torch.float32).clone()
+
+    # Dead inputs (always zero in calibration): the weight column cannot matter, so drop it and give the
+    # Hessian a unit diagonal there to keep it invertible.
+    dead = torch.diagonal(h) == 0
+    if dead.any():
+        idx = dead.nonzero().squeeze(1)
+        h[idx, idx] = 1.0
+        w[:, dead] = 0.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    u64 = _inverse_hessian_cholesky(h, damp)
+    if dead.any():
+        # In exact arithmetic a dead input is decoupled from every other one; make that exact so no error
+        # ever flows into (or out of) a dead column.
+        diag = u64.diagonal().clone()
+        u64[dead, :] = 0.0
+        u64[:, dead] = 0.0
+        u64.diagonal().copy_(diag)
+    u = u64.to(torch.float32)
+    del h, u64
+
+    qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+    used = torch.empty(out_features, in_features, dtype=torch.float32, device=device)
+    scale = torch.empty(out_features, n_groups, dtype=sdtype, device=device)
+    zero = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8, device=device)
+
+    def set_qparams(g: int, values: torch.Tensor) -> None:
+        s, z = qparams_from_bounds(values.amin(1), values.amax(1), scheme.bits, scheme.symmetric, sdtype)
+        scale[:, g] = s
+        if zero is not None:
+            zero[:, g] = z
+
+    if scheme.group_size == -1:
+        set_qparams(0, w)  # whole rows (dead columns already zeroed), before any error feedback
+
+    for b1 in range(0, in_features, block_size):
+        b2 = min(b1 + block_size, in_features)
+        w_blk = w[:, b1:b2].clone()
+        err_blk = torch.zeros_like(w_blk)
+        u_blk = u[b1:b2, b1:b2]
+        for i in range(b2 - b1):
+            col = b1 + i
+            g = col // gs
+            if scheme.group_size != -1 and col % gs == 0:
+                # Range of the group as it stands now: its columns inside this block carry every update so
+                # far; those past the block still miss this block's pending (lazy) update, added here.
+                end = col + gs
+                current = w_blk[:, i : min(end, b2) - b1]
+                if end > b2:
+                    rest = w[:, b2:end] - err_blk[:, :i] @ u[b1:col, b2:end]
+                    current = torch.cat([current, rest], dim=1)
+                set_qparams(g, current)
+            x = w_blk[:, i]
+            s = scale[:, g]
+            t = x / s.float()
+            if zero is not None:
+                z = zero[:, g]
+                t = t + z.float()
+            q = torch.clamp(torch.round(t), scheme.qmin, scheme.qmax)
+            # Same arithmetic as QuantizedWeight.dequantize(): in the scale's dtype, then widened.
+            qs = q.to(sdtype)
+            if zero is not None:
+                qs = qs - z.to(sdtype)
+            x_hat = (qs * s).float()
+            qweight[:, col] = q.to(torch.int8)
+            used[:, col] = x_hat
+            e = (x - x_hat) / u_blk[i, i]
+            w_blk[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
+            err_blk[:, i] = e
+        if b2 < in_features:
+            w[:, b2:] -= err_blk @ u[b1:b2, b2:]
+
+    return QuantizedWeight(qweight, scale, zero, scheme), used
+
+
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01, block_size: int = 128
+) -> QuantizedWeight:
+    """Quantize ``weight`` [out, in] with GPTQ given its input Hessian ``hessian`` [in, in].
+
+    Columns are processed in natural order (no act-order). ``damp * mean(diag(H))`` is added to the
+    diagonal of H; inputs with ``diag(H) == 0`` are dead: their weight column is set to 0 and H[i, i] to 1.
+    Per channel (``group_size == -1``) the scale/zero of a row come from the whole row before the loop;
+    with groups they come from the group's current (error-updated) columns when the algorithm reaches the
+    group's first column, with plain min/max bounds. Scales are in ``weight.dtype``. ``dequantize()`` of the
+    result is exactly the quantized weight the algorithm used. Computes in float32 (float64 for the inverse
+    Hessian) on the weight's device.
+
+    Raises ``ValueError`` if the damped Hessian is not positive definite.
+    """
+    return _gptq(weight, hessian, scheme, damp, block_size)[0]

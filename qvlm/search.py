@@ -1,0 +1,283 @@
+"""Per-block quantizer search against the block's full-precision output (Q-VLM Eq. 3).
+
+A block is a run of consecutive units of one stream. ``search_block`` works on copies of the block's unit
+modules whose target linears are swapped for ``FakeQuantLinear``; the caller's modules are never changed.
+Methods (``SEARCHERS``): ``rtn`` (no search), ``clip`` (the paper: a clipping percentile per linear for the
+weight and, for static activation schemes, for the input range, chosen by coordinate passes over the block),
+``learned`` (rounding offsets and clipping scales trained with signed gradient descent, AutoRound-style) and
+``gptq`` (the baseline, unit by unit). All are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from qvlm.capture import UnitCall, call_unit, capture_linear_inputs
+from qvlm.fakequant import FakeQuantLinear, swap_in_fake_quant
+from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, calibrate_act_range, quantize_weight
+
+SearchMethod = Literal["rtn", "clip", "learned", "gptq"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    method: SearchMethod = "clip"
+    percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
+    epochs: int = 10
+    iters: int = 200  # learned: optimisation steps
+    lr: float | None = None  # learned: None = 1 / iters
+    seed: int = 0
+    max_act_rows: int = 8192  # rows kept per linear to calibrate static activation ranges
+
+
+@dataclass
+class BlockData:
+    """What one block search needs: its unit modules and, per calibration batch, inputs and FP targets."""
+
+    units: list[nn.Module]
+    unit_names: list[str]
+    linears: list[tuple[str, ...]]  # per unit, names relative to the unit
+    calls: list[list[UnitCall]]  # [unit][batch]: captured arguments (the first unit's hidden is the block input)
+    targets: list[torch.Tensor]  # [batch]: FP output of the last unit on FP inputs
+    schemes: dict[str, WeightScheme]  # full linear name -> weight scheme
+    act: ActScheme = field(default_factory=ActScheme)
+
+
+@dataclass(frozen=True)
+class LinearResult:
+    name: str
+    weight: QuantizedWeight
+    act_range: ActRange | None
+    weight_percentile: float | None
+    act_percentile: float | None
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    unit_names: tuple[str, ...]
+    linears: tuple[LinearResult, ...]
+    error_before: float  # block-output MSE with round-to-nearest (all percentiles 1.0)
+    error_after: float
+    evaluations: int
+    seconds: float
+
+
+class _Workspace:
+    """Copies of the block's units with fake-quant linears, and the cached outputs of each unit."""
+
+    def __init__(self, data: BlockData):
+        self.data = data
+        self.units = [copy.deepcopy(m).requires_grad_(False) for m in data.units]
+        self.fq: dict[str, FakeQuantLinear] = {}
+        self.unit_of: dict[str, int] = {}
+        for u, (module, name, rel) in enumerate(zip(self.units, data.unit_names, data.linears)):
+            for r, fq in swap_in_fake_quant(module, list(rel)).items():
+                self.fq[f"{name}.{r}"] = fq
+                self.unit_of[f"{name}.{r}"] = u
+        self.fp_weight = {n: fq.weight.detach().clone() for n, fq in self.fq.items()}
+        self.outputs: list[list[torch.Tensor]] = []
+        self.evaluations = 0
+
+    def run_from(self, u: int) -> list[list[torch.Tensor]]:
+        """Outputs of units u..end for every batch, reusing the cached outputs of unit u-1."""
+        outs = []
+        for j in range(u, len(self.units)):
+            prev = outs[-1] if outs else (self.outputs[j - 1] if j > 0 else None)
+            outs.append([
+                call_unit(self.units[j], call, None if prev is None else prev[b])
+                for b, call in enumerate(self.data.calls[j])
+            ])
+        self.evaluations += 1
+        return outs
+
+    def error(self, last: Sequence[torch.Tensor]) -> float:
+        return block_error(last, self.data.targets, self.data.calls[-1])
+
+    def refresh(self) -> float:
+        with torch.no_grad():
+            self.outputs = self.run_from(0)
+        return self.error(self.outputs[-1])
+
+
+def block_error(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], calls: Sequence[UnitCall]) -> float:
+    """Mean squared error over the valid tokens of every batch, accumulated in float64."""
+    total, count = 0.0, 0
+    for out, tgt, call in zip(outputs, targets, calls):
+        sq = (out.double() - tgt.double()) ** 2
+        if call.mask is not None:
+            sq = sq[call.mask]
+        total += float(sq.sum())
+        count += sq.numel()
+    return total / max(count, 1)
+
+
+def _act_rows(ws: _Workspace, cfg: SearchConfig) -> dict[str, torch.Tensor]:
+    """FP inputs of every linear on the FP block (first unit fed the block input), for static act ranges."""
+    rows: dict[str, torch.Tensor] = {}
+    hidden = None
+    with torch.no_grad():
+        for u, (module, name, rel) in enumerate(zip(ws.units, ws.data.unit_names, ws.data.linears)):
+            calls = ws.data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(ws.data.calls[u], hidden)]
+            for r, x in capture_linear_inputs(module, rel, calls, cfg.max_act_rows).items():
+                rows[f"{name}.{r}"] = x
+            hidden = [call_unit(module, c) for c in calls]
+    return rows
+
+
+class _Candidates:
+    """Cached quantized weights and activation ranges per (linear, percentile)."""
+
+    def __init__(self, ws: _Workspace, cfg: SearchConfig):
+        self.ws, self.data = ws, ws.data
+        act = ws.data.act
+        self.act_rows = _act_rows(ws, cfg) if act.enabled and act.static else {}
+        self._w: dict[tuple[str, float], QuantizedWeight] = {}
+        self._a: dict[tuple[str, float], ActRange] = {}
+
+    def weight(self, name: str, p: float) -> QuantizedWeight:
+        if (name, p) not in self._w:
+            self._w[name, p] = quantize_weight(self.ws.fp_weight[name], self.data.schemes[name], p)
+        return self._w[name, p]
+
+    def act_range(self, name: str, p: float) -> ActRange | None:
+        if name not in self.act_rows:
+            return None
+        if (name, p) not in self._a:
+            self._a[name, p] = calibrate_act_range(self.act_rows[name], self.data.act, p)
+        return self._a[name, p]
+
+    def apply(self, name: str, wp: float | None, ap: float | None) -> None:
+        fq = self.ws.fq[name]
+        if wp is not None:
+            fq.weight.data = self.weight(name, wp).dequantize().to(fq.weight.dtype)
+        fq.act_scheme = self.data.act
+        fq.act_range = self.act_range(name, ap) if ap is not None else None
+
+
+def _coordinate_search(ws: _Workspace, cand: _Candidates, cfg: SearchConfig, wp: dict, ap: dict, coords: list) -> float:
+    """Coordinate passes: each (linear, kind) coordinate tries every percentile with the others fixed."""
+    best = ws.refresh()
+    for _ in range(cfg.epochs):
+        changed = False
+        for name, kind in coords:
+            state = wp if kind == "weight" else ap
+            for p in cfg.percentiles:
+                if p == state[name]:
+                    continue
+                old = state[name]
+                state[name] = p
+                cand.apply(name, wp[name], ap[name])
+                with torch.no_grad():
+                    outs = ws.run_from(ws.unit_of[name])
+                err = ws.error(outs[-1])
+                if err < best:
+                    best, changed = err, True
+                    ws.outputs[ws.unit_of[name]:] = outs
+                else:
+                    state[name] = old
+                    cand.apply(name, wp[name], ap[name])
+        if not changed:
+            break
+    return best
+
+
+def _start(data: BlockData, cfg: SearchConfig) -> tuple[_Workspace, _Candidates, dict, dict, float]:
+    ws = _Workspace(data)
+    cand = _Candidates(ws, cfg)
+    wp = {n: 1.0 for n in ws.fq}
+    ap = {n: (1.0 if n in cand.act_rows else None) for n in ws.fq}
+    for n in ws.fq:
+        cand.apply(n, wp[n], ap[n])
+    return ws, cand, wp, ap, ws.refresh()
+
+
+def _results(ws: _Workspace, cand: _Candidates, wp: dict, ap: dict, weights: dict | None = None) -> tuple[LinearResult, ...]:
+    return tuple(
+        LinearResult(n, (weights or {}).get(n) or cand.weight(n, wp[n]), cand.act_range(n, ap[n]) if ap[n] else None,
+                     None if weights and n in weights else wp[n], ap[n])
+        for n in ws.fq
+    )
+
+
+def search_rtn(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+    ws, cand, wp, ap, before = _start(data, cfg)
+    return _results(ws, cand, wp, ap), before, before, ws.evaluations
+
+
+def search_clip(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+    ws, cand, wp, ap, before = _start(data, cfg)
+    coords = [(n, "weight") for n in ws.fq] + [(n, "act") for n in ws.fq if ap[n] is not None]
+    after = _coordinate_search(ws, cand, cfg, wp, ap, coords)
+    return _results(ws, cand, wp, ap), before, after, ws.evaluations
+
+
+def search_learned(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+    from qvlm.learned import learn_rounding
+
+    ws, cand, wp, ap, before = _start(data, cfg)
+    act_coords = [(n, "act") for n in ws.fq if ap[n] is not None]
+    if act_coords:
+        _coordinate_search(ws, cand, cfg, wp, ap, act_coords)
+    weights = learn_rounding(ws, cfg)
+    for n, qw in weights.items():
+        ws.fq[n].weight.data = qw.dequantize().to(ws.fq[n].weight.dtype)
+    after = ws.refresh()
+    if after >= before:  # never hand back something worse than where the search started
+        for n in ws.fq:
+            cand.apply(n, 1.0, ap[n])
+        return _results(ws, cand, wp, ap), before, min(before, ws.refresh()), ws.evaluations
+    return _results(ws, cand, wp, ap, weights), before, after, ws.evaluations
+
+
+def search_gptq(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+    from qvlm.gptq import HessianAccumulator, gptq_quantize
+
+    ws, cand, wp, ap, before = _start(data, cfg)
+    weights: dict[str, QuantizedWeight] = {}
+    hidden = None
+    for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
+        calls = data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(data.calls[u], hidden)]
+        for r, x in capture_linear_inputs(module, rel, calls).items():
+            acc = HessianAccumulator(x.shape[-1], device=x.device)
+            acc.add(x)
+            n = f"{name}.{r}"
+            weights[n] = gptq_quantize(ws.fp_weight[n], acc.hessian, data.schemes[n])
+            ws.fq[n].weight.data = weights[n].dequantize().to(ws.fq[n].weight.dtype)
+        with torch.no_grad():
+            hidden = [call_unit(ws.units[u], c) for c in calls]
+    after = ws.refresh()
+    return _results(ws, cand, wp, ap, weights), before, after, ws.evaluations
+
+
+SEARCHERS: dict[str, Callable] = {"rtn": search_rtn, "clip": search_clip, "learned": search_learned, "gptq": search_gptq}
+
+
+def search_block(data: BlockData, cfg: SearchConfig) -> BlockResult:
+    """Choose the block's quantizer parameters; returns integer weights, act ranges and errors before/after."""
+    if cfg.method not in SEARCHERS:
+        raise ValueError(f"unknown search method {cfg.method!r}; choose one of {sorted(SEARCHERS)}")
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    linears, before, after, evaluations = SEARCHERS[cfg.method](data, cfg)
+    return BlockResult(tuple(data.unit_names), linears, before, after, evaluations, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def quantized_block_outputs(data: BlockData, result: BlockResult) -> list[torch.Tensor]:
+    """The block's output per batch with ``result`` applied (the next block's input under Eq. 3 propagation)."""
+    ws = _Workspace(data)
+    apply_linear_results(ws.fq, result.linears, data.act)
+    return ws.run_from(0)[-1]
+
+
+def apply_linear_results(fq_by_name: dict[str, FakeQuantLinear], results: Sequence[LinearResult], act: ActScheme) -> None:
+    for r in results:
+        fq = fq_by_name[r.name]
+        fq.weight.data = r.weight.dequantize().to(fq.weight.dtype)
+        fq.act_scheme, fq.act_range = act, r.act_range

@@ -1,0 +1,168 @@
+import pytest
+import torch
+
+from qvlm.gptq import HessianAccumulator, _gptq, gptq_quantize
+from qvlm.quant import WeightScheme, quantize_weight
+
+OUT, IN, TOKENS = 64, 256, 2048
+
+
+def _data(seed=0, out=OUT, inp=IN, tokens=TOKENS):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    z = torch.randn(tokens, inp, generator=g)
+    a = torch.randn(inp, inp, generator=g) / inp**0.5
+    x = z @ a + 0.1 * torch.randn(tokens, inp, generator=g)  # correlated input channels
+    return w, x
+
+
+def _hessian(x):
+    acc = HessianAccumulator(x.shape[-1])
+    acc.add(x)
+    return acc.hessian
+
+
+def _out_err(x, w, w_hat):
+    return float(((x @ w.t() - x @ w_hat.float().t()) ** 2).sum())
+
+
+@pytest.mark.parametrize(
+    "scheme", [WeightScheme(4, 128, True), WeightScheme(3, -1, True), WeightScheme(4, 64, False)], ids=str
+)
+def test_gptq_beats_rtn_on_output_error(scheme):
+    w, x = _data()
+    qw = gptq_quantize(w, _hessian(x), scheme)
+    gptq_err = _out_err(x, w, qw.dequantize())
+    rtn_err = _out_err(x, w, quantize_weight(w, scheme).dequantize())
+    assert gptq_err < 0.9 * rtn_err, (gptq_err, rtn_err)
+
+
+@pytest.mark.parametrize(
+    "scheme", [WeightScheme(4, 128, True), WeightScheme(3, -1, True), WeightScheme(4, 64, False), WeightScheme(2, 32, False)],
+    ids=str,
+)
+def test_ints_in_range_shape_and_deterministic(scheme):
+    w, x = _data(1)
+    h = _hessian(x)
+    a = gptq_quantize(w, h, scheme)
+    b = gptq_quantize(w, h, scheme)
+    assert a.qweight.dtype == torch.int8 and a.qweight.shape == w.shape
+    assert int(a.qweight.min()) >= scheme.qmin and int(a.qweight.max()) <= scheme.qmax
+    assert a.scale.shape == (OUT, scheme.groups(IN)) and a.scale.dtype == w.dtype
+    assert (a.zero is None) == scheme.symmetric
+    assert a.dequantize().shape == w.shape
+    assert torch.isfinite(a.dequantize()).all()
+    assert torch.equal(a.qweight, b.qweight)
+    assert torch.equal(a.scale, b.scale)
+    if a.zero is not None:
+        assert torch.equal(a.zero, b.zero)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, False), WeightScheme(3, -1, True)], ids=str)
+def test_dequantize_is_exactly_what_the_algorithm_used(dtype, scheme):
+    w, x = _data(2)
+    qw, used = _gptq(w.to(dtype), _hessian(x), scheme, damp=0.01, block_size=128)
+    assert qw.scale.dtype == dtype
+    assert torch.equal(qw.dequantize().float(), used)
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, True), WeightScheme(3, -1, False)], ids=str)
+def test_dead_input_columns(scheme):
+    w, x = _data(3)
+    dead = [0, 5, 100, 255]
+    x[:, dead] = 0.0
+    qw = gptq_quantize(w, _hessian(x), scheme)
+    deq = qw.dequantize()
+    assert torch.isfinite(deq).all() and torch.isfinite(qw.scale.float()).all()
+    assert torch.all(deq[:, dead] == 0)
+    assert _out_err(x, w, deq) < _out_err(x, w, quantize_weight(w, scheme).dequantize())
+
+
+def test_whole_dead_group_is_finite_and_zero():
+    w, x = _data(4)
+    x[:, 64:128] = 0.0
+    qw = gptq_quantize(w, _hessian(x), WeightScheme(4, 64, False))
+    deq = qw.dequantize()
+    assert torch.isfinite(deq).all()
+    assert torch.all(deq[:, 64:128] == 0)
+
+
+@pytest.mark.parametrize("block_size", [16, 48, 100, 256])
+def test_block_size_does_not_change_the_result(block_size):
+    """Lazy batching is exact: group ranges straddling blocks see the pending updates of the block."""
+    w, x = _data(5)
+    h = _hessian(x)
+    scheme = WeightScheme(4, 64, False)
+    ref = gptq_quantize(w, h, scheme, block_size=IN)  # one block: every update applied eagerly
+    got = gptq_quantize(w, h, scheme, block_size=block_size)
+    assert torch.allclose(got.scale, ref.scale, rtol=1e-4, atol=0)
+    assert torch.equal(got.zero, ref.zero)
+    assert (got.qweight != ref.qweight).float().mean() < 1e-3
+
+
+def test_group_qparams_come_from_updated_columns():
+    """With groups, scales differ from RTN's (computed on the original weight) beyond the first group."""
+    w, x = _data(6)
+    scheme = WeightScheme(4, 64, True)
+    qw = gptq_quantize(w, _hessian(x), scheme)
+    rtn = quantize_weight(w, scheme)
+    assert torch.equal(qw.scale[:, 0], rtn.scale[:, 0])  # first group: nothing has been updated yet
+    assert not torch.allclose(qw.scale[:, 1:], rtn.scale[:, 1:])
+
+
+def test_per_channel_qparams_come_from_original_rows():
+    w, x = _data(7)
+    scheme = WeightScheme(3, -1, False)
+    qw = gptq_quantize(w, _hessian(x), scheme)
+    rtn = quantize_weight(w, scheme)
+    assert torch.equal(qw.scale, rtn.scale) and torch.equal(qw.zero, rtn.zero)
+
+
+def test_not_positive_definite_raises():
+    w, _ = _data(8, inp=64)
+    h = -torch.eye(64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(w, h, WeightScheme(4, 64, True), damp=0.0)
+
+
+def test_bad_shapes_raise():
+    w, x = _data(9)
+    with pytest.raises(ValueError):
+        gptq_quantize(w, _hessian(x)[:128, :128], WeightScheme(4, 128, True))
+    with pytest.raises(ValueError):
+        gptq_quantize(w, _hessian(x), WeightScheme(4, 100, True))
+
+
+def test_hessian_accumulator_chunks_equal_whole_and_formula():
+    _, x = _data(10)
+    x3 = x.reshape(4, TOKENS // 4, IN)  # leading dims are flattened into tokens
+    whole = HessianAccumulator(IN)
+    whole.add(x3)
+    chunked = HessianAccumulator(IN)
+    chunked.add(x[:700])
+    chunked.add(x[700:])
+    assert whole.tokens == chunked.tokens == TOKENS
+    assert whole.hessian.dtype == torch.float64
+    assert torch.allclose(whole.hessian, chunked.hessian, rtol=1e-10, atol=1e-12)
+    x64 = x.double()
+    assert torch.allclose(whole.hessian, 2.0 / TOKENS * x64.t() @ x64, rtol=1e-10, atol=1e-12)
+    # deterministic: same chunks in the same order give identical bytes
+    again = HessianAccumulator(IN)
+    again.add(x[:700])
+    again.add(x[700:])
+    assert torch.equal(again.hessian, chunked.hessian)
+
+
+def test_hessian_accumulator_float32_and_errors():
+    _, x = _data(11)
+    acc = HessianAccumulator(IN, dtype=torch.float32)
+    with pytest.raises(ValueError):
+        acc.hessian
+    acc.add(x[:0])  # empty chunk is a no-op
+    assert acc.tokens == 0
+    acc.add(x)
+    assert acc.hessian.dtype == torch.float32
+    assert torch.allclose(acc.hessian.double(), 2.0 / TOKENS * x.double().t() @ x.double(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        acc.add(x[:, :10])
