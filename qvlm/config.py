@@ -1,0 +1,50 @@
+"""Typed settings of one quantization run (the numerical part of a job file)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qvlm.quant import ActScheme, WeightScheme
+from qvlm.search import SearchConfig
+from qvlm.structure import SEGMENTS, Segment
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    metric: Literal["none", "sensitivity", "kurtosis"] = "none"
+    extra_budget: float = 0.02
+    stop: int = 2
+    top_m: int = 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: Literal["qvlm", "gptq", "rtn"] = "qvlm"
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    activations: ActScheme = field(default_factory=ActScheme)
+    targets: tuple[Segment, ...] = SEGMENTS
+    ignore: tuple[str, ...] = ("lm_head",)  # module names, or "re:<pattern>" matched from the start
+    search: Literal["clip", "learned"] = "clip"
+    max_block_depth: int = 3
+    h0: float | None = None  # None = auto (mean of the dependency series)
+    percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
+    epochs: int = 10
+    iters: int = 200
+    propagation: Literal["fp", "quantized"] = "fp"
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    seed: int = 0
+
+    def search_config(self) -> SearchConfig:
+        method = self.search if self.method == "qvlm" else self.method
+        return SearchConfig(method, self.percentiles, self.epochs, self.iters, None, self.seed)
+
+    def is_ignored(self, linear_name: str) -> bool:
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                if re.match(pattern[3:], linear_name):
+                    return True
+            elif linear_name == pattern or linear_name.endswith("." + pattern):
+                return True
+        return False
