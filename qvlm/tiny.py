@@ -177,3 +177,25 @@ def build_tiny_clip_vision(path: str | Path, seed: int = 0) -> Path:
 def build_tiny_bert(path: str | Path, seed: int = 0) -> Path:
     """Save the tiny BERT and its tokenizer at ``path``."""
     return _build(make_tiny_bert, path, seed)
+
+
+BUILDERS = {"llava": build_tiny_llava, "llama": build_tiny_llama, "clip": build_tiny_clip_vision, "bert": build_tiny_bert}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m qvlm.tiny [llava|llama|clip|bert] DIR``: write a tiny model unless DIR already has one."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qvlm.tiny", description=main.__doc__)
+    parser.add_argument("kind", choices=sorted(BUILDERS))
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (Path(args.path) / "config.json").exists():
+        print(f"{args.path} already holds a model; leaving it")
+        return
+    print(f"wrote {BUILDERS[args.kind](args.path, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

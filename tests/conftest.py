@@ -76,3 +76,17 @@ def llama_batches(tiny_llama_dir):
 
     records = load_records("builtin:shapes", 8, seed=1)
     return make_batches(records, AutoTokenizer.from_pretrained(tiny_llama_dir), max_length=32, batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the whole session (starting Ray per test costs seconds)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 2**20, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    yield ray
+    ray.shutdown()
+
+
+from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401  (S3 on loopback for every test module)

@@ -1,0 +1,45 @@
+"""Start the stage actors inside one placement group, ranked explicitly, and stop them."""
+
+from __future__ import annotations
+
+from cluster.plan import JobPlan
+from cluster.settings import JobSettings
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def start_stages(ray, settings: JobSettings, plan: JobPlan):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from workers.stage import StageWorker
+
+    bundle = {"CPU": settings.cpus_per_worker}
+    if settings.gpus_per_worker:
+        bundle["GPU"] = settings.gpus_per_worker
+    pg = placement_group([dict(bundle) for _ in plan.stages], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"could not place {len(plan.stages)} stage workers of {bundle} within {PLACEMENT_TIMEOUT_S}s; "
+            f"the cluster has {ray.cluster_resources()}: lower resources.workers or the per-worker resources")
+    actor = ray.remote(StageWorker)
+    all_units = [u.name for u in plan.units]
+    stages = [
+        actor.options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0,
+                      scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                      name=None).remote(settings.model_uri, settings.model_endpoint,
+                                        [plan.units[i] for i in stage], rank == 0, all_units)
+        for rank, stage in enumerate(plan.stages)
+    ]
+    loaded = ray.get([s.ready.remote() for s in stages])
+    return stages, pg, [info["tensors"] for info in loaded]
+
+
+def stop_stages(ray, stages, pg) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for s in stages:
+        ray.kill(s)
+    remove_placement_group(pg)

@@ -1,0 +1,88 @@
+"""The job plan, computed from the model's config and safetensors headers only (no weights are loaded).
+
+Stage layout rule: the first stage owns every stream but the last (the vision tower and projector of a
+LLaVA, which are small next to its language model) plus the start of the last stream, because only the
+first stage can run the model's glue between streams; the remaining stages split the rest of the last
+stream. Stage boundaries are chosen to balance parameter bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qvlm.driver import linear_shapes, select_units
+from qvlm.loading import build_skeleton, glue_names, owned_names
+from qvlm.structure import Unit, segments_of
+from workers.safetensors_reader import CheckpointIndex
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    model_class: str
+    units: tuple[Unit, ...]
+    streams: tuple[tuple[int, ...], ...]
+    stages: tuple[tuple[int, ...], ...]  # unit indices per stage
+    unit_bytes: tuple[int, ...]
+    glue_bytes: int
+    total_bytes: int  # all tensors of the checkpoint
+    linear_shapes: dict = field(default_factory=dict)
+
+    def stage_bytes(self, s: int) -> int:
+        return sum(self.unit_bytes[i] for i in self.stages[s]) + (self.glue_bytes if s == 0 else 0)
+
+
+def _param_bytes(model, names) -> int:
+    sd = model.state_dict()
+    return sum(sd[n].numel() * sd[n].element_size() for n in names)
+
+
+def split_stages(units: list[Unit], unit_bytes: list[int], streams: list[tuple[int, ...]], workers: int, glue_bytes: int) -> list[tuple[int, ...]]:
+    """Contiguous stages, the first holding all streams but the last, balanced by bytes."""
+    last = list(streams[-1])
+    head = [i for s in streams[:-1] for i in s]
+    n_stages = max(1, min(workers, len(last)))
+    total = glue_bytes + sum(unit_bytes)
+    target = total / n_stages
+    stages, current, acc = [], list(head), glue_bytes + sum(unit_bytes[i] for i in head)
+    for pos, i in enumerate(last):
+        remaining_units = len(last) - pos
+        remaining_stages = n_stages - len(stages) - 1
+        if current and remaining_stages > 0 and (acc + unit_bytes[i] / 2 > target or remaining_units == remaining_stages) and any(u in last for u in current):
+            stages.append(tuple(current))
+            current, acc = [], 0
+        current.append(i)
+        acc += unit_bytes[i]
+    stages.append(tuple(current))
+    return stages
+
+
+def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> JobPlan:
+    from transformers import AutoConfig
+
+    model = build_skeleton(AutoConfig.from_pretrained(config_dir))
+    units = select_units(model, quant)
+    streams = [tuple(u.index for u in run) for run in segments_of(units)]
+    unit_bytes = [_param_bytes(model, owned_names(model, [u.name])) for u in units]
+    glue = _param_bytes(model, glue_names(model, [u.name for u in units]))
+    stages = split_stages(units, unit_bytes, streams, workers, glue)
+    return JobPlan(type(model).__name__, tuple(units), tuple(streams), tuple(stages), tuple(unit_bytes), glue,
+                   index.total_bytes(), linear_shapes(model, units))
+
+
+def describe(plan: JobPlan, quant) -> list[str]:
+    """Human-readable plan lines for ``qvlm plan``."""
+    mib = 1 / 2**20
+    lines = [f"model: {plan.model_class}, {len(plan.units)} units in {len(plan.streams)} streams, "
+             f"{plan.total_bytes * mib:.1f} MiB of tensors"]
+    for s, stage in enumerate(plan.stages):
+        names = [plan.units[i].name for i in stage]
+        lines.append(f"stage {s}: units {stage[0]}..{stage[-1]} ({names[0]} .. {names[-1]}), "
+                     f"{plan.stage_bytes(s) * mib:.1f} MiB of weights" + (" + glue" if s == 0 else ""))
+    largest = max(plan.stage_bytes(s) for s in range(len(plan.stages)))
+    lines.append(f"peak weights per stage worker: {largest * mib:.1f} MiB "
+                 f"({largest / max(plan.total_bytes, 1):.0%} of the model)")
+    lines.append(f"method {quant.method}" + (f"/{quant.search}, blocks of depth <= {quant.max_block_depth} "
+                 "chosen after capture (entropy-guided)" if quant.method == "qvlm" else ", one block per unit"))
+    return lines

@@ -1,0 +1,213 @@
+"""Command line: ``qvlm-submit JOB.yaml`` and ``qvlm plan|status|logs|cancel|list|submit``.
+
+Commands parse, then call library functions. Exit codes: 0 done, 1 job failed, 2 invalid job file or
+input, 3 cluster unreachable, 4 storage error, 130 interrupted. Tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from jobs.errors import InputError, QvlmError, StorageError
+from jobs.spec import JobSpec, load_job
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="qvlm: quantize vision-language models on Ray.")
+SetOption = typer.Option(None, "--set", help="Override a job field: dotted.path=value (repeatable).")
+AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://head:8265.")
+DebugOption = typer.Option(False, "--debug", help="Print full tracebacks.")
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable, debug: bool):
+    """Run a command body, turning the project's errors into one line and a stable exit code."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
+        if debug:
+            traceback.print_exc()
+        _fail(str(exc) or type(exc).__name__, _exit_code(exc))
+
+
+def _exit_code(exc: Exception) -> int:
+    from cluster.driver import JobError
+    from qvlm.calibration import CalibrationError
+    from workers.storage import StorageError as WorkerStorageError
+
+    if isinstance(exc, (QvlmError, JobError)):
+        return exc.exit_code
+    if isinstance(exc, CalibrationError):
+        return InputError.exit_code
+    if isinstance(exc, WorkerStorageError):
+        return StorageError.exit_code
+    return 1
+
+
+def settings_from_spec(spec: JobSpec):
+    from cluster.settings import JobSettings
+    from qvlm.batches import CalibrationSettings
+
+    cal = spec.calibration
+    return JobSettings(
+        name=spec.name, spec_hash=spec.spec_hash(), model_uri=str(spec.model.path), output_uri=str(spec.output.uri),
+        calibration=CalibrationSettings(cal.data, cal.samples, cal.eval_samples, cal.max_length, cal.batch_size, cal.seed),
+        quant=spec.to_quant_config(), model_endpoint=getattr(spec.model, "endpoint_url", None) or spec.output.endpoint_url,
+        output_endpoint=spec.output.endpoint_url, overwrite=spec.output.overwrite, workers=spec.resources.workers,
+        gpus_per_worker=spec.resources.gpus_per_worker, cpus_per_worker=spec.resources.cpus_per_worker,
+        max_retries=spec.resources.max_retries,
+    )
+
+
+def check_inputs(settings) -> None:
+    """Cheap checks before any cluster work: the model is readable safetensors, group sizes fit its layers."""
+    from cluster.driver import inspect_model
+
+    if "/" in settings.model_uri and not settings.model_uri.startswith(("s3://", "/", ".")) and not Path(settings.model_uri).exists():
+        raise InputError(f"model.path: {settings.model_uri} is not a local directory or s3:// prefix; "
+                         "download hub models first (huggingface-cli download NAME --local-dir DIR)")
+    if not settings.model_uri.startswith("s3://") and not Path(settings.model_uri).is_dir():
+        raise InputError(f"model.path: directory {settings.model_uri} does not exist")
+    plan, _ = inspect_model(settings)
+    for name, (_, in_features) in plan.linear_shapes.items():
+        try:
+            settings.quant.weights.groups(in_features)
+        except ValueError as exc:
+            raise InputError(f"quantization.weights.group_size: {exc} (layer {name})") from None
+    return plan
+
+
+@app.command()
+def plan(job: Path, set_: Optional[List[str]] = SetOption, debug: bool = DebugOption):
+    """Print the plan of a job without running it: units, stages, memory per worker, bytes."""
+
+    def body():
+        from cluster.plan import describe
+
+        spec = load_job(job, set_ or [])
+        settings = settings_from_spec(spec)
+        job_plan = check_inputs(settings)
+        if spec.model.trust_remote_code:
+            typer.secho("WARNING: model.trust_remote_code is ON: the model's own Python code would run", fg="yellow")
+        for line in describe(job_plan, settings.quant):
+            typer.echo(line)
+
+    guarded(body, debug)
+
+
+@app.command()
+def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = typer.Option(False, "--dry-run"),
+           no_wait: bool = typer.Option(False, "--no-wait"), set_: Optional[List[str]] = SetOption,
+           debug: bool = DebugOption):
+    """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
+    if dry_run:
+        return plan(job, set_, debug)
+
+    def body():
+        spec = load_job(job, set_ or [])
+        settings = settings_from_spec(spec)
+        check_inputs(settings)
+        if address:
+            from jobs.remote import submit_remote
+
+            return submit_remote(address, spec, settings, wait=not no_wait)
+        from cluster.driver import run_job
+
+        outcome = run_job(settings)
+        typer.echo(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}")
+
+    guarded(body, debug)
+
+
+@app.command()
+def status(target: str, address: Optional[str] = AddressOption, debug: bool = DebugOption):
+    """Where a job stands: TARGET is an output URI (works with no cluster) or a Ray job id."""
+
+    def body():
+        if "://" in target or Path(target).exists() or target.startswith(("/", ".")):
+            from cluster.state import read_state
+            from workers.storage import open_storage
+
+            state = read_state(open_storage(target))
+            if state is None:
+                raise InputError(f"{target} holds no qvlm job state (_qvlm/state.json)")
+            typer.echo(state.line())
+            if state.phase == "failed":
+                raise typer.Exit(1)
+            return
+        from jobs.remote import remote_status
+
+        typer.echo(remote_status(address, target))
+
+    guarded(body, debug)
+
+
+@app.command()
+def logs(job_id: str, address: Optional[str] = AddressOption, debug: bool = DebugOption):
+    """Print a submitted job's driver log."""
+
+    def body():
+        from jobs.remote import remote_logs
+
+        typer.echo(remote_logs(address, job_id))
+
+    guarded(body, debug)
+
+
+@app.command()
+def cancel(job_id: str, address: Optional[str] = AddressOption, debug: bool = DebugOption):
+    """Stop a submitted job."""
+
+    def body():
+        from jobs.remote import remote_cancel
+
+        typer.echo(remote_cancel(address, job_id))
+
+    guarded(body, debug)
+
+
+@app.command("list")
+def list_jobs(address: Optional[str] = AddressOption, debug: bool = DebugOption):
+    """List the qvlm jobs the cluster knows."""
+
+    def body():
+        from jobs.remote import remote_list
+
+        for line in remote_list(address):
+            typer.echo(line)
+
+    guarded(body, debug)
+
+
+@app.command("schema", hidden=False)
+def schema():
+    """Print the job file's JSON schema (for editors)."""
+    from jobs.spec import job_json_schema
+
+    typer.echo(json.dumps(job_json_schema(), indent=1))
+
+
+def main() -> None:
+    app()
+
+
+def submit_main() -> None:
+    """``qvlm-submit`` is ``qvlm submit``."""
+    sys.argv = [sys.argv[0], "submit", *sys.argv[1:]]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Entry point of a driver submitted through Ray's Jobs API: ``python -m jobs.entry <base64 spec>``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from cluster.driver import run_job
+    from jobs.cli import settings_from_spec
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate(json.loads(base64.b64decode(argv[0])))
+    outcome = run_job(settings_from_spec(spec), address="auto")
+    print(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

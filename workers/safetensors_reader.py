@@ -1,0 +1,178 @@
+"""Read only the tensors a worker needs from a safetensors checkpoint, local or on S3.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape,
+data_offsets relative to the end of the header) and the raw bytes. We read the headers with ranged reads,
+then fetch exactly the byte ranges of the wanted tensors. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from workers.storage import Storage, StorageError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(StorageError):
+    """The checkpoint is missing or its safetensors headers are corrupt."""
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are: absolute byte offsets [start, end) in ``file`` (a storage key)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _join(prefix: str, name: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _location(key: str, name: str, entry, data_start: int, file_size: int) -> TensorLocation:
+    """Validate one header entry and turn it into absolute offsets."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"corrupt safetensors header in {key}: tensor {name!r} {why}")
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        raise bad(f"has an unsupported or missing dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise bad(f"has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    start, end = data_start + offsets[0], data_start + offsets[1]
+    if end > file_size:
+        raise bad(f"ends at byte {end}, beyond the end of the file ({file_size} bytes)")
+    itemsize = torch.empty((), dtype=DTYPES[entry["dtype"]]).element_size()
+    if end - start != math.prod(shape) * itemsize:
+        raise bad(f"has {end - start} bytes but shape {shape} of {entry['dtype']} needs {math.prod(shape) * itemsize}")
+    return TensorLocation(key, entry["dtype"], tuple(shape), start, end)
+
+
+def read_header(storage: Storage, key: str) -> dict[str, TensorLocation]:
+    """The tensor locations of one safetensors file, from its length prefix and JSON header only."""
+    size = storage.size(key)
+    if size < 8:
+        raise CheckpointError(f"corrupt safetensors file {key}: only {size} bytes, shorter than the 8-byte length")
+    length = int.from_bytes(storage.get_range(key, 0, 8), "little")
+    if length < 2 or length > MAX_HEADER or 8 + length > size:
+        raise CheckpointError(f"corrupt safetensors header in {key}: header length {length} does not fit "
+                              f"a {size}-byte file")
+    try:
+        header = json.loads(storage.get_range(key, 8, 8 + length).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt safetensors header in {key}: invalid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt safetensors header in {key}: the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return {name: _location(key, name, entry, 8 + length, size) for name, entry in header.items()}
+
+
+def _shard_files(storage: Storage, prefix: str) -> tuple[list[str], dict[str, str]]:
+    """The checkpoint's files (storage keys) and, if sharded, its weight map (tensor -> key)."""
+    index_key, single_key = _join(prefix, INDEX_FILE), _join(prefix, SINGLE_FILE)
+    if storage.exists(index_key):
+        try:
+            weight_map = json.loads(storage.get_bytes(index_key))["weight_map"]
+            weight_map = {name: _join(prefix, file) for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"corrupt {index_key}: expected JSON with a 'weight_map' object ({exc!r})") from None
+        return sorted(set(weight_map.values())), weight_map
+    if storage.exists(single_key):
+        return [single_key], {}
+    where = _join(storage.uri.rstrip("/"), prefix) if prefix else storage.uri
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} under {where}; qvlm reads only safetensors, "
+                          "convert .bin/.pt checkpoints first")
+
+
+def _coalesce(locs: list[TensorLocation]) -> list[tuple[int, int, list[TensorLocation]]]:
+    """Group one file's locations (sorted by start) into runs of exactly adjacent byte ranges."""
+    runs: list[tuple[int, int, list[TensorLocation]]] = []
+    for loc in locs:
+        if runs and runs[-1][1] == loc.start:
+            start, _, members = runs[-1]
+            runs[-1] = (start, loc.end, members + [loc])
+        else:
+            runs.append((loc.start, loc.end, [loc]))
+    return runs
+
+
+def _tensor(data: memoryview, loc: TensorLocation) -> torch.Tensor:
+    dtype = DTYPES[loc.dtype]
+    if loc.start == loc.end:
+        return torch.empty(loc.shape, dtype=dtype)
+    # bytearray: an owned, writable, aligned copy (torch warns on read-only buffers)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(loc.shape)
+
+
+class CheckpointIndex:
+    """The tensor map of a safetensors checkpoint (single file or sharded with model.safetensors.index.json),
+    read from headers only."""
+
+    def __init__(self, storage: Storage, locations: dict[str, TensorLocation]):
+        self.storage = storage
+        self._locations = locations
+        self.names: list[str] = sorted(locations)
+
+    @classmethod
+    def open(cls, storage: Storage, prefix: str = "") -> "CheckpointIndex":
+        """Read the index (if any) and each file's header with ranged reads; no tensor bytes are read."""
+        files, weight_map = _shard_files(storage, prefix)
+        locations: dict[str, TensorLocation] = {}
+        for key in files:
+            for name, loc in read_header(storage, key).items():
+                if name in locations:
+                    raise CheckpointError(f"tensor {name!r} appears in both {locations[name].file} and {key}")
+                locations[name] = loc
+        for name, key in weight_map.items():
+            if name not in locations or locations[name].file != key:
+                raise CheckpointError(f"{_join(prefix, INDEX_FILE)} maps {name!r} to {key}, "
+                                      "but that file's header does not contain it")
+        return cls(storage, locations)
+
+    def location(self, name: str) -> TensorLocation:
+        try:
+            return self._locations[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.storage.uri}") from None
+
+    def total_bytes(self, names: Iterable[str] | None = None) -> int:
+        locs = self._locations.values() if names is None else (self.location(n) for n in names)
+        return sum(loc.end - loc.start for loc in locs)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors with their exact dtype and shape; adjacent ranges in one file share a request."""
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors data is little-endian; big-endian hosts are not supported")
+        wanted = {name: self.location(name) for name in dict.fromkeys(names)}
+        by_file: dict[str, list[TensorLocation]] = {}
+        for loc in wanted.values():
+            by_file.setdefault(loc.file, []).append(loc)
+        tensors: dict[TensorLocation, torch.Tensor] = {}
+        for key, locs in by_file.items():
+            for start, end, members in _coalesce(sorted(set(locs), key=lambda x: (x.start, x.end))):
+                view = memoryview(self.storage.get_range(key, start, end))
+                for loc in members:
+                    tensors[loc] = _tensor(view[loc.start - start:loc.end - start], loc)
+        return {name: tensors[loc] for name, loc in wanted.items()}
