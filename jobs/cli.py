@@ -80,6 +80,9 @@ def check_inputs(settings) -> None:
                          "download hub models first (huggingface-cli download NAME --local-dir DIR)")
     if not settings.model_uri.startswith("s3://") and not Path(settings.model_uri).is_dir():
         raise InputError(f"model.path: directory {settings.model_uri} does not exist")
+    from qvlm.batches import records_for
+
+    records_for(settings.calibration)  # a bad calibration file fails here, before any cluster work
     plan, _ = inspect_model(settings)
     for name, (_, in_features) in plan.linear_shapes.items():
         try:
@@ -87,6 +90,19 @@ def check_inputs(settings) -> None:
         except ValueError as exc:
             raise InputError(f"quantization.weights.group_size: {exc} (layer {name})") from None
     return plan
+
+
+def progress_printer(live: bool):
+    """On a terminal, one status line rewritten in place; otherwise one plain line per update."""
+
+    def echo(line: str, flush: bool = True) -> None:
+        if not live:
+            print(line, flush=flush)
+            return
+        end = "\n" if any(word in line for word in ("finished", "failed", "already finished")) else ""
+        print(f"\r\x1b[K{line}", end=end, flush=True)
+
+    return echo
 
 
 @app.command()
@@ -125,7 +141,7 @@ def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = ty
             return submit_remote(address, spec, settings, wait=not no_wait)
         from cluster.driver import run_job
 
-        outcome = run_job(settings)
+        outcome = run_job(settings, echo=progress_printer(sys.stdout.isatty()))
         typer.echo(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}")
 
     guarded(body, debug)
