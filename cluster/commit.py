@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from workers.block_task import BlockRecord, BlockSpec, record_key
 from workers.storage import StorageError
@@ -31,20 +31,37 @@ def load_finished_blocks(out, specs: list[BlockSpec]) -> dict[int, BlockRecord]:
     return finished
 
 
-def _plan_document(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stage_tensors) -> dict:
+@dataclass(frozen=True)
+class JobResult:
+    """Everything the commit writes about a finished job."""
+
+    settings: object
+    plan: object
+    schemes: dict
+    precision: object
+    deps: list
+    thresholds: list
+    blocks: list
+    records: dict
+    seconds: dict
+    stages: list  # per stage: tensors it loaded, its peak RSS and weight bytes
+
+
+def _plan_document(r: JobResult) -> dict:
     return {
-        "job": settings.name,
-        "spec_hash": settings.spec_hash,
-        "model_class": plan.model_class,
-        "units": [asdict(u) for u in plan.units],
-        "streams": [list(s) for s in plan.streams],
-        "stages": [list(s) for s in plan.stages],
-        "stage_tensors": stage_tensors,
-        "schemes": {n: asdict(s) for n, s in sorted(schemes.items())},
-        "boosted": list(precision.boosted) if precision is not None else [],
-        "dependency": [{"entropy": list(d.entropy), "dependency": list(d.dependency), "h0": h} for d, h in zip(deps, thresholds)],
-        "blocks": [{"index": b.index, "stream": b.stream, "units": list(b.units), **_record_fields(records[b.index])} for b in blocks],
-        "seconds": seconds,
+        "job": r.settings.name,
+        "spec_hash": r.settings.spec_hash,
+        "model_class": r.plan.model_class,
+        "units": [asdict(u) for u in r.plan.units],
+        "streams": [list(s) for s in r.plan.streams],
+        "stages": [list(s) for s in r.plan.stages],
+        "stage_tensors": [s["tensors"] for s in r.stages],
+        "stage_memory": [{k: v for k, v in s.items() if k != "tensors"} for s in r.stages],
+        "schemes": {n: asdict(s) for n, s in sorted(r.schemes.items())},
+        "boosted": list(r.precision.boosted) if r.precision is not None else [],
+        "dependency": [{"entropy": list(d.entropy), "dependency": list(d.dependency), "h0": h} for d, h in zip(r.deps, r.thresholds)],
+        "blocks": [{"index": b.index, "stream": b.stream, "units": list(b.units), **_record_fields(r.records[b.index])} for b in r.blocks],
+        "seconds": r.seconds,
     }
 
 
@@ -53,13 +70,12 @@ def _record_fields(record: BlockRecord) -> dict:
             "error_after": record.error_after, "evaluations": record.evaluations}
 
 
-def commit_output(out, settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stage_tensors) -> None:
+def commit_output(out, result: JobResult) -> None:
     """Write the plan document, then the manifest (every file with size and sha256) last."""
-    doc = json.dumps(_plan_document(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stage_tensors),
-                     indent=1, sort_keys=True).encode()
+    doc = json.dumps(_plan_document(result), indent=1, sort_keys=True).encode()
     files = {PLAN_KEY: {"sha256": out.put_bytes(PLAN_KEY, doc), "size": len(doc)}}
-    for b in blocks:
-        r = records[b.index]
-        files[r.shard_key] = {"sha256": r.sha256, "size": r.size}
-    manifest = json.dumps({"job": settings.name, "spec_hash": settings.spec_hash, "files": files}, indent=1, sort_keys=True)
-    out.put_bytes(MANIFEST_KEY, manifest.encode())
+    for b in result.blocks:
+        rec = result.records[b.index]
+        files[rec.shard_key] = {"sha256": rec.sha256, "size": rec.size}
+    manifest = {"job": result.settings.name, "spec_hash": result.settings.spec_hash, "files": files}
+    out.put_bytes(MANIFEST_KEY, json.dumps(manifest, indent=1, sort_keys=True).encode())

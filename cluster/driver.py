@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qvlm.driver import plan_blocks, plan_precision, unit_bits
 from qvlm.dependency import DependencySeries
-from cluster.commit import commit_output, load_finished_blocks
+from cluster.commit import JobResult, commit_output, load_finished_blocks
 from cluster.plan import JobPlan, make_plan
 from cluster.settings import JobSettings
 from cluster.state import JobState, StateFile, read_state
@@ -119,6 +119,7 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
         schemes, precision, deps, blocks, thresholds = _plan_blocks(ray, stages, plan, settings)
         inputs = _block_inputs(ray, stages, plan, blocks)
         seconds["statistics"] = time.perf_counter() - t0 - seconds["capture"]
+        stage_rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
     finally:
         stop_stages(ray, stages, pg)
     specs = [BlockSpec(b.index, tuple(plan.units[i].name for i in b.units), tuple(plan.units[i].linears for i in b.units),
@@ -131,7 +132,9 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     records = search_blocks(ray, settings, blocks, specs, inputs, finished, state, t_search)
     seconds["search"] = time.perf_counter() - t_search
     state.update(phase="committing", seconds=dict(seconds))
-    commit_output(out, settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stage_tensors)
+    stages_info = [{"tensors": t, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(i)}
+                   for i, (t, r) in enumerate(zip(stage_tensors, stage_rss))]
+    commit_output(out, JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info))
     seconds["total"] = time.perf_counter() - t0
     state.update(phase="finished", blocks_done=len(blocks), seconds=dict(seconds))
     return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds)

@@ -72,6 +72,12 @@ class StageWorker:
         """What this stage loaded (the test of "a stage reads only its own units")."""
         return {"tensors": self.shard.tensor_names, "reads": list(self.shard.storage.reads)}
 
+    def peak_rss_bytes(self) -> int:
+        """Peak resident memory of this worker process so far (Linux reports ru_maxrss in KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def calibration_batches(self, settings: CalibrationSettings) -> list[dict[str, torch.Tensor]]:
         return calibration_batches(self.shard.local_dir, settings)
 
