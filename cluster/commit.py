@@ -45,6 +45,7 @@ class JobResult:
     records: dict
     seconds: dict
     stages: list  # per stage: tensors it loaded, its peak RSS and weight bytes
+    stats: list  # UnitStats per unit, in unit order
 
 
 def _plan_document(r: JobResult) -> dict:
@@ -59,6 +60,8 @@ def _plan_document(r: JobResult) -> dict:
         "stage_memory": [{k: v for k, v in s.items() if k != "tensors"} for s in r.stages],
         "schemes": {n: asdict(s) for n, s in sorted(r.schemes.items())},
         "boosted": list(r.precision.boosted) if r.precision is not None else [],
+        "unit_stats": [{"unit": st.unit, "kurtosis": st.kurtosis, "sensitivity": st.sensitivity,
+                        "groups": [list(g) for g in st.groups]} for st in r.stats],
         "dependency": [{"entropy": list(d.entropy), "dependency": list(d.dependency), "h0": h} for d, h in zip(r.deps, r.thresholds)],
         "blocks": [{"index": b.index, "stream": b.stream, "units": list(b.units), **_record_fields(r.records[b.index])} for b in r.blocks],
         "seconds": r.seconds,

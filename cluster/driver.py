@@ -116,7 +116,7 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
         _capture(ray, stages, settings)
         seconds["capture"] = time.perf_counter() - t0
         state.update(phase="statistics", seconds=dict(seconds))
-        schemes, precision, deps, blocks, thresholds = _plan_blocks(ray, stages, plan, settings)
+        schemes, precision, deps, blocks, thresholds, stats = _plan_blocks(ray, stages, plan, settings)
         inputs = _block_inputs(ray, stages, plan, blocks)
         seconds["statistics"] = time.perf_counter() - t0 - seconds["capture"]
         stage_rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
@@ -134,7 +134,7 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     state.update(phase="committing", seconds=dict(seconds))
     stages_info = [{"tensors": t, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(i)}
                    for i, (t, r) in enumerate(zip(stage_tensors, stage_rss))]
-    commit_output(out, JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info))
+    commit_output(out, JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats))
     seconds["total"] = time.perf_counter() - t0
     state.update(phase="finished", blocks_done=len(blocks), seconds=dict(seconds))
     return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds)
@@ -167,7 +167,7 @@ def _plan_blocks(ray, stages, plan: JobPlan, settings: JobSettings):
         dep.update(d)
     deps = [DependencySeries(tuple(entropy[i] for i in s), tuple(dep[i] for i in s[1:])) for s in plan.streams]
     blocks, thresholds = plan_blocks(plan.streams, deps, quant)
-    return schemes, precision, deps, blocks, thresholds
+    return schemes, precision, deps, blocks, thresholds, stats
 
 
 def _block_inputs(ray, stages, plan: JobPlan, blocks) -> list[tuple]:
