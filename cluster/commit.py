@@ -10,6 +10,8 @@ from workers.storage import StorageError
 
 PLAN_KEY = "qvlm_plan.json"
 MANIFEST_KEY = "qvlm_manifest.json"
+REPORT_KEY = "qvlm_report.json"
+HTML_KEY = "report.html"
 
 
 def load_finished_blocks(out, specs: list[BlockSpec]) -> dict[int, BlockRecord]:
@@ -59,6 +61,10 @@ def _plan_document(r: JobResult) -> dict:
         "stage_tensors": [s["tensors"] for s in r.stages],
         "stage_memory": [{k: v for k, v in s.items() if k != "tensors"} for s in r.stages],
         "schemes": {n: asdict(s) for n, s in sorted(r.schemes.items())},
+        "linear_shapes": {n: list(shape) for n, shape in sorted(r.plan.linear_shapes.items())},
+        "activations": asdict(r.settings.quant.activations),
+        "weights": asdict(r.settings.quant.weights),
+        "method": _method_label(r.settings.quant),
         "boosted": list(r.precision.boosted) if r.precision is not None else [],
         "unit_stats": [{"unit": st.unit, "kurtosis": st.kurtosis, "sensitivity": st.sensitivity,
                         "groups": [list(g) for g in st.groups]} for st in r.stats],
@@ -68,15 +74,31 @@ def _plan_document(r: JobResult) -> dict:
     }
 
 
+def _method_label(quant) -> str:
+    if quant.method != "qvlm":
+        return quant.method
+    return f"qvlm ({quant.search} search, propagation {quant.propagation}, depth <= {quant.max_block_depth})"
+
+
 def _record_fields(record: BlockRecord) -> dict:
     return {"shard": record.shard_key, "sha256": record.sha256, "error_before": record.error_before,
             "error_after": record.error_after, "evaluations": record.evaluations}
 
 
-def commit_output(out, result: JobResult) -> None:
-    """Write the plan document, then the manifest (every file with size and sha256) last."""
-    doc = json.dumps(_plan_document(result), indent=1, sort_keys=True).encode()
-    files = {PLAN_KEY: {"sha256": out.put_bytes(PLAN_KEY, doc), "size": len(doc)}}
+def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: dict | None) -> None:
+    """Write the plan document and the report, then the manifest (every file with size and sha256) last."""
+    from qvlm.report import build_report, render_html
+
+    plan_doc = _plan_document(result)
+    report = build_report(plan_doc, evaluation)
+    documents = {
+        PLAN_KEY: json.dumps(plan_doc, indent=1, sort_keys=True).encode(),
+        REPORT_KEY: json.dumps(report, indent=1, sort_keys=True).encode(),
+        HTML_KEY: render_html(report).encode(),
+    }
+    files = dict(checkpoint_files)
+    for key, data in documents.items():
+        files[key] = {"sha256": out.put_bytes(key, data), "size": len(data)}
     for b in result.blocks:
         rec = result.records[b.index]
         files[rec.shard_key] = {"sha256": rec.sha256, "size": rec.size}

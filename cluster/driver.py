@@ -40,6 +40,7 @@ class JobOutcome:
     blocks: int
     blocks_resumed: int
     seconds: dict
+    evaluation: dict | None = None
 
 
 @contextmanager
@@ -134,10 +135,39 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     state.update(phase="committing", seconds=dict(seconds))
     stages_info = [{"tensors": t, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(i)}
                    for i, (t, r) in enumerate(zip(stage_tensors, stage_rss))]
-    commit_output(out, JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats))
+    checkpoint = _export_checkpoint(ray, settings, blocks, records, schemes)
+    seconds["export"] = time.perf_counter() - t_search - seconds["search"]
+    t_eval = time.perf_counter()
+    evaluation = _evaluate(ray, settings, plan)
+    seconds["evaluate"] = time.perf_counter() - t_eval
+    result = JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats)
+    commit_output(out, result, checkpoint, evaluation)
     seconds["total"] = time.perf_counter() - t0
     state.update(phase="finished", blocks_done=len(blocks), seconds=dict(seconds))
-    return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds)
+    return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds, evaluation)
+
+
+def _export_checkpoint(ray, settings: JobSettings, blocks, records, schemes) -> dict:
+    """One worker task writes the compressed-tensors checkpoint from the block shards."""
+    from workers.export_task import ExportRequest, write_checkpoint
+
+    request = ExportRequest(settings.model_uri, settings.model_endpoint, settings.output_uri, settings.output_endpoint,
+                            tuple((records[b.index].shard_key, records[b.index].sha256) for b in blocks), dict(schemes),
+                            settings.quant.activations)
+    task = ray.remote(write_checkpoint).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_retries)
+    return ray.get(task.remote(request))
+
+
+def _evaluate(ray, settings: JobSettings, plan: JobPlan) -> dict:
+    """Held-out comparison with full precision, in one worker, for models small enough to load whole."""
+    from workers.eval_task import EVAL_MAX_BYTES, evaluate_checkpoint
+
+    if plan.total_bytes > EVAL_MAX_BYTES:
+        return {"skipped": f"the model has {plan.total_bytes / 2**30:.1f} GiB of tensors; evaluating models over "
+                           f"{EVAL_MAX_BYTES / 2**30:.0f} GiB across stages is not implemented yet"}
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0)
+    return ray.get(task.remote(settings.model_uri, settings.model_endpoint, settings.output_uri, settings.output_endpoint,
+                               settings.calibration))
 
 
 def _capture(ray, stages, settings: JobSettings) -> None:

@@ -143,6 +143,7 @@ def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = ty
 
         outcome = run_job(settings, echo=progress_printer(sys.stdout.isatty()))
         typer.echo(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}")
+        typer.echo(evaluation_line(outcome.evaluation))
 
     guarded(body, debug)
 
@@ -203,6 +204,36 @@ def list_jobs(address: Optional[str] = AddressOption, debug: bool = DebugOption)
 
         for line in remote_list(address):
             typer.echo(line)
+
+    guarded(body, debug)
+
+
+def evaluation_line(evaluation: dict | None) -> str:
+    if not evaluation:
+        return "evaluation: none"
+    if "skipped" in evaluation:
+        return f"evaluation: skipped ({evaluation['skipped']})"
+    line = (f"evaluation on {evaluation['tokens']} held-out positions: mean KL {evaluation['kl_mean']:.4g} nats, "
+            f"top-1 agreement {evaluation['top1_agreement']:.1%}")
+    if evaluation.get("questions"):
+        line += f", answer accuracy FP {evaluation['fp_accuracy']:.1%} vs quantized {evaluation['q_accuracy']:.1%}"
+    return line
+
+
+@app.command()
+def verify(target: str, endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url"), debug: bool = DebugOption):
+    """Check an output against its manifest (every file's size and sha256); exit 1 on any problem."""
+
+    def body():
+        from cluster.verify import verify_output
+        from workers.storage import open_storage
+
+        problems = verify_output(open_storage(target, endpoint_url))
+        for p in problems:
+            typer.echo(p)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"{target}: every file matches its manifest")
 
     guarded(body, debug)
 

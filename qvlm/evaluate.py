@@ -1,0 +1,144 @@
+"""Quantized vs full-precision model on held-out records: next-token KL, top-1 agreement, answer accuracy.
+
+Both models run teacher-forced over the same batches (prompt followed by the answer). A position counts
+when it and the next token are real tokens (``attention_mask``). A record is answered correctly when the
+argmax at every answer position predicts the answer token, all in the one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from qvlm.calibration import CalibrationRecord, make_batches
+
+Batch = dict[str, torch.Tensor]
+Span = tuple[int, int] | None  # [start, end) of a record's answer tokens in its row, None = no answer
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    tokens: int  # valid next-token positions compared
+    kl_mean: float  # mean over positions of KL(P_fp || P_q), nats
+    top1_agreement: float  # fraction of positions where the argmaxes agree
+    questions: int  # records with an answer (that fits in max_length)
+    fp_accuracy: float | None  # None when no record has an answer
+    q_accuracy: float | None
+
+
+def answer_span(prompt_ids: Sequence[int], full_ids: Sequence[int]) -> Span:
+    """Where the answer sits in ``full_ids`` (prompt + answer), from the same row tokenized without it.
+
+    The answer is what differs between the two rows: strip their common prefix, then their common suffix
+    (a tokenizer that appends EOS puts it after the answer).
+    """
+    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
+    start = 0
+    while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
+        start += 1
+    tail = 0
+    while tail < min(len(prompt_ids), len(full_ids)) - start and prompt_ids[-1 - tail] == full_ids[-1 - tail]:
+        tail += 1
+    end = len(full_ids) - tail
+    return (start, end) if 0 < start < end else None
+
+
+def _row_ids(batch: Batch, row: int) -> list[int]:
+    return batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+
+
+def find_answer_spans(prompt_batches: list[Batch], full_batches: list[Batch],
+                 records: Sequence[CalibrationRecord], max_length: int) -> list[list[Span]]:
+    """Per batch, per row: the answer span, or None when the record has no answer or may be truncated.
+
+    A row of exactly ``max_length`` tokens may have lost part of its answer, so it is left out rather
+    than graded on a fragment.
+    """
+    spans, i = [], 0
+    for prompt, full in zip(prompt_batches, full_batches, strict=True):
+        row_spans = []
+        for row in range(full["input_ids"].shape[0]):
+            full_ids = _row_ids(full, row)
+            fits = records[i].answer is not None and len(full_ids) < max_length
+            row_spans.append(answer_span(_row_ids(prompt, row), full_ids) if fits else None)
+            i += 1
+        spans.append(row_spans)
+    return spans
+
+
+@dataclass
+class _Tally:
+    tokens: int = 0
+    kl_sum: float = 0.0
+    agree: int = 0
+    questions: int = 0
+    fp_correct: int = 0
+    q_correct: int = 0
+
+    def result(self) -> EvalResult:
+        def share(n: int, total: int) -> float | None:
+            return n / total if total else None
+        if not self.tokens:
+            raise ValueError("no valid next-token positions to compare: every row is shorter than 2 tokens")
+        return EvalResult(self.tokens, self.kl_sum / self.tokens, self.agree / self.tokens, self.questions,
+                          share(self.fp_correct, self.questions), share(self.q_correct, self.questions))
+
+
+def _device(model: Any) -> torch.device:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def _logits(model: Any, batch: Batch) -> torch.Tensor:
+    device = _device(model)
+    return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+
+
+def _correct(logits: torch.Tensor, input_ids: torch.Tensor, spans: Sequence[Span]) -> int:
+    """Rows whose argmax predicts every answer token (the logits at t predict the token at t + 1)."""
+    correct = 0
+    for row, span in enumerate(spans):
+        if span is not None:
+            start, end = span
+            correct += bool((logits[row, start - 1 : end - 1].argmax(-1) == input_ids[row, start:end]).all())
+    return correct
+
+
+def _add_batch(tally: _Tally, fp: torch.Tensor, q: torch.Tensor, batch: Batch, spans: Sequence[Span]) -> None:
+    mask = batch["attention_mask"].bool()
+    valid = mask[:, :-1] & mask[:, 1:]  # position t and its next token t + 1 are both real tokens
+    log_p = F.log_softmax(fp[:, :-1][valid], dim=-1)
+    log_q = F.log_softmax(q[:, :-1][valid], dim=-1)
+    tally.tokens += int(valid.sum())
+    tally.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+    tally.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+    tally.questions += sum(span is not None for span in spans)
+    tally.fp_correct += _correct(fp, batch["input_ids"], spans)
+    tally.q_correct += _correct(q, batch["input_ids"], spans)
+
+
+def compare_models(fp_model: Any, q_model: Any, batches: list[Batch],
+                   answer_spans: list[list[Span]] | None = None) -> EvalResult:
+    """Compare ``q_model`` with ``fp_model`` on ``batches`` (each model called as ``model(**batch).logits``).
+
+    ``answer_spans`` (from :func:`find_answer_spans`, per batch and row) enables answer accuracy.
+    """
+    if answer_spans is not None and len(answer_spans) != len(batches):
+        raise ValueError(f"answer_spans has {len(answer_spans)} batches, batches has {len(batches)}")
+    tally = _Tally()
+    for i, batch in enumerate(batches):
+        spans = answer_spans[i] if answer_spans is not None else [None] * batch["input_ids"].shape[0]
+        _add_batch(tally, _logits(fp_model, batch), _logits(q_model, batch), batch, spans)
+    return tally.result()
+
+
+def evaluate_records(fp_model: Any, q_model: Any, processor: Any, records: Sequence[CalibrationRecord],
+                     max_length: int, batch_size: int) -> EvalResult:
+    """Batches with answers, answer spans from the same records tokenized without them, then compare."""
+    full = make_batches(records, processor, max_length, batch_size, include_answer=True)
+    prompts = make_batches(records, processor, max_length, batch_size, include_answer=False)
+    return compare_models(fp_model, q_model, full, find_answer_spans(prompts, full, records, max_length))

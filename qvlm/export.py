@@ -1,0 +1,106 @@
+"""Write quantized linears as a compressed-tensors checkpoint (what vLLM and transformers load as is).
+
+The library decides the format of each scheme (``infer_module_format``: int8 weights with dynamic int8
+per-token activations -> ``int-quantized``, weight-only -> ``pack-quantized``) and its registered
+compressor produces the tensors, from our integers' dequantized weights and qparams (requantizing a
+dequantized weight with the same qparams gives back the same integers exactly). Config groups are one
+per distinct scheme, targeting layers by module name as the loaded model names them; tensors keep the
+source checkpoint's key layout (transformers renames both on load).
+
+Static activation ranges (Q-VLM's W4A4 / W6A6) have no compressed-tensors form: they go to a sidecar
+``qvlm_activations.safetensors`` that qvlm loads for fake-quant evaluation; the checkpoint itself then
+serves as weight-only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Iterable, Mapping
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme
+
+ACTIVATIONS_FILE = "qvlm_activations.safetensors"
+
+
+def servable_activations(act: ActScheme) -> bool:
+    """Whether compressed-tensors (and so vLLM) can express the activation scheme."""
+    return not act.enabled or (act.granularity == "token" and act.bits == 8)
+
+
+def weight_args(scheme: WeightScheme) -> QuantizationArgs:
+    if scheme.group_size == -1:
+        return QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.symmetric, strategy="channel")
+    return QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.symmetric, strategy="group",
+                            group_size=scheme.group_size)
+
+
+def activation_args(act: ActScheme) -> QuantizationArgs | None:
+    if not act.enabled or not servable_activations(act):
+        return None
+    return QuantizationArgs(num_bits=8, type="int", symmetric=act.symmetric, strategy="token", dynamic=True)
+
+
+def config_groups(schemes: Mapping[str, WeightScheme], act: ActScheme) -> dict[str, QuantizationScheme]:
+    """One group per distinct weight scheme, most used first, targeting its layers by name."""
+    by_scheme: dict[WeightScheme, list[str]] = {}
+    for name, scheme in sorted(schemes.items()):
+        by_scheme.setdefault(scheme, []).append(name)
+    ordered = sorted(by_scheme.items(), key=lambda kv: (-len(kv[1]), kv[0].bits, kv[0].group_size))
+    groups = {}
+    for i, (scheme, names) in enumerate(ordered):
+        group = QuantizationScheme(targets=names, weights=weight_args(scheme), input_activations=activation_args(act))
+        group.format = infer_module_format(nn.Linear, group).value
+        groups[f"group_{i}"] = group
+    return groups
+
+
+def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ignore: Iterable[str]) -> dict:
+    """The ``quantization_config`` block of config.json."""
+    groups = config_groups(schemes, act)
+    formats = {g.format for g in groups.values()}
+    config = QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                                quantization_status="compressed", ignore=sorted(ignore))
+    return config.model_dump(exclude_none=True)
+
+
+def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
+    """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...)."""
+    state = {"weight": weight.dequantize(), "weight_scale": weight.scale}
+    if weight.zero is not None:
+        state["weight_zero_point"] = weight.zero
+    compressor = BaseCompressor.get_value_from_registry(group.format)
+    return {k: v.contiguous() for k, v in compressor.compress(state, group).items()}
+
+
+def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme:
+    return next(g for g in groups.values() if name in g.targets)
+
+
+def encode_activation_ranges(ranges: Mapping[str, ActRange], act: ActScheme) -> bytes:
+    tensors = {}
+    for name, r in sorted(ranges.items()):
+        tensors[f"{name}.act_lo"], tensors[f"{name}.act_hi"] = r.lo.contiguous(), r.hi.contiguous()
+    return save_safetensors(tensors, {"qvlm.act_scheme": json.dumps(asdict(act))})
+
+
+def apply_activation_ranges(model: nn.Module, data: bytes) -> ActScheme:
+    """Turn the model's quantized linears into FakeQuantLinear with the sidecar's static ranges (in place)."""
+    from qvlm.fakequant import swap_in_fake_quant
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    act = ActScheme(**json.loads(header["__metadata__"]["qvlm.act_scheme"]))
+    tensors = load_safetensors(data)
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    for name, fq in swap_in_fake_quant(model, names).items():
+        fq.act_scheme = act
+        fq.act_range = ActRange(tensors[f"{name}.act_lo"], tensors[f"{name}.act_hi"])
+    return act

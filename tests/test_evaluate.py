@@ -1,0 +1,91 @@
+"""qvlm.evaluate: KL, top-1 agreement and answer accuracy on the tiny LLaVA (random weights)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qvlm.calibration import load_records, make_batches
+from qvlm.evaluate import answer_span, compare_models, evaluate_records, find_answer_spans
+from qvlm.tiny import make_tiny_llava
+
+MAX_LENGTH = 64
+
+
+class AnswerOracle(torch.nn.Module):
+    """Logits that put all mass on the true next token: a model that always answers right."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, **_):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float() * 20)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    fp, processor = make_tiny_llava(seed=0)
+    return fp.eval(), processor, load_records("builtin:shapes", 8, seed=3)
+
+
+def test_answer_span_prefix_and_eos():
+    assert answer_span([1, 5, 6], [1, 5, 6, 9, 9]) == (3, 5)
+    assert answer_span([1, 5, 6, 2], [1, 5, 6, 9, 2]) == (3, 4)  # a trailing EOS is not the answer
+    assert answer_span([1, 5], [1, 5]) is None
+
+
+def test_identical_models_agree(setup):
+    fp, processor, records = setup
+    twin = make_tiny_llava(seed=0)[0].eval()
+    result = evaluate_records(fp, twin, processor, records, MAX_LENGTH, batch_size=4)
+    assert result.tokens > len(records)
+    assert result.kl_mean == pytest.approx(0.0, abs=1e-7)
+    assert result.top1_agreement == 1.0
+    assert result.questions == len(records)
+    assert result.fp_accuracy == result.q_accuracy
+    assert 0.0 <= result.fp_accuracy <= 1.0
+
+
+def test_perturbed_model_diverges(setup):
+    fp, processor, records = setup
+    q = make_tiny_llava(seed=0)[0].eval()
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    result = evaluate_records(fp, q, processor, records, MAX_LENGTH, batch_size=4)
+    assert result.kl_mean > 1e-4
+    assert result.top1_agreement < 1.0
+
+
+def test_oracle_answers_everything(setup):
+    fp, processor, records = setup
+    oracle = AnswerOracle(fp.config.text_config.vocab_size)
+    result = evaluate_records(fp, oracle, processor, records, MAX_LENGTH, batch_size=3)
+    assert result.q_accuracy == 1.0
+    assert result.fp_accuracy < 1.0  # random weights: far from perfect
+    assert result.questions == len(records)
+
+
+def test_padding_positions_are_not_counted(setup):
+    fp, processor, records = setup
+    batches = make_batches(records, processor, MAX_LENGTH, batch_size=4)
+    expected = sum(int(b["attention_mask"].sum()) - b["attention_mask"].shape[0] for b in batches)
+    assert compare_models(fp, fp, batches).tokens == expected
+
+
+def test_records_without_answers_or_truncated_are_not_questions(setup):
+    fp, processor, records = setup
+    records = [records[0], type(records[1])(text=records[1].text, image=records[1].image, answer=None)]
+    full = make_batches(records, processor, MAX_LENGTH, 2, include_answer=True)
+    prompts = make_batches(records, processor, MAX_LENGTH, 2, include_answer=False)
+    assert find_answer_spans(prompts, full, records, MAX_LENGTH)[0][1] is None
+    length = int(full[0]["attention_mask"][0].sum())
+    cut = make_batches(records, processor, length, 2, include_answer=True)
+    cut_prompts = make_batches(records, processor, length, 2, include_answer=False)
+    assert find_answer_spans(cut_prompts, cut, records, length) == [[None, None]]
+    result = compare_models(fp, fp, full, find_answer_spans(prompts, full, records, MAX_LENGTH))
+    assert result.questions == 1

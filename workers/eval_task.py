@@ -1,0 +1,53 @@
+"""Evaluate the written checkpoint against full precision on the held-out records, in one worker.
+
+This loads the whole model twice (FP and quantized), so the driver runs it only for models under
+``EVAL_MAX_BYTES`` and says so in the report otherwise. The quantized model is the checkpoint as written,
+loaded with ``from_pretrained``, so the figures describe what users will serve.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from qvlm.batches import CalibrationSettings, records_for
+from workers.storage import LocalStorage, open_storage
+
+EVAL_MAX_BYTES = 4 * 2**30
+
+
+def _local_copy(uri: str, endpoint: str | None, skip_prefix: str = "_qvlm/") -> Path:
+    storage = open_storage(uri, endpoint)
+    if isinstance(storage, LocalStorage):
+        return Path(storage.uri)
+    dest = Path(tempfile.mkdtemp(prefix="qvlm-eval-"))
+    for key in storage.list(""):
+        if not key.startswith(skip_prefix):
+            storage.download(key, dest / key)
+    return dest
+
+
+def evaluate_checkpoint(model_uri: str, model_endpoint: str | None, output_uri: str, output_endpoint: str | None,
+                        calibration: CalibrationSettings) -> dict:
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CompressedTensorsConfig
+
+    from qvlm.evaluate import evaluate_records
+    from qvlm.export import ACTIVATIONS_FILE, apply_activation_ranges
+    from qvlm.loading import model_class
+
+    records = records_for(calibration)[1]
+    if not records:
+        return {"skipped": "calibration.eval_samples is 0"}
+    source, output = _local_copy(model_uri, model_endpoint), _local_copy(output_uri, output_endpoint)
+    cls = model_class(AutoConfig.from_pretrained(source))
+    fp = cls.from_pretrained(source).eval()
+    q = cls.from_pretrained(output, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    if (output / ACTIVATIONS_FILE).exists():
+        apply_activation_ranges(q, (output / ACTIVATIONS_FILE).read_bytes())
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        processor = AutoTokenizer.from_pretrained(source)
+    result = evaluate_records(fp, q, processor, records, calibration.max_length, calibration.batch_size)
+    return asdict(result)
