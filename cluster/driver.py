@@ -8,7 +8,6 @@ move between workers through Ray's object store, weights come straight from stor
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -83,7 +82,7 @@ def _claim_output(out, settings: JobSettings) -> JobState | None:
 
 def inspect_model(settings: JobSettings) -> tuple[JobPlan, Path]:
     model_store = open_storage(settings.model_uri, settings.model_endpoint)
-    config_dir = fetch_small_files(model_store, Path(tempfile.mkdtemp(prefix="qvlm-plan-")))
+    config_dir = fetch_small_files(model_store)
     index = CheckpointIndex.open(model_store)
     return make_plan(str(config_dir), index, settings.quant, settings.workers), config_dir
 
@@ -140,9 +139,9 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     t_eval = time.perf_counter()
     evaluation = _evaluate(ray, settings, plan)
     seconds["evaluate"] = time.perf_counter() - t_eval
+    seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
     result = JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats)
     commit_output(out, result, checkpoint, evaluation)
-    seconds["total"] = time.perf_counter() - t0
     state.update(phase="finished", blocks_done=len(blocks), seconds=dict(seconds))
     return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds, evaluation)
 

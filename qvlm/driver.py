@@ -20,7 +20,8 @@ from qvlm.dependency import DependencySeries, dependency_series
 from qvlm.fakequant import swap_in_fake_quant
 from qvlm.mixed_precision import LinearInfo, MixedPrecisionPlan, allocate
 from qvlm.partition import partition
-from qvlm.search import BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block
+from qvlm.search import (BlockData, BlockResult, apply_linear_results, linear_tensors, quantized_block_outputs,
+                         search_block)
 from qvlm.stats import UnitStats, unit_statistics
 from qvlm.structure import Unit, find_units, segments_of
 
@@ -51,16 +52,8 @@ class QuantizeResult:
         return [r for b in self.block_results for r in b.linears]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every quantized tensor by name, in a fixed order (what the checkpoint and the shards hold)."""
-        out: dict[str, torch.Tensor] = {}
-        for r in self.linear_results():
-            out[f"{r.name}.qweight"] = r.weight.qweight
-            out[f"{r.name}.scale"] = r.weight.scale
-            if r.weight.zero is not None:
-                out[f"{r.name}.zero"] = r.weight.zero
-            if r.act_range is not None:
-                out[f"{r.name}.act_lo"], out[f"{r.name}.act_hi"] = r.act_range.lo, r.act_range.hi
-        return out
+        """Every quantized tensor by name, in a fixed order (what the block shards hold)."""
+        return linear_tensors(self.linear_results())
 
 
 def select_units(model: nn.Module, config: QuantConfig) -> list[Unit]:

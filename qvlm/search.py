@@ -276,6 +276,19 @@ def quantized_block_outputs(data: BlockData, result: BlockResult) -> list[torch.
     return ws.run_from(0)[-1]
 
 
+def linear_tensors(results: Sequence[LinearResult]) -> dict[str, torch.Tensor]:
+    """Every quantized tensor of the results by name, in a fixed order (what block shards hold)."""
+    out: dict[str, torch.Tensor] = {}
+    for r in results:
+        out[f"{r.name}.qweight"] = r.weight.qweight
+        out[f"{r.name}.scale"] = r.weight.scale
+        if r.weight.zero is not None:
+            out[f"{r.name}.zero"] = r.weight.zero
+        if r.act_range is not None:
+            out[f"{r.name}.act_lo"], out[f"{r.name}.act_hi"] = r.act_range.lo, r.act_range.hi
+    return out
+
+
 def apply_linear_results(fq_by_name: dict[str, FakeQuantLinear], results: Sequence[LinearResult], act: ActScheme) -> None:
     for r in results:
         fq = fq_by_name[r.name]

@@ -93,7 +93,9 @@ def test_manifest_lists_every_file_with_checksums(two_worker_run):
         data = (out / key).read_bytes()
         assert len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
     state = json.loads((out / "_qvlm/state.json").read_text())
-    assert state["phase"] == "finished" and state["blocks_done"] == state["blocks_total"] == len(manifest["files"]) - 1
+    shards = [k for k in manifest["files"] if k.startswith("_qvlm/blocks/")]
+    assert state["phase"] == "finished" and state["blocks_done"] == state["blocks_total"] == len(shards)
+    assert {"config.json", "model.safetensors.index.json", "qvlm_plan.json", "report.html"} <= set(manifest["files"])
 
 
 def test_resume_redoes_only_missing_blocks(two_worker_run, tiny_llava_dir, tmp_path):

@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 from qvlm.capture import UnitCall
 from qvlm.config import QuantConfig
 from qvlm.quant import ActRange, QuantizedWeight, WeightScheme
-from qvlm.search import BlockData, BlockResult, LinearResult, quantized_block_outputs, search_block
+from qvlm.search import BlockData, BlockResult, LinearResult, linear_tensors, quantized_block_outputs, search_block
 from workers.stage import ModelShard
 from workers.storage import open_storage
 
@@ -53,18 +53,6 @@ def record_key(index: int) -> str:
     return f"{BLOCKS_PREFIX}/block-{index:05d}.json"
 
 
-def block_tensors(result: BlockResult) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for r in result.linears:
-        out[f"{r.name}.qweight"] = r.weight.qweight
-        out[f"{r.name}.scale"] = r.weight.scale
-        if r.weight.zero is not None:
-            out[f"{r.name}.zero"] = r.weight.zero
-        if r.act_range is not None:
-            out[f"{r.name}.act_lo"], out[f"{r.name}.act_hi"] = r.act_range.lo, r.act_range.hi
-    return out
-
-
 def _shard_metadata(result: BlockResult) -> dict[str, str]:
     linears = [
         {"name": r.name, "scheme": asdict(r.weight.scheme), "weight_percentile": r.weight_percentile,
@@ -75,7 +63,7 @@ def _shard_metadata(result: BlockResult) -> dict[str, str]:
 
 
 def encode_shard(result: BlockResult) -> bytes:
-    return save_safetensors({k: v.contiguous() for k, v in block_tensors(result).items()}, _shard_metadata(result))
+    return save_safetensors({k: v.contiguous() for k, v in linear_tensors(result.linears).items()}, _shard_metadata(result))
 
 
 def decode_shard(data: bytes, linears_meta: Sequence[dict]) -> list[LinearResult]:

@@ -7,6 +7,7 @@ loaded with ``from_pretrained``, so the figures describe what users will serve.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -30,16 +31,25 @@ def _local_copy(uri: str, endpoint: str | None, skip_prefix: str = "_qvlm/") -> 
 
 def evaluate_checkpoint(model_uri: str, model_endpoint: str | None, output_uri: str, output_endpoint: str | None,
                         calibration: CalibrationSettings) -> dict:
+    records = records_for(calibration)[1]
+    if not records:
+        return {"skipped": "calibration.eval_samples is 0"}
+    source, output = _local_copy(model_uri, model_endpoint), _local_copy(output_uri, output_endpoint)
+    try:
+        return _evaluate(source, output, records, calibration)
+    finally:
+        for copy, uri in ((source, model_uri), (output, output_uri)):
+            if str(copy) != uri and copy.name.startswith("qvlm-eval-"):
+                shutil.rmtree(copy, ignore_errors=True)
+
+
+def _evaluate(source: Path, output: Path, records, calibration: CalibrationSettings) -> dict:
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CompressedTensorsConfig
 
     from qvlm.evaluate import evaluate_records
     from qvlm.export import ACTIVATIONS_FILE, apply_activation_ranges
     from qvlm.loading import model_class
 
-    records = records_for(calibration)[1]
-    if not records:
-        return {"skipped": "calibration.eval_samples is 0"}
-    source, output = _local_copy(model_uri, model_endpoint), _local_copy(output_uri, output_endpoint)
     cls = model_class(AutoConfig.from_pretrained(source))
     fp = cls.from_pretrained(source).eval()
     q = cls.from_pretrained(output, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()

@@ -54,13 +54,10 @@ def _chunks(keys: Sequence[str], sizes: dict[str, int], max_bytes: int) -> list[
 
 def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
     """Write every checkpoint file; returns {key: {"sha256", "size"}} for the manifest."""
-    import tempfile
-    from pathlib import Path
-
     from transformers import AutoConfig
 
     source, out = open_storage(req.model_uri, req.model_endpoint), open_storage(req.output_uri, req.output_endpoint)
-    local = fetch_small_files(source, Path(tempfile.mkdtemp(prefix="qvlm-export-")))
+    local = fetch_small_files(source)
     model = build_skeleton(AutoConfig.from_pretrained(local))
     index = CheckpointIndex.open(source)
     keymap = checkpoint_key_map(model, index.names)

@@ -8,6 +8,7 @@ Each stage keeps what it captured for its units until the job has taken what it 
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,8 +28,15 @@ from workers.storage import open_storage
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
-def fetch_small_files(storage, dest: Path) -> Path:
-    """Copy the model's config, tokenizer and processor files (never the weights) to a local folder."""
+def fetch_small_files(storage, dest: Path | None = None) -> Path:
+    """Copy the model's config, tokenizer and processor files (never the weights) to a local folder.
+
+    By default the folder is one per model URI under the temp directory, reused by later calls, so jobs
+    do not leave a new folder behind each time.
+    """
+    if dest is None:
+        digest = hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
+        dest = Path(tempfile.gettempdir()) / "qvlm-model-files" / digest
     dest.mkdir(parents=True, exist_ok=True)
     for key in storage.list(""):
         if "/" not in key and key.endswith(SMALL_FILE_SUFFIXES):
@@ -44,7 +52,7 @@ class ModelShard:
         from transformers import AutoConfig
 
         self.storage = open_storage(uri, endpoint_url)
-        self.local_dir = fetch_small_files(self.storage, Path(tempfile.mkdtemp(prefix="qvlm-model-")))
+        self.local_dir = fetch_small_files(self.storage)
         self.model = build_skeleton(AutoConfig.from_pretrained(self.local_dir))
         index = CheckpointIndex.open(self.storage)
         keymap = checkpoint_key_map(self.model, index.names)
