@@ -28,7 +28,7 @@ def _kind(config) -> str:
     has_text = hasattr(config, "text_config") or hasattr(config, "vocab_size")
     if has_vision and has_text:
         return "multimodal"
-    if has_vision or getattr(config, "model_type", "").endswith("vision_model") or hasattr(config, "image_size"):
+    if has_vision or hasattr(config, "image_size"):
         return "vision"
     return "text"
 

@@ -88,29 +88,24 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     return upper
 
 
-def _gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float, block_size: int
-) -> tuple[QuantizedWeight, torch.Tensor]:
-    """GPTQ proper; also returns the float32 quantized columns the algorithm used (for tests)."""
+def _check_args(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int) -> None:
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"expected a [{in_features}, {in_features}] Hessian, got shape {tuple(hessian.shape)}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if damp < 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
-    n_groups = scheme.groups(in_features)
-    device = weight.device
-    sdtype = weight.dtype  # the checkpoint dtype of the scale
-    gs = in_features if scheme.group_size == -1 else scheme.group_size
 
-    h = hessian.detach().to(device=device, dtype=torch.float64, copy=True)
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 working weight and the upper Cholesky factor of the damped inverse Hessian."""
+    h = hessian.detach().to(device=weight.device, dtype=torch.float64, copy=True)
     if not torch.isfinite(h).all():
         raise ValueError("GPTQ: the Hessian of this layer has non-finite entries (NaN/inf in the calibration inputs?)")
     w = weight.detach().to(torch.float32).clone()
-
     # Dead inputs (always zero in calibration): the weight column cannot matter, so drop it and give the
     # Hessian a unit diagonal there to keep it invertible.
     dead = torch.diagonal(h) == 0
@@ -127,61 +122,75 @@ def _gptq(
         u64[dead, :] = 0.0
         u64[:, dead] = 0.0
         u64.diagonal().copy_(diag)
-    u = u64.to(torch.float32)
-    del h, u64
+    return w, u64.to(torch.float32)
 
-    qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
-    used = torch.empty(out_features, in_features, dtype=torch.float32, device=device)
-    scale = torch.empty(out_features, n_groups, dtype=sdtype, device=device)
-    zero = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8, device=device)
 
-    def set_qparams(g: int, values: torch.Tensor) -> None:
-        s, z = qparams_from_bounds(values.amin(1), values.amax(1), scheme.bits, scheme.symmetric, sdtype)
-        scale[:, g] = s
-        if zero is not None:
-            zero[:, g] = z
+class _Columns:
+    """Output buffers, and quantization of one column with its group's qparams."""
 
+    def __init__(self, w: torch.Tensor, scheme: WeightScheme, sdtype: torch.dtype):
+        out_features, in_features = w.shape
+        n_groups = scheme.groups(in_features)
+        self.scheme, self.sdtype = scheme, sdtype
+        self.qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
+        self.used = torch.empty(out_features, in_features, dtype=torch.float32, device=w.device)
+        self.scale = torch.empty(out_features, n_groups, dtype=sdtype, device=w.device)
+        self.zero = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8, device=w.device)
+
+    def set_qparams(self, g: int, values: torch.Tensor) -> None:
+        s, z = qparams_from_bounds(values.amin(1), values.amax(1), self.scheme.bits, self.scheme.symmetric, self.sdtype)
+        self.scale[:, g] = s
+        if self.zero is not None:
+            self.zero[:, g] = z
+
+    def quantize(self, col: int, g: int, x: torch.Tensor) -> torch.Tensor:
+        """Quantize column ``col``; returns the dequantized column, computed as QuantizedWeight.dequantize() does."""
+        s = self.scale[:, g]
+        t = x / s.float()
+        if self.zero is not None:
+            t = t + self.zero[:, g].float()
+        q = torch.clamp(torch.round(t), self.scheme.qmin, self.scheme.qmax)
+        qs = q.to(self.sdtype)
+        if self.zero is not None:
+            qs = qs - self.zero[:, g].to(self.sdtype)
+        x_hat = (qs * s).float()
+        self.qweight[:, col] = q.to(torch.int8)
+        self.used[:, col] = x_hat
+        return x_hat
+
+
+def _gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float, block_size: int
+) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ proper; also returns the float32 quantized columns the algorithm used (for tests)."""
+    _check_args(weight, hessian, damp, block_size)
+    in_features = weight.shape[1]
+    gs = in_features if scheme.group_size == -1 else scheme.group_size
+    w, u = _prepare(weight, hessian, damp)
+    cols = _Columns(w, scheme, weight.dtype)
     if scheme.group_size == -1:
-        set_qparams(0, w)  # whole rows (dead columns already zeroed), before any error feedback
-
+        cols.set_qparams(0, w)  # whole rows (dead columns already zeroed), before any error feedback
     for b1 in range(0, in_features, block_size):
         b2 = min(b1 + block_size, in_features)
-        w_blk = w[:, b1:b2].clone()
+        w_blk, u_blk = w[:, b1:b2].clone(), u[b1:b2, b1:b2]
         err_blk = torch.zeros_like(w_blk)
-        u_blk = u[b1:b2, b1:b2]
         for i in range(b2 - b1):
             col = b1 + i
-            g = col // gs
             if scheme.group_size != -1 and col % gs == 0:
                 # Range of the group as it stands now: its columns inside this block carry every update so
                 # far; those past the block still miss this block's pending (lazy) update, added here.
                 end = col + gs
                 current = w_blk[:, i : min(end, b2) - b1]
                 if end > b2:
-                    rest = w[:, b2:end] - err_blk[:, :i] @ u[b1:col, b2:end]
-                    current = torch.cat([current, rest], dim=1)
-                set_qparams(g, current)
+                    current = torch.cat([current, w[:, b2:end] - err_blk[:, :i] @ u[b1:col, b2:end]], dim=1)
+                cols.set_qparams(col // gs, current)
             x = w_blk[:, i]
-            s = scale[:, g]
-            t = x / s.float()
-            if zero is not None:
-                z = zero[:, g]
-                t = t + z.float()
-            q = torch.clamp(torch.round(t), scheme.qmin, scheme.qmax)
-            # Same arithmetic as QuantizedWeight.dequantize(): in the scale's dtype, then widened.
-            qs = q.to(sdtype)
-            if zero is not None:
-                qs = qs - z.to(sdtype)
-            x_hat = (qs * s).float()
-            qweight[:, col] = q.to(torch.int8)
-            used[:, col] = x_hat
-            e = (x - x_hat) / u_blk[i, i]
+            e = (x - cols.quantize(col, col // gs, x)) / u_blk[i, i]
             w_blk[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
             err_blk[:, i] = e
         if b2 < in_features:
             w[:, b2:] -= err_blk @ u[b1:b2, b2:]
-
-    return QuantizedWeight(qweight, scale, zero, scheme), used
+    return QuantizedWeight(cols.qweight, cols.scale, cols.zero, scheme), cols.used
 
 
 def gptq_quantize(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qvlm.capture import call_unit
 from qvlm.quant import QuantizedWeight, WeightScheme, grouped, percentile_bounds, qparams_from_bounds, round_ste
 
 
@@ -111,8 +112,7 @@ def _batch_loss(ws, b: int) -> torch.Tensor:
     hidden = None
     for u, module in enumerate(ws.units):
         call = ws.data.calls[u][b]
-        out = module(call.hidden if hidden is None else hidden, *call.args, **call.kwargs)
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        hidden = call_unit(module, call, hidden)
     sq = (hidden.float() - ws.data.targets[b].float()) ** 2
     mask = ws.data.calls[-1][b].mask
     return (sq[mask] if mask is not None else sq).mean()
