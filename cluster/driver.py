@@ -110,7 +110,7 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
 
     t0 = time.perf_counter()
     seconds: dict = {}
-    stages, pg, stage_tensors = start_stages(ray, settings, plan)
+    stages, pg, stage_info = start_stages(ray, settings, plan)
     try:
         state.update(phase="capturing")
         _capture(ray, stages, settings)
@@ -132,8 +132,8 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     records = search_blocks(ray, settings, blocks, specs, inputs, finished, state, t_search)
     seconds["search"] = time.perf_counter() - t_search
     state.update(phase="committing", seconds=dict(seconds))
-    stages_info = [{"tensors": t, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(i)}
-                   for i, (t, r) in enumerate(zip(stage_tensors, stage_rss))]
+    stages_info = [{**info, "peak_rss_bytes": rss, "weight_bytes": plan.stage_bytes(i)}
+                   for i, (info, rss) in enumerate(zip(stage_info, stage_rss))]
     checkpoint = _export_checkpoint(ray, settings, blocks, records, schemes)
     seconds["export"] = time.perf_counter() - t_search - seconds["search"]
     t_eval = time.perf_counter()

@@ -33,8 +33,7 @@ def start_stages(ray, settings: JobSettings, plan: JobPlan):
                                         [plan.units[i] for i in stage], rank == 0, all_units)
         for rank, stage in enumerate(plan.stages)
     ]
-    loaded = ray.get([s.ready.remote() for s in stages])
-    return stages, pg, [info["tensors"] for info in loaded]
+    return stages, pg, ray.get([s.ready.remote() for s in stages])
 
 
 def stop_stages(ray, stages, pg) -> None:

@@ -77,8 +77,11 @@ class StageWorker:
         self.captures = [UnitCapture(u) for u in self.units]
 
     def ready(self) -> dict[str, Any]:
-        """What this stage loaded (the test of "a stage reads only its own units")."""
-        return {"tensors": self.shard.tensor_names, "reads": list(self.shard.storage.reads)}
+        """What this stage loaded and where it runs (the tests of "a stage reads only its own units")."""
+        import ray
+
+        return {"tensors": self.shard.tensor_names, "reads": [list(r) for r in self.shard.storage.reads],
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def peak_rss_bytes(self) -> int:
         """Peak resident memory of this worker process so far (Linux reports ru_maxrss in KiB)."""
