@@ -176,3 +176,13 @@ def test_index_cannot_escape_the_root(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
     with pytest.raises(ValueError, match="invalid storage key"):
         CheckpointIndex.open(LocalStorage(tmp_path))
+
+
+def test_adjacent_ranges_merge_up_to_the_request_cap():
+    from workers.safetensors_reader import TensorLocation, _coalesce
+
+    locs = [TensorLocation("f", "F32", (10,), 8 + 40 * i, 8 + 40 * (i + 1)) for i in range(10)]
+    assert [(s, e) for s, e, _ in _coalesce(locs)] == [(8, 408)]
+    runs = _coalesce(locs, max_bytes=100)
+    assert [(s, e) for s, e, _ in runs] == [(8, 88), (88, 168), (168, 248), (248, 328), (328, 408)]
+    assert [loc for _, _, members in runs for loc in members] == locs

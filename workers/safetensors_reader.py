@@ -106,11 +106,18 @@ def _shard_files(storage: Storage, prefix: str) -> tuple[list[str], dict[str, st
                           "convert .bin/.pt checkpoints first")
 
 
-def _coalesce(locs: list[TensorLocation]) -> list[tuple[int, int, list[TensorLocation]]]:
-    """Group one file's locations (sorted by start) into runs of exactly adjacent byte ranges."""
+MAX_REQUEST_BYTES = 64 * 2**20
+
+
+def _coalesce(locs: list[TensorLocation], max_bytes: int = MAX_REQUEST_BYTES) -> list[tuple[int, int, list[TensorLocation]]]:
+    """Group one file's locations (sorted by start) into runs of exactly adjacent byte ranges.
+
+    A run stops growing at ``max_bytes``: each run's raw bytes stay alive while its tensors are copied out,
+    so an unbounded run would hold a stage's weights twice at the peak.
+    """
     runs: list[tuple[int, int, list[TensorLocation]]] = []
     for loc in locs:
-        if runs and runs[-1][1] == loc.start:
+        if runs and runs[-1][1] == loc.start and loc.end - runs[-1][0] <= max_bytes:
             start, _, members = runs[-1]
             runs[-1] = (start, loc.end, members + [loc])
         else:
