@@ -6,6 +6,15 @@ from cluster.plan import JobPlan
 from cluster.settings import JobSettings
 
 PLACEMENT_TIMEOUT_S = 120
+STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
+
+
+def placement_strategy(settings: JobSettings) -> str:
+    """Ray's placement group strategy for ``resources.placement`` (PACK unless spread is asked)."""
+    try:
+        return STRATEGIES[settings.placement]
+    except KeyError:
+        raise ValueError(f"resources.placement must be one of {', '.join(STRATEGIES)}, not {settings.placement!r}") from None
 
 
 def start_stages(ray, settings: JobSettings, plan: JobPlan):
@@ -17,12 +26,13 @@ def start_stages(ray, settings: JobSettings, plan: JobPlan):
     bundle = {"CPU": settings.cpus_per_worker}
     if settings.gpus_per_worker:
         bundle["GPU"] = settings.gpus_per_worker
-    pg = placement_group([dict(bundle) for _ in plan.stages], strategy="PACK")
+    strategy = placement_strategy(settings)
+    pg = placement_group([dict(bundle) for _ in plan.stages], strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(pg)
         raise RuntimeError(
-            f"could not place {len(plan.stages)} stage workers of {bundle} within {PLACEMENT_TIMEOUT_S}s; "
+            f"could not place {len(plan.stages)} stage workers of {bundle} ({strategy}) within {PLACEMENT_TIMEOUT_S}s; "
             f"the cluster has {ray.cluster_resources()}: lower resources.workers or the per-worker resources")
     actor = ray.remote(StageWorker)
     all_units = [u.name for u in plan.units]

@@ -71,8 +71,12 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> J
                    index.total_bytes(), linear_shapes(model, units))
 
 
-def describe(plan: JobPlan, quant) -> list[str]:
-    """Human-readable plan lines for ``qvlm plan``."""
+_PLACEMENT_WORDS = {"pack": "PACK (stage workers share as few nodes as possible)",
+                    "spread": "SPREAD (each stage worker on a different node where the cluster has enough)"}
+
+
+def describe(plan: JobPlan, quant, placement: str = "pack") -> list[str]:
+    """Human-readable plan lines for ``qvlm plan``; ``placement`` is ``resources.placement``."""
     mib = 1 / 2**20
     lines = [f"model: {plan.model_class}, {len(plan.units)} units in {len(plan.streams)} streams, "
              f"{plan.total_bytes * mib:.1f} MiB of tensors"]
@@ -83,6 +87,8 @@ def describe(plan: JobPlan, quant) -> list[str]:
     largest = max(plan.stage_bytes(s) for s in range(len(plan.stages)))
     lines.append(f"peak weights per stage worker: {largest * mib:.1f} MiB "
                  f"({largest / max(plan.total_bytes, 1):.0%} of the model)")
+    lines.append(f"placement: {len(plan.stages)} stage workers in one placement group, strategy "
+                 f"{_PLACEMENT_WORDS.get(placement, placement.upper())}")
     lines.append(f"method {quant.method}" + (f"/{quant.search}, blocks of depth <= {quant.max_block_depth} "
                  "chosen after capture (entropy-guided)" if quant.method == "qvlm" else ", one block per unit"))
     return lines

@@ -23,6 +23,7 @@ class JobSettings:
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
     max_retries: int = 3
+    placement: str = "pack"  # "pack" or "spread": the stage placement group's strategy across nodes
 
     @property
     def submission_id(self) -> str:

@@ -19,7 +19,8 @@ from jobs.spec import JobSpec, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qvlm: quantize vision-language models on Ray.")
 SetOption = typer.Option(None, "--set", help="Override a job field: dotted.path=value (repeatable).")
-AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://head:8265.")
+AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://head:8265 (submit through the Jobs API); "
+                                   "with a Ray address (auto, HOST:6379) qvlm-submit drives the job from this process.")
 DebugOption = typer.Option(False, "--debug", help="Print full tracebacks.")
 
 
@@ -67,7 +68,7 @@ def settings_from_spec(spec: JobSpec):
         quant=spec.to_quant_config(), model_endpoint=getattr(spec.model, "endpoint_url", None) or spec.output.endpoint_url,
         output_endpoint=spec.output.endpoint_url, overwrite=spec.output.overwrite, workers=spec.resources.workers,
         gpus_per_worker=spec.resources.gpus_per_worker, cpus_per_worker=spec.resources.cpus_per_worker,
-        max_retries=spec.resources.max_retries,
+        max_retries=spec.resources.max_retries, placement=spec.resources.placement,
     )
 
 
@@ -117,7 +118,7 @@ def plan(job: Path, set_: Optional[List[str]] = SetOption, debug: bool = DebugOp
         job_plan = check_inputs(settings)
         if spec.model.trust_remote_code:
             typer.secho("WARNING: model.trust_remote_code is ON: the model's own Python code would run", fg="yellow")
-        for line in describe(job_plan, settings.quant):
+        for line in describe(job_plan, settings.quant, settings.placement):
             typer.echo(line)
 
     guarded(body, debug)
@@ -135,13 +136,15 @@ def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = ty
         spec = load_job(job, set_ or [])
         settings = settings_from_spec(spec)
         check_inputs(settings)
-        if address:
-            from jobs.remote import submit_remote
+        from jobs.remote import is_jobs_api, submit_remote
 
+        if address and is_jobs_api(address):
             return submit_remote(address, spec, settings, wait=not no_wait)
         from cluster.driver import run_job
 
-        outcome = run_job(settings, echo=progress_printer(sys.stdout.isatty()))
+        # No address: an embedded local Ray. A Ray address (auto, HOST:6379; what RAY_ADDRESS holds inside a
+        # KubeRay RayJob or `ray job submit`): this process is the driver, connected to that cluster.
+        outcome = run_job(settings, address=address or None, echo=progress_printer(sys.stdout.isatty()))
         typer.echo(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}")
         typer.echo(evaluation_line(outcome.evaluation))
 

@@ -9,12 +9,13 @@ import sys
 
 def main(argv: list[str]) -> int:
     from cluster.driver import run_job
-    from jobs.cli import settings_from_spec
+    from jobs.cli import evaluation_line, settings_from_spec
     from jobs.spec import JobSpec
 
     spec = JobSpec.model_validate(json.loads(base64.b64decode(argv[0])))
     outcome = run_job(settings_from_spec(spec), address="auto")
     print(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}", flush=True)
+    print(evaluation_line(outcome.evaluation), flush=True)
     return 0
 
 

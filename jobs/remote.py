@@ -13,6 +13,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def is_jobs_api(address: str) -> bool:
+    """An http(s) dashboard URL (the Jobs API); anything else (auto, HOST:6379) is a Ray address to attach to."""
+    return address.startswith(("http://", "https://"))
+
+
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
@@ -32,7 +37,7 @@ def entrypoint_for(spec) -> str:
 
 def submit_remote(address: str, spec, settings, wait: bool = True) -> None:
     client = _client(address)
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": [".venv", "out", "models", ".git", "bench/results"]}
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": ["/.venv", "/out", "/models", "/.git"]}
     try:
         job_id = client.submit_job(entrypoint=entrypoint_for(spec), runtime_env=runtime_env,
                                    submission_id=settings.submission_id, metadata={"qvlm": settings.name})
@@ -42,8 +47,15 @@ def submit_remote(address: str, spec, settings, wait: bool = True) -> None:
         job_id = settings.submission_id
         print(f"{job_id} was already submitted; following it", flush=True)
     print(f"submitted {job_id} to {address}", flush=True)
-    if wait:
+    if not wait:
+        print(f"follow it with `qvlm logs {job_id}`, stop it with `qvlm cancel {job_id}`", flush=True)
+        return
+    try:
         follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; {job_id} keeps running on the cluster (`qvlm cancel {job_id}` stops it)",
+              flush=True)
+        raise
 
 
 def follow(client, job_id: str, poll_s: float = 2.0) -> None:
@@ -57,7 +69,9 @@ def follow(client, job_id: str, poll_s: float = 2.0) -> None:
         status = str(client.get_job_status(job_id)).split(".")[-1]
         if status in TERMINAL:
             if status != "SUCCEEDED":
-                raise JobFailed(f"job {job_id} ended {status}; see `qvlm logs {job_id}`")
+                last = (client.get_job_info(job_id).message or "").strip().splitlines()[-1:]
+                raise JobFailed(f"job {job_id} ended {status}" + (f" ({last[0]})" if last else "")
+                                + f"; see `qvlm logs {job_id}`")
             return
         time.sleep(poll_s)
 

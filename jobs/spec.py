@@ -210,6 +210,9 @@ class ResourcesSpec(Strict):
     gpus_per_worker: Annotated[StrictFloat, Field(ge=0)] = 0.0
     cpus_per_worker: Annotated[StrictFloat, Field(gt=0)] = 1.0
     max_retries: Annotated[StrictInt, Field(ge=0)] = 3
+    # How the stage workers' placement group lies across nodes: "pack" fills few nodes (fast transfers
+    # between stages), "spread" puts each stage on a different node where it can (memory isolation).
+    placement: Literal["pack", "spread"] = "pack"
 
 
 class JobSpec(Strict):

@@ -59,6 +59,7 @@ resources:
   gpus_per_worker: 0.5
   cpus_per_worker: 2
   max_retries: 0
+  placement: spread
 """
 
 DEFAULTS = {
@@ -74,7 +75,7 @@ DEFAULTS = {
                  "percentiles": (1.0, 0.995, 0.99, 0.985, 0.98), "epochs": 10, "iters": 200, "propagation": "fp"},
         "mixed_precision": {"metric": "none", "extra_budget": 0.02, "stop": 2, "top_m": 0},
     },
-    "resources": {"workers": 2, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0, "max_retries": 3},
+    "resources": {"workers": 2, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0, "max_retries": 3, "placement": "pack"},
 }
 
 
@@ -122,6 +123,25 @@ def test_full_file_loads_and_maps_to_quant_config(tmp_path):
     assert config.percentiles == (1.0, 0.9) and config.propagation == "quantized"
     assert (config.mixed_precision.metric, config.mixed_precision.top_m, config.mixed_precision.stop) == ("kurtosis", 2, 4)
     assert config.is_ignored("model.vision_tower.layers.0.q_proj")
+
+
+def test_placement_maps_to_settings_and_plan_text(tmp_path):
+    from cluster.placement import placement_strategy
+    from jobs.cli import settings_from_spec
+
+    default = settings_from_spec(load_job(write(tmp_path, MINIMAL)))
+    assert default.placement == "pack" and placement_strategy(default) == "PACK"
+    spread = settings_from_spec(load_job(tmp_path / "job.yaml", ["resources.placement=spread"]))
+    assert spread.placement == "spread" and placement_strategy(spread) == "SPREAD"
+    assert load_job(write(tmp_path, FULL)).resources.placement == "spread"
+    assert job_json_schema()["$defs"]["ResourcesSpec"]["properties"]["placement"]["enum"] == ["pack", "spread"]
+
+
+def test_placement_override_error_names_the_override(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    assert error_lines(path, ["resources.placement=scatter"]) == [
+        f"{path}: resources.placement: should be 'pack' or 'spread' (got 'scatter') "
+        "(from --set resources.placement=scatter)"]
 
 
 def test_low_bit_activations_default_to_asymmetric_per_channel(tmp_path):
@@ -270,6 +290,10 @@ CASES = {
                   "subpattern at position 0"),
     "negative-workers": (MINIMAL + "resources:\n  workers: -1\n",
                          "{f}:7: resources.workers: should be greater than or equal to 1 (got -1)"),
+    "placement-unknown": (MINIMAL + "resources:\n  placement: strict_spread\n",
+                           "{f}:7: resources.placement: should be 'pack' or 'spread' (got 'strict_spread')"),
+    "placement-upper": (MINIMAL + "resources:\n  workers: 2\n  placement: SPREAD\n",
+                        "{f}:8: resources.placement: should be 'pack' or 'spread' (got 'SPREAD')"),
     "unknown-method": (MINIMAL + "quantization:\n  method: awq\n",
                        "{f}:7: quantization.method: should be 'qvlm', 'gptq' or 'rtn' (got 'awq')"),
     "h0-negative": (MINIMAL + "quantization:\n  qvlm: {h0: -0.5}\n",
