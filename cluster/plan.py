@@ -28,6 +28,7 @@ class JobPlan:
     glue_bytes: int
     total_bytes: int  # all tensors of the checkpoint
     linear_shapes: dict = field(default_factory=dict)
+    weight_element_bytes: int = 2  # bytes per element of the source linears' weights
 
     def stage_bytes(self, s: int) -> int:
         return sum(self.unit_bytes[i] for i in self.stages[s]) + (self.glue_bytes if s == 0 else 0)
@@ -67,15 +68,31 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> J
     unit_bytes = [_param_bytes(model, owned_names(model, [u.name])) for u in units]
     glue = _param_bytes(model, glue_names(model, [u.name for u in units]))
     stages = split_stages(units, unit_bytes, streams, workers, glue)
+    first = units[0]
+    element = model.get_submodule(first.linear_name(first.linears[0])).weight.element_size()
     return JobPlan(type(model).__name__, tuple(units), tuple(streams), tuple(stages), tuple(unit_bytes), glue,
-                   index.total_bytes(), linear_shapes(model, units))
+                   index.total_bytes(), linear_shapes(model, units), element)
 
 
 _PLACEMENT_WORDS = {"pack": "PACK (stage workers share as few nodes as possible)",
                     "spread": "SPREAD (each stage worker on a different node where the cluster has enough)"}
 
 
-def describe(plan: JobPlan, quant, placement: str = "pack") -> list[str]:
+def quantized_bytes(plan: JobPlan, quant) -> int:
+    """Checkpoint bytes at the base scheme: packed linears plus every other tensor unchanged."""
+    linear_fp = sum(out * inp for out, inp in plan.linear_shapes.values()) * plan.weight_element_bytes
+    packed = sum(quant.weights.storage_bits(out, inp) for out, inp in plan.linear_shapes.values()) // 8
+    return plan.total_bytes - linear_fp + packed
+
+
+def activation_bytes(plan: JobPlan, stage: int, samples: int, tokens: int) -> int:
+    """Captured fp32 activations a stage keeps: each own unit's input and output for every sample."""
+    widths = [max(inp for name, (_, inp) in plan.linear_shapes.items() if name.startswith(plan.units[i].name + "."))
+              for i in plan.stages[stage]]
+    return sum(2 * samples * tokens * w * 4 for w in widths)
+
+
+def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, tokens: int = 0) -> list[str]:
     """Human-readable plan lines for ``qvlm plan``; ``placement`` is ``resources.placement``."""
     mib = 1 / 2**20
     lines = [f"model: {plan.model_class}, {len(plan.units)} units in {len(plan.streams)} streams, "
@@ -87,6 +104,13 @@ def describe(plan: JobPlan, quant, placement: str = "pack") -> list[str]:
     largest = max(plan.stage_bytes(s) for s in range(len(plan.stages)))
     lines.append(f"peak weights per stage worker: {largest * mib:.1f} MiB "
                  f"({largest / max(plan.total_bytes, 1):.0%} of the model)")
+    if samples and tokens:
+        acts = max(activation_bytes(plan, s, samples, tokens) for s in range(len(plan.stages)))
+        lines.append(f"captured activations per stage worker: up to {acts * mib:.1f} MiB "
+                     f"({samples} samples x {tokens} tokens, fp32, a unit's input and output)")
+    lines.append(f"bytes to read: {plan.total_bytes * mib:.1f} MiB by the stages, about the linears' share again "
+                 f"by the block searches; to write: about {quantized_bytes(plan, quant) * mib:.1f} MiB of checkpoint "
+                 "plus the block shards")
     lines.append(f"placement: {len(plan.stages)} stage workers in one placement group, strategy "
                  f"{_PLACEMENT_WORDS.get(placement, placement.upper())}")
     lines.append(f"method {quant.method}" + (f"/{quant.search}, blocks of depth <= {quant.max_block_depth} "

@@ -118,7 +118,8 @@ def plan(job: Path, set_: Optional[List[str]] = SetOption, debug: bool = DebugOp
         job_plan = check_inputs(settings)
         if spec.model.trust_remote_code:
             typer.secho("WARNING: model.trust_remote_code is ON: the model's own Python code would run", fg="yellow")
-        for line in describe(job_plan, settings.quant, settings.placement):
+        cal = settings.calibration
+        for line in describe(job_plan, settings.quant, settings.placement, cal.samples, cal.max_length):
             typer.echo(line)
 
     guarded(body, debug)

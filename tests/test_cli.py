@@ -58,6 +58,7 @@ def test_plan_prints_stages_without_running(tmp_path, tiny_llava_dir):
     assert result.exit_code == 0, result.output
     assert "stage 0:" in result.output and "stage 1:" in result.output
     assert "LlavaForConditionalGeneration" in result.output
+    assert "bytes to read:" in result.output and "captured activations per stage worker" in result.output
     assert not (tmp_path / "out").exists()
 
 
