@@ -7,10 +7,9 @@ move between workers through Ray's object store, weights come straight from stor
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from qvlm.driver import plan_blocks, plan_precision, unit_bits

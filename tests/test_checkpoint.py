@@ -1,7 +1,6 @@
 """The job's output is a compressed-tensors checkpoint that transformers loads as is."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch

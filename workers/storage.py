@@ -169,6 +169,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _download_via_temp(key: str, dest: str | Path, sha256: str | None, fill) -> None:
+    """``fill(tmp)`` writes the object beside ``dest`` and returns its sha256; a verified file is moved into place,
+    so ``dest`` never holds a partial or corrupt copy."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TMP_MARK}{dest.name}.{uuid.uuid4().hex}"
+    try:
+        got = fill(tmp)
+        if sha256 is not None and got != sha256.lower():
+            raise StorageError(f"checksum mismatch for {key}: the object changed or is corrupt; re-write it")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class LocalStorage(Storage):
     """A folder on a local or shared filesystem; every write is atomic (temp file, fsync, rename)."""
 
@@ -237,17 +252,11 @@ class LocalStorage(Storage):
         return data
 
     def download(self, key: str, dest: str | Path, sha256: str | None = None) -> None:
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f"{TMP_MARK}{dest.name}.{uuid.uuid4().hex}"
-        try:
+        def fill(tmp: Path) -> str:
             with self._open(key) as src, open(tmp, "wb") as out:
-                got, _ = _hash_stream(src, out.write)
-            if sha256 is not None and got != sha256.lower():
-                raise StorageError(f"checksum mismatch for {key}: the object changed or is corrupt; re-write it")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+                return _hash_stream(src, out.write)[0]
+
+        _download_via_temp(key, dest, sha256, fill)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -469,19 +478,13 @@ class S3Storage(Storage):
         return data
 
     def download(self, key: str, dest: str | Path, sha256: str | None = None) -> None:
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f"{TMP_MARK}{dest.name}.{uuid.uuid4().hex}"
-        try:
+        def fill(tmp: Path) -> str:
             self._call("download", key, self.client.download_file, Bucket=self.bucket, Key=self._k(key),
                        Filename=str(tmp), Config=self.transfer)
             with open(tmp, "rb") as f:
-                got, _ = _hash_stream(f)
-            if sha256 is not None and got != sha256.lower():
-                raise StorageError(f"checksum mismatch for {key}: the object changed or is corrupt; re-write it")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+                return _hash_stream(f)[0]
+
+        _download_via_temp(key, dest, sha256, fill)
 
     def _head(self, key: str) -> dict:
         return self._call("read", key, self.client.head_object, Bucket=self.bucket, Key=self._k(key))
