@@ -27,7 +27,7 @@ from qvlm.driver import quantize
 from qvlm.quant import WeightScheme
 from qvlm.tiny import build_tiny_llava
 
-PHASES = ("capture", "statistics", "search", "total")
+PHASES = ("load", "capture", "statistics", "search", "export", "total")
 
 
 def quant_config(search: str, epochs: int, iters: int) -> QuantConfig:
@@ -124,8 +124,9 @@ def main() -> None:
             singles += single_rows(search, single)
     finally:
         ray.shutdown()
-    print("run_job, seconds per phase (outcome.seconds: 'capture' includes starting the stage actors and loading "
-          "their weights; 'wall' = the whole run_job call, planning included)")
+    print("run_job, seconds per phase (outcome.seconds: 'load' = starting the stage actors, each reading its weights; "
+          "'export' = writing the checkpoint; 'total' also has planning and evaluation (off here); 'wall' = the whole "
+          "run_job call)")
     print(table(["search", "mode", "workers", "blocks", *PHASES, "wall", "search/1w",
                  *(f"wall/1proc@{t}t" for t in threads)], scaling))
     print("\nqvlm.driver.quantize in one process, seconds (wall = load model + calibration batches + quantize)")

@@ -14,8 +14,9 @@ REPORT_KEY = "qvlm_report.json"
 HTML_KEY = "report.html"
 
 
-def load_finished_blocks(out, specs: list[BlockSpec]) -> dict[int, BlockRecord]:
-    """Blocks whose record exists, matches the current plan and whose shard's sha256 verifies."""
+def load_finished_blocks(out, specs: list[BlockSpec], echo=None) -> dict[int, BlockRecord]:
+    """Blocks whose record exists, matches the current plan and whose shard's sha256 verifies; ``echo``
+    hears about each shard that fails its check."""
     finished = {}
     for spec in specs:
         key = record_key(spec.index)
@@ -27,8 +28,10 @@ def load_finished_blocks(out, specs: list[BlockSpec]) -> dict[int, BlockRecord]:
             continue
         try:
             out.get_bytes(record.shard_key, record.sha256)
-        except StorageError:
-            continue  # a corrupt or missing shard is searched again
+        except StorageError as exc:
+            if echo is not None:
+                echo(f"block {spec.index} is searched again: {exc}", flush=True)
+            continue
         finished[spec.index] = record
     return finished
 
@@ -48,6 +51,7 @@ class JobResult:
     seconds: dict
     stages: list  # per stage: tensors it loaded, its peak RSS and weight bytes
     stats: list  # UnitStats per unit, in unit order
+    veo: dict | None = None  # VeoOutcome.document() when the vision tower was tuned
 
 
 def _plan_document(r: JobResult) -> dict:
@@ -73,6 +77,7 @@ def _plan_document(r: JobResult) -> dict:
         "dependency": [{"entropy": list(d.entropy), "dependency": list(d.dependency), "h0": h} for d, h in zip(r.deps, r.thresholds)],
         "blocks": [{"index": b.index, "stream": b.stream, "units": list(b.units), **_record_fields(r.records[b.index])} for b in r.blocks],
         "seconds": r.seconds,
+        "veo": r.veo,
     }
 
 

@@ -12,12 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlm.driver import plan_blocks, plan_precision, unit_bits
+from qvlm.driver import plan_blocks, plan_precision, unit_bits, vision_streams
 from qvlm.dependency import DependencySeries
-from cluster.commit import JobResult, commit_output, load_finished_blocks
+from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
+from cluster.lock import LOCK_KEY, LockError, OutputLock
 from cluster.plan import JobPlan, make_plan
 from cluster.settings import JobSettings
 from cluster.state import JobState, StateFile, read_state
+from cluster.veo import record_vision_block, tune_vision_encoder
 from workers.block_task import BlockSpec
 from workers.safetensors_reader import CheckpointIndex
 from workers.stage import fetch_small_files
@@ -71,12 +73,19 @@ def _claim_output(out, settings: JobSettings) -> JobState | None:
             raise JobError(
                 f"output {settings.output_uri} already holds job '{previous.name}' (spec {previous.spec_hash[:8]}); "
                 "set output.overwrite: true to replace it, or choose another output.uri", exit_code=2)
-        out.delete_prefix("")
+        _clear_output(out)
         return None
-    if previous is None and out.list("") and not settings.overwrite:
+    if previous is None and [k for k in out.list("") if k != LOCK_KEY] and not settings.overwrite:
         raise JobError(f"output {settings.output_uri} is not empty and holds no qvlm job; "
                        "set output.overwrite: true or choose an empty output.uri", exit_code=2)
     return previous
+
+
+def _clear_output(out) -> None:
+    """Delete another job's files, its manifest first so that nothing looks complete halfway; keep our lock."""
+    keys = [k for k in out.list("") if k != LOCK_KEY]
+    for key in sorted(keys, key=lambda k: k != MANIFEST_KEY):
+        out.delete(key)
 
 
 def inspect_model(settings: JobSettings) -> tuple[JobPlan, Path]:
@@ -87,44 +96,60 @@ def inspect_model(settings: JobSettings) -> tuple[JobPlan, Path]:
 
 
 def run_job(settings: JobSettings, address: str | None = None, echo=print) -> JobOutcome:
+    """Run the job under the output's lock (see cluster/lock.py); resume what a previous run finished."""
     out = open_storage(settings.output_uri, settings.output_endpoint)
+    lock = OutputLock(out, settings.name, settings.spec_hash, echo)
+    try:
+        lock.acquire()
+    except LockError as exc:
+        raise JobError(str(exc), exit_code=2) from None
+    try:
+        return _run_locked(settings, address, echo, out, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: OutputLock) -> JobOutcome:
     previous = _claim_output(out, settings)
-    if previous is not None and previous.phase == "finished" and out.exists("qvlm_manifest.json"):
+    if previous is not None and previous.phase == "finished" and out.exists(MANIFEST_KEY):
         echo(f"[{settings.name}] already finished at {settings.output_uri}; nothing to do", flush=True)
         return JobOutcome(settings.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
-    state = StateFile(out, JobState(settings.name, settings.spec_hash), echo)
+    out.delete(MANIFEST_KEY)  # a manifest left by an interrupted commit must not vouch for files rewritten now
+    state = StateFile(out, JobState(settings.name, settings.spec_hash), echo, guard=lock.check)
     state.update(phase="planning")
     try:
         plan, _ = inspect_model(settings)
         with ray_session(address, settings) as ray:
             return _run_phases(ray, settings, plan, out, state)
     except Exception as exc:
-        state.update(phase="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        if lock.lost is None:  # a run that lost its lock no longer owns the state file
+            cause = exc  # what a worker raised: Ray's wrapper repeats the remote traceback in its message
+            while type(cause).__name__.startswith("RayTaskError") and isinstance(getattr(cause, "cause", None), Exception):
+                cause = cause.cause
+            state.update(phase="failed", error=f"{type(cause).__name__}: {cause}"[:500])
         raise
 
 
 def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile) -> JobOutcome:
-    from cluster.placement import start_stages, stop_stages
     from cluster.fanout import search_blocks
 
     t0 = time.perf_counter()
     seconds: dict = {}
-    stages, pg, stage_info = start_stages(ray, settings, plan)
-    try:
-        state.update(phase="capturing")
-        _capture(ray, stages, settings)
-        seconds["capture"] = time.perf_counter() - t0
-        state.update(phase="statistics", seconds=dict(seconds))
-        schemes, precision, deps, blocks, thresholds, stats = _plan_blocks(ray, stages, plan, settings)
-        inputs = _block_inputs(ray, stages, plan, blocks)
-        seconds["statistics"] = time.perf_counter() - t0 - seconds["capture"]
-        stage_rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
-    finally:
-        stop_stages(ray, stages, pg)
+    for attempt in range(1, settings.max_retries + 2):
+        try:
+            stage_info, stage_rss, planned, inputs = _stage_phase(ray, settings, plan, out, state, seconds, t0)
+            break
+        except ray.exceptions.RayActorError as exc:
+            _stage_died(exc, attempt, settings, state)
+    schemes, precision, deps, blocks, thresholds, stats, veo = planned
     specs = [BlockSpec(b.index, tuple(plan.units[i].name for i in b.units), tuple(plan.units[i].linears for i in b.units),
                        {plan.units[i].linear_name(n): schemes[plan.units[i].linear_name(n)] for i in b.units for n in plan.units[i].linears})
              for b in blocks]
-    finished = load_finished_blocks(out, specs)
+    if veo is not None:
+        for b in blocks:
+            if plan.units[b.units[0]].segment == "vision":
+                record_vision_block(out, b, veo.record)
+    finished = load_finished_blocks(out, specs, state.echo)
     state.update(phase="searching", blocks_total=len(blocks), blocks_done=len(finished), blocks_resumed=len(finished),
                  seconds=dict(seconds))
     t_search = time.perf_counter()
@@ -139,10 +164,50 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     evaluation = _evaluate(ray, settings, plan)
     seconds["evaluate"] = time.perf_counter() - t_eval
     seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
-    result = JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats)
+    result = JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats,
+                       veo.document() if veo is not None else None)
+    state.check()  # never commit into an output whose lock another run has taken
     commit_output(out, result, checkpoint, evaluation)
     state.update(phase="finished", blocks_done=len(blocks), seconds=dict(seconds))
     return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds, evaluation)
+
+
+def _stage_phase(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile, seconds: dict, t0: float):
+    """Start the stage actors, capture, plan the blocks and take their inputs; the stages stop at the end."""
+    from cluster.placement import start_stages, stop_stages
+
+    stages, pg, stage_info = start_stages(ray, settings, plan)
+    seconds["load"] = time.perf_counter() - t0  # stage actors started, each holding its weights
+    try:
+        state.update(phase="capturing")
+        _capture(ray, stages, settings)
+        seconds["capture"] = time.perf_counter() - t0 - seconds["load"]
+        state.update(phase="statistics", seconds=dict(seconds))
+        t_stats = time.perf_counter()
+        schemes, precision, deps, blocks, thresholds, stats, veo = _plan_blocks(ray, stages, plan, settings, out)
+        inputs = _block_inputs(ray, stages, plan, blocks)
+        seconds["statistics"] = time.perf_counter() - t_stats
+        if veo is not None:  # a barrier inside the statistics phase, counted apart
+            seconds["veo"] = veo.seconds
+            seconds["statistics"] -= veo.seconds
+        stage_rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
+        return stage_info, stage_rss, (schemes, precision, deps, blocks, thresholds, stats, veo), inputs
+    finally:
+        stop_stages(ray, stages, pg)
+
+
+def _stage_died(exc: Exception, attempt: int, settings: JobSettings, state: StateFile) -> None:
+    """A stage actor died (its captures are lost with it): start a fresh set of stages and capture again, up
+    to ``resources.max_retries`` times; a capture costs minutes where the block searches cost hours."""
+    attempts = settings.max_retries + 1
+    inner = getattr(exc, "cause", None) or exc  # a RayTaskError(ActorDiedError) carries the actor's error
+    cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+    if attempt >= attempts:
+        raise JobError(f"a stage worker died during {state.state.phase} in each of {attempts} attempts (last: {cause}); "
+                       "the job stopped before any block search and committed nothing; re-submit it to try again "
+                       "or raise resources.max_retries") from exc
+    state.echo(f"[{settings.name}] a stage worker died during {state.state.phase} ({cause}); starting the stages again "
+               f"and redoing the capture (attempt {attempt + 1} of {attempts})", flush=True)
 
 
 def _export_checkpoint(ray, settings: JobSettings, blocks, records, schemes) -> dict:
@@ -182,20 +247,30 @@ def _capture(ray, stages, settings: JobSettings) -> None:
     ray.get(tails)
 
 
-def _plan_blocks(ray, stages, plan: JobPlan, settings: JobSettings):
+def _plan_blocks(ray, stages, plan: JobPlan, settings: JobSettings, out):
     quant = settings.quant
     stats = [s for part in ray.get([st.statistics.remote(quant.weights) for st in stages]) for s in part]
     units = list(plan.units)
     schemes, precision = plan_precision(plan.linear_shapes, units, stats, quant)
     bits = {u.index: unit_bits(u, schemes, quant) for u in units}
+    deps = _dependencies(ray, stages, plan, bits)
+    veo, whole = None, []
+    if quant.veo.enabled:
+        veo = tune_vision_encoder(ray, stages, plan, settings, out, schemes, bits, deps,
+                                  recapture=lambda: _capture(ray, stages, settings))
+        deps = _dependencies(ray, stages, plan, bits)
+        whole = vision_streams(plan.streams, units)
+    blocks, thresholds = plan_blocks(plan.streams, deps, quant, whole)
+    return schemes, precision, deps, blocks, thresholds, stats, veo
+
+
+def _dependencies(ray, stages, plan: JobPlan, bits: dict) -> list[DependencySeries]:
     previous = {i: (s[p - 1] if p > 0 else None) for s in plan.streams for p, i in enumerate(s)}
     entropy, dep = {}, {}
     for e, d in ray.get([st.dependencies.remote(bits, previous) for st in stages]):
         entropy.update(e)
         dep.update(d)
-    deps = [DependencySeries(tuple(entropy[i] for i in s), tuple(dep[i] for i in s[1:])) for s in plan.streams]
-    blocks, thresholds = plan_blocks(plan.streams, deps, quant)
-    return schemes, precision, deps, blocks, thresholds, stats
+    return [DependencySeries(tuple(entropy[i] for i in s), tuple(dep[i] for i in s[1:])) for s in plan.streams]
 
 
 def _block_inputs(ray, stages, plan: JobPlan, blocks) -> list[tuple]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qvlm.driver import linear_shapes, select_units
-from qvlm.loading import build_skeleton, glue_names, owned_names
-from qvlm.structure import Unit, segments_of
+from qvlm.loading import ModelError, build_skeleton, checkpoint_key_map, glue_names, load_config, owned_names
+from qvlm.structure import SEGMENTS, Unit, find_units, segments_of
 from workers.safetensors_reader import CheckpointIndex
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -59,11 +59,46 @@ def split_stages(units: list[Unit], unit_bytes: list[int], streams: list[tuple[i
     return stages
 
 
-def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> JobPlan:
-    from transformers import AutoConfig
+def check_weights(model, index: CheckpointIndex, source: str) -> None:
+    """Every parameter of the skeleton has a checkpoint tensor of its shape (the config fits the weights)."""
+    try:
+        keymap = checkpoint_key_map(model, index.names)
+    except NotImplementedError as exc:
+        raise ModelError(f"{source}: unsupported checkpoint layout: {exc}") from None
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = [n for n, _ in model.named_parameters() if n not in keymap and n not in tied]
+    if missing:
+        raise ModelError(f"{source}: the safetensors files hold no tensor for {len(missing)} parameters of the "
+                         f"{type(model).__name__} that config.json describes (e.g. {missing[0]}); use the config.json "
+                         "saved with these weights")
+    expected = model.state_dict()
+    for name, key in keymap.items():
+        loc = index.location(key)
+        if tuple(loc.shape) != tuple(expected[name].shape):
+            raise ModelError(f"{source}/{loc.file}: tensor {key!r} has shape {list(loc.shape)} but config.json "
+                             f"implies {list(expected[name].shape)}; use the config.json saved with these weights")
 
-    model = build_skeleton(AutoConfig.from_pretrained(config_dir))
-    units = select_units(model, quant)
+
+def units_to_quantize(model, quant, source: str) -> list[Unit]:
+    """``select_units``, with errors that name the config (no units at all) or the job fields (none selected)."""
+    try:
+        found = find_units(model)
+    except ValueError as exc:
+        raise ModelError(f"{source}/config.json: unsupported architecture: {exc}") from None
+    try:
+        return select_units(model, quant)
+    except ValueError:
+        present = [s for s in SEGMENTS if any(u.segment == s for u in found)]
+        raise ModelError(f"quantization.targets {list(quant.targets)} and quantization.ignore {list(quant.ignore)} "
+                         f"leave nothing to quantize in this {type(model).__name__} (its units are {present}); "
+                         "target one of those and ignore fewer linears") from None
+
+
+def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> JobPlan:
+    source = index.storage.uri.rstrip("/")
+    model = build_skeleton(load_config(config_dir, f"{source}/config.json"))
+    check_weights(model, index, source)
+    units = units_to_quantize(model, quant, source)
     streams = [tuple(u.index for u in run) for run in segments_of(units)]
     unit_bytes = [_param_bytes(model, owned_names(model, [u.name])) for u in units]
     glue = _param_bytes(model, glue_names(model, [u.name for u in units]))

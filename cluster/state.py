@@ -43,10 +43,16 @@ class JobState:
 class StateFile:
     """Writes each new state to storage and prints it as one line (Ray's job logs pick the lines up)."""
 
-    def __init__(self, storage, state: JobState, echo=print):
+    def __init__(self, storage, state: JobState, echo=print, guard=None):
         self.storage, self.state, self.echo = storage, state, echo
+        self.guard = guard  # called before every write; raises when this run may no longer write (lost lock)
+
+    def check(self) -> None:
+        if self.guard is not None:
+            self.guard()
 
     def update(self, **changes) -> JobState:
+        self.check()
         self.state = replace(self.state, updated_at=time.time(), **changes)
         self.storage.put_bytes(STATE_KEY, json.dumps(asdict(self.state), sort_keys=True, indent=1).encode())
         self.echo(self.state.line(), flush=True)

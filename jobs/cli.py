@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -40,17 +41,27 @@ def guarded(fn: Callable, debug: bool):
     except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         if debug:
             traceback.print_exc()
-        _fail(str(exc) or type(exc).__name__, _exit_code(exc))
+        cause = _cause(exc)
+        _fail(str(cause) or type(cause).__name__, _exit_code(cause))
 
 
-def _exit_code(exc: Exception) -> int:
+def _cause(exc: Exception) -> BaseException:
+    """The error a Ray worker raised, without the remote traceback Ray's wrapper puts in its message."""
+    while type(exc).__name__.startswith("RayTaskError") and isinstance(getattr(exc, "cause", None), Exception):
+        exc = exc.cause
+    return exc
+
+
+def _exit_code(exc: BaseException) -> int:
     from cluster.driver import JobError
     from qvlm.calibration import CalibrationError
+    from qvlm.loading import ModelError
+    from workers.safetensors_reader import CheckpointError
     from workers.storage import StorageError as WorkerStorageError
 
     if isinstance(exc, (QvlmError, JobError)):
         return exc.exit_code
-    if isinstance(exc, CalibrationError):
+    if isinstance(exc, (CalibrationError, ModelError, CheckpointError)):
         return InputError.exit_code
     if isinstance(exc, WorkerStorageError):
         return StorageError.exit_code
@@ -72,25 +83,123 @@ def settings_from_spec(spec: JobSpec):
     )
 
 
-def check_inputs(settings) -> None:
-    """Cheap checks before any cluster work: the model is readable safetensors, group sizes fit its layers."""
+def check_inputs(settings):
+    """Everything about the inputs that can be checked before any cluster work, without loading weights:
+    the model folder, its config and safetensors headers, the output location, the calibration records and
+    their batches, and group sizes against the layers. Each problem is one line naming the field or file;
+    nothing is written. Returns the job's plan."""
     from cluster.driver import inspect_model
-
-    if "/" in settings.model_uri and not settings.model_uri.startswith(("s3://", "/", ".")) and not Path(settings.model_uri).exists():
-        raise InputError(f"model.path: {settings.model_uri} is not a local directory or s3:// prefix; "
-                         "download hub models first (huggingface-cli download NAME --local-dir DIR)")
-    if not settings.model_uri.startswith("s3://") and not Path(settings.model_uri).is_dir():
-        raise InputError(f"model.path: directory {settings.model_uri} does not exist")
     from qvlm.batches import records_for
+    from qvlm.calibration import CalibrationError
 
-    records_for(settings.calibration)  # a bad calibration file fails here, before any cluster work
-    plan, _ = inspect_model(settings)
+    _check_model_path(settings.model_uri)
+    with _storage_problem("output.uri"):
+        _check_output(settings)
+    try:
+        records = records_for(settings.calibration)
+    except CalibrationError as exc:
+        raise InputError(f"calibration.data: {exc}") from exc
+    with _storage_problem("model.path"):
+        plan, config_dir = inspect_model(settings)
     for name, (_, in_features) in plan.linear_shapes.items():
         try:
             settings.quant.weights.groups(in_features)
         except ValueError as exc:
             raise InputError(f"quantization.weights.group_size: {exc} (layer {name})") from None
+    _check_veo(plan, settings.quant)
+    _check_batches(config_dir, records, settings)
     return plan
+
+
+def _check_veo(plan, quant) -> None:
+    from workers.veo_task import VEO_MAX_BYTES
+
+    if not quant.veo.enabled:
+        return
+    if not any(u.segment == "vision" for u in plan.units):
+        raise InputError(f"quantization.qvlm.veo.enabled: the model ({plan.model_class}) has no vision tower "
+                         "among its quantized units; turn veo off")
+    if plan.total_bytes > VEO_MAX_BYTES:
+        raise InputError(f"quantization.qvlm.veo.enabled: VEO runs in one worker that holds the whole model, and this "
+                         f"model has {plan.total_bytes / 2**30:.1f} GiB of tensors (limit {VEO_MAX_BYTES / 2**30:.0f} GiB); "
+                         "turn veo off for this model")
+
+
+@contextmanager
+def _storage_problem(field: str):
+    """Storage errors met while checking a job's inputs are input errors about ``field`` (a missing bucket,
+    no credentials, a corrupt checkpoint)."""
+    from workers.storage import StorageError as WorkerStorageError
+
+    try:
+        yield
+    except WorkerStorageError as exc:
+        raise InputError(f"{field}: {exc}") from exc
+
+
+def _check_model_path(uri: str) -> None:
+    if uri.startswith("s3://"):
+        return
+    path = Path(uri)
+    if "/" in uri and not uri.startswith(("/", ".")) and not path.exists():
+        raise InputError(f"model.path: {uri} is not a local directory or s3:// prefix; "
+                         "download hub models first (huggingface-cli download NAME --local-dir DIR)")
+    if not path.exists():
+        raise InputError(f"model.path: directory {uri} does not exist; fix the path (relative paths resolve "
+                         "against the job file's folder)")
+    if not path.is_dir():
+        raise InputError(f"model.path: {uri} is a file, not a model folder; point it at the folder that holds "
+                         "config.json and the safetensors files")
+
+
+def _check_output(settings) -> None:
+    """The output is a folder or S3 prefix we can read (a missing bucket or credentials fail here) that is
+    empty or holds this job, unless ``output.overwrite``. Read-only: the driver checks again under its lock."""
+    from cluster.lock import LOCK_KEY
+    from cluster.state import read_state
+    from workers.storage import open_storage
+
+    uri = settings.output_uri
+    if not uri.startswith("s3://"):
+        if not Path(uri).exists():
+            return
+        if not Path(uri).is_dir():
+            raise InputError(f"output.uri: {uri} is a file; give a folder (it is created if missing)")
+    out = open_storage(uri, settings.output_endpoint)
+    previous = read_state(out)
+    if settings.overwrite:
+        return
+    if previous is not None and previous.spec_hash != settings.spec_hash:
+        raise InputError(f"output.uri: {uri} already holds job '{previous.name}' (spec {previous.spec_hash[:8]}); "
+                         "set output.overwrite: true to replace it, or choose another output.uri")
+    if previous is None and [k for k in out.list("") if k != LOCK_KEY]:
+        raise InputError(f"output.uri: {uri} is not empty and holds no qvlm job; set output.overwrite: true "
+                         "or choose an empty output.uri")
+
+
+def _check_batches(config_dir: Path, records, settings) -> None:
+    """Build the calibration and held-out batches as the stages will (image tokens against max_length,
+    records with and without images in one batch, a vision encoder given text-only records)."""
+    from qvlm.batches import load_preprocessor, make_batches_of
+
+    try:
+        kind, preprocessor = load_preprocessor(config_dir)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"model.path: cannot load the tokenizer or processor of {settings.model_uri} ({first}); "
+                         "copy the tokenizer and processor files saved with the model into that folder") from None
+    for part in records:
+        if part:
+            make_batches_of(kind, preprocessor, part, settings.calibration)
+
+
+def warn_remote_code(spec: JobSpec) -> None:
+    """Say loudly, before anything else, that the job file turned trust_remote_code on."""
+    if spec.model.trust_remote_code:
+        typer.secho("WARNING: trust_remote_code is ON (model.trust_remote_code: true in the job file). Code shipped "
+                    "with a model can do anything your account can; qvlm still builds only model classes that ship "
+                    "with transformers and never runs a model's own code. Turn it off unless you need it.",
+                    fg="yellow", bold=True, err=True)
 
 
 def progress_printer(live: bool):
@@ -114,10 +223,9 @@ def plan(job: Path, set_: Optional[List[str]] = SetOption, debug: bool = DebugOp
         from cluster.plan import describe
 
         spec = load_job(job, set_ or [])
+        warn_remote_code(spec)
         settings = settings_from_spec(spec)
         job_plan = check_inputs(settings)
-        if spec.model.trust_remote_code:
-            typer.secho("WARNING: model.trust_remote_code is ON: the model's own Python code would run", fg="yellow")
         cal = settings.calibration
         for line in describe(job_plan, settings.quant, settings.placement, cal.samples, cal.max_length):
             typer.echo(line)
@@ -135,6 +243,7 @@ def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = ty
 
     def body():
         spec = load_job(job, set_ or [])
+        warn_remote_code(spec)
         settings = settings_from_spec(spec)
         check_inputs(settings)
         from jobs.remote import is_jobs_api, submit_remote

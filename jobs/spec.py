@@ -63,11 +63,15 @@ def _unique_nonempty(values: tuple, what: str) -> tuple:
     return values
 
 
-def _local_path(uri: str) -> Optional[Path]:
-    """The resolved local path a URI names, or None for remote ones (s3://, hub ids are never outputs)."""
-    if uri.startswith("s3://") or ("://" in uri and not uri.startswith("file://")):
+def _place(uri: str) -> Optional[tuple[str, ...]]:
+    """A URI as path segments under its root (``s3://bucket`` or ``/``), for containment checks; None for
+    other schemes. Local paths are resolved, so symlinks and '..' cannot hide that two paths meet."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return ("s3://", bucket, *[p for p in key.split("/") if p])
+    if "://" in uri and not uri.startswith("file://"):
         return None
-    return Path(uri.removeprefix("file://")).expanduser().resolve()
+    return Path(uri.removeprefix("file://")).expanduser().resolve().parts
 
 
 class Strict(BaseModel):
@@ -130,6 +134,17 @@ class ActivationsSpec(Strict):
         return self.bits, granularity, symmetric
 
 
+class VeoSpec(Strict):
+    """Visual-encoder optimisation: tune the vision tower's quantizers before the partition (qvlm/veo.py)."""
+
+    enabled: StrictBool = False
+    epochs: Annotated[StrictInt, Field(ge=1, le=1000)] = 4
+    lr: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.01
+    lambda_entropy: Annotated[StrictFloat, Field(ge=0)] = 0.1
+    lambda_error: Annotated[StrictFloat, Field(ge=0)] = 1.0
+    eta: Annotated[StrictFloat, Field(ge=0)] = 0.1
+
+
 class QvlmSpec(Strict):
     search: Literal["clip", "learned"] = "clip"
     max_block_depth: Annotated[StrictInt, Field(ge=1, le=8)] = 3
@@ -138,6 +153,7 @@ class QvlmSpec(Strict):
     epochs: Annotated[StrictInt, Field(ge=1)] = 10
     iters: Annotated[StrictInt, Field(ge=1)] = 200
     propagation: Literal["fp", "quantized"] = "fp"
+    veo: VeoSpec = VeoSpec()
 
     @field_validator("h0", mode="before")
     @classmethod
@@ -173,6 +189,20 @@ class QuantizationSpec(Strict):
     @classmethod
     def _targets(cls, value: tuple) -> tuple:
         return _unique_nonempty(value, "of vision, projector, language")
+
+    @field_validator("qvlm")
+    @classmethod
+    def _veo_applies(cls, qvlm: QvlmSpec, info: ValidationInfo) -> QvlmSpec:
+        if not qvlm.veo.enabled:
+            return qvlm
+        if info.data.get("method", "qvlm") != "qvlm":
+            raise FieldProblem(("veo", "enabled"), f"VEO is part of method qvlm, not {info.data['method']}; "
+                                                   "set quantization.method: qvlm or turn veo off")
+        targets = info.data.get("targets") or ()
+        if not {"vision", "language"} <= set(targets):
+            raise FieldProblem(("veo", "enabled"), "VEO tunes the vision tower for the language model: "
+                                                   "quantization.targets must include vision and language")
+        return qvlm
 
     @field_validator("ignore")
     @classmethod
@@ -239,8 +269,8 @@ class JobSpec(Strict):
     def _output_outside_model(cls, output: OutputSpec, info: ValidationInfo) -> OutputSpec:
         # A field validator (not a model validator) so it runs even when other fields have errors.
         model = info.data.get("model")
-        out, src = _local_path(output.uri), model and _local_path(model.path)
-        if out and src and (out == src or src in out.parents):
+        out, src = _place(output.uri), model and _place(model.path)
+        if out and src and out[:len(src)] == src:
             raise FieldProblem(("uri",), f"{output.uri} is inside model.path {model.path}; "
                                          "write the output outside the model folder")
         return output
@@ -252,7 +282,7 @@ class JobSpec(Strict):
 
     def to_quant_config(self) -> QuantConfig:
         """The typed ``qvlm.config.QuantConfig`` of this job (imports torch)."""
-        from qvlm.config import MixedPrecisionConfig, QuantConfig
+        from qvlm.config import MixedPrecisionConfig, QuantConfig, VeoConfig
         from qvlm.quant import ActScheme, WeightScheme
 
         q, s, w = self.quantization, self.quantization.qvlm, self.quantization.weights
@@ -261,7 +291,8 @@ class JobSpec(Strict):
             activations=ActScheme(*q.activations.resolved()), targets=q.targets, ignore=q.ignore,
             search=s.search, max_block_depth=s.max_block_depth, h0=None if s.h0 == "auto" else float(s.h0),
             percentiles=s.percentiles, epochs=s.epochs, iters=s.iters, propagation=s.propagation,
-            mixed_precision=MixedPrecisionConfig(**q.mixed_precision.model_dump()), seed=self.calibration.seed,
+            mixed_precision=MixedPrecisionConfig(**q.mixed_precision.model_dump()),
+            veo=VeoConfig(**s.veo.model_dump()), seed=self.calibration.seed,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
@@ -35,18 +36,31 @@ def _kind(config) -> str:
 
 def records_for(settings: CalibrationSettings) -> tuple[list[CalibrationRecord], list[CalibrationRecord]]:
     """(calibration records, held-out evaluation records), both drawn with the job's seed."""
-    records = load_records(settings.data, settings.samples + settings.eval_samples, settings.seed)
+    total = settings.samples + settings.eval_samples
+    asked = f"samples + eval_samples = {settings.samples} + {settings.eval_samples} = {total}"
+    records = load_records(settings.data, total, settings.seed, asked if settings.eval_samples else None)
     return records[: settings.samples], records[settings.samples :]
+
+
+def load_preprocessor(model_dir: str | Path) -> tuple[str, Any]:
+    """(kind, preprocessor): an image processor for a vision encoder, a processor for a multimodal model,
+    else a tokenizer."""
+    kind = _kind(AutoConfig.from_pretrained(model_dir))
+    if kind == "vision":
+        return kind, AutoImageProcessor.from_pretrained(model_dir)
+    return kind, AutoProcessor.from_pretrained(model_dir) if kind == "multimodal" else AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_batches_of(kind: str, preprocessor: Any, records: list[CalibrationRecord], settings: CalibrationSettings,
+                    include_answer: bool = True) -> list[Batch]:
+    if kind == "vision":
+        return make_pixel_batches(records, preprocessor, settings.batch_size)
+    return make_batches(records, preprocessor, settings.max_length, settings.batch_size, include_answer)
 
 
 def batches_for(model_dir: str | Path, records: list[CalibrationRecord], settings: CalibrationSettings,
                 include_answer: bool = True) -> list[Batch]:
-    config = AutoConfig.from_pretrained(model_dir)
-    kind = _kind(config)
-    if kind == "vision":
-        return make_pixel_batches(records, AutoImageProcessor.from_pretrained(model_dir), settings.batch_size)
-    processor = AutoProcessor.from_pretrained(model_dir) if kind == "multimodal" else AutoTokenizer.from_pretrained(model_dir)
-    return make_batches(records, processor, settings.max_length, settings.batch_size, include_answer)
+    return make_batches_of(*load_preprocessor(model_dir), records, settings, include_answer)
 
 
 def calibration_batches(model_dir: str | Path, settings: CalibrationSettings) -> list[Batch]:

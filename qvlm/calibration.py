@@ -37,11 +37,22 @@ def _builtin_shapes(samples: int, seed: int) -> list[CalibrationRecord]:
     return make_shapes_records(samples, seed)
 
 
-BUILTINS: dict[str, Callable[[int, int], list[CalibrationRecord]]] = {"shapes": _builtin_shapes}
+def _builtin_shapes_hard(samples: int, seed: int) -> list[CalibrationRecord]:
+    from qvlm.shapes import HARD_IMAGE_SIZE, HARD_SHAPES, make_shapes_records
+
+    return make_shapes_records(samples, seed, HARD_IMAGE_SIZE, HARD_SHAPES)
 
 
-def load_records(source: str, samples: int, seed: int) -> list[CalibrationRecord]:
-    """``samples`` records from ``builtin:<name>`` or a JSONL file (a seeded subset, in file order)."""
+BUILTINS: dict[str, Callable[[int, int], list[CalibrationRecord]]] = {
+    "shapes": _builtin_shapes,
+    "shapes-hard": _builtin_shapes_hard,  # the task qvlm.tiny_train's trained LLaVA learns
+}
+
+
+def load_records(source: str, samples: int, seed: int, asked: str | None = None) -> list[CalibrationRecord]:
+    """``samples`` records from ``builtin:<name>`` or a JSONL file (a seeded subset, in file order).
+
+    ``asked`` says where ``samples`` comes from, for the error when a file has fewer records."""
     if samples < 1:
         raise CalibrationError(f"calibration source {source!r}: samples must be at least 1, got {samples}")
     if source.startswith("builtin:"):
@@ -50,26 +61,35 @@ def load_records(source: str, samples: int, seed: int) -> list[CalibrationRecord
             known = ", ".join(f"builtin:{k}" for k in sorted(BUILTINS))
             raise CalibrationError(f"unknown calibration source {source!r}; known built-in sources: {known}")
         return BUILTINS[name](samples, seed)
-    return _load_jsonl(Path(source), samples, seed)
+    return _load_jsonl(Path(source), samples, seed, asked or f"samples={samples}")
 
 
-def _load_jsonl(path: Path, samples: int, seed: int) -> list[CalibrationRecord]:
+def _load_jsonl(path: Path, samples: int, seed: int, asked: str) -> list[CalibrationRecord]:
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} not found; fix: give an existing .jsonl path or builtin:shapes")
     rows = []  # (line number, parsed record)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(path, lineno, raw)
             if line.strip():
                 rows.append((lineno, _parse_line(path, lineno, line)))
     if len(rows) < samples:
         raise CalibrationError(
-            f"calibration file {path} has {len(rows)} records, job asks for samples={samples}; "
+            f"calibration file {path} has {len(rows)} records, job asks for {asked}; "
             f"fix: add records or lower samples"
         )
     if len(rows) > samples:
         keep = sorted(random.Random(seed).sample(range(len(rows)), samples))
         rows = [rows[i] for i in keep]
     return [_materialise(path, lineno, row) for lineno, row in rows]
+
+
+def _decode(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration file {path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                               f"fix: save the file as UTF-8 JSON lines") from None
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:

@@ -20,6 +20,19 @@ class MixedPrecisionConfig:
 
 
 @dataclass(frozen=True)
+class VeoConfig:
+    """Visual-encoder optimisation (Q-VLM Eq. 8-10, our reading in qvlm/veo.py); off by default."""
+
+    enabled: bool = False
+    epochs: int = 4
+    lr: float = 0.01
+    lambda_entropy: float = 0.1
+    lambda_error: float = 1.0
+    eta: float = 0.1
+    max_rows: int = 512  # token rows per decoder layer in the differentiable dependency term
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     method: Literal["qvlm", "gptq", "rtn"] = "qvlm"
     weights: WeightScheme = field(default_factory=WeightScheme)
@@ -34,6 +47,7 @@ class QuantConfig:
     iters: int = 200
     propagation: Literal["fp", "quantized"] = "fp"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    veo: VeoConfig = field(default_factory=VeoConfig)
     seed: int = 0
 
     def search_config(self) -> SearchConfig:

@@ -58,11 +58,15 @@ def joint_distribution(
     return joint / joint.sum()
 
 
-def conditional_entropy(joint: torch.Tensor) -> float:
-    """H(next | k) = -sum P(m, m') log(P(m, m') / P(m)), in nats."""
+def conditional_entropy_tensor(joint: torch.Tensor) -> torch.Tensor:
+    """H(next | k) = -sum P(m, m') log(P(m, m') / P(m)), in nats, as a tensor (differentiable in ``joint``)."""
     marginal = joint.sum(1, keepdim=True)
     ratio = torch.where(joint > 0, joint / marginal.clamp_min(1e-300), torch.ones_like(joint))
-    return float(-(joint * ratio.log()).sum())
+    return -(joint * ratio.log()).sum()
+
+
+def conditional_entropy(joint: torch.Tensor) -> float:
+    return float(conditional_entropy_tensor(joint))
 
 
 def entropy(p: torch.Tensor) -> float:

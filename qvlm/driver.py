@@ -24,6 +24,7 @@ from qvlm.search import (BlockData, BlockResult, apply_linear_results, linear_te
                          search_block)
 from qvlm.stats import UnitStats, unit_statistics
 from qvlm.structure import Unit, find_units, segments_of
+from qvlm.veo import apply_veo, optimize_vision_encoder
 
 _DETECTOR = {"sensitivity": "divide", "kurtosis": "subtract"}
 
@@ -33,6 +34,19 @@ class Block:
     index: int
     stream: int
     units: tuple[int, ...]  # global unit indices, consecutive within one stream
+
+
+@dataclass(frozen=True)
+class VeoSummary:
+    """What visual-encoder optimisation did, with the dependency series and partition it replaced."""
+
+    history: tuple[dict, ...]  # per epoch: mean loss terms
+    seconds: float
+    error_before: float  # vision-output MSE with round-to-nearest quantizers
+    error_after: float
+    dependency_before: tuple[DependencySeries, ...]  # per stream, full-precision vision tower
+    h0_before: tuple[float, ...]
+    blocks_before: tuple[Block, ...]
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,7 @@ class QuantizeResult:
     blocks: tuple[Block, ...]
     block_results: tuple[BlockResult, ...]
     seconds: dict
+    veo: VeoSummary | None = None
 
     def linear_results(self):
         return [r for b in self.block_results for r in b.linears]
@@ -102,15 +117,24 @@ def unit_bits(unit: Unit, schemes: dict, config: QuantConfig) -> int:
     return max(schemes[unit.linear_name(n)].bits for n in unit.linears)
 
 
-def plan_blocks(streams: Sequence[Sequence[int]], deps: Sequence[DependencySeries], config: QuantConfig) -> tuple[list[Block], list[float]]:
-    """Entropy-guided partition per stream for `qvlm`; one unit per block for the baselines."""
+def plan_blocks(streams: Sequence[Sequence[int]], deps: Sequence[DependencySeries], config: QuantConfig,
+                whole_streams: Sequence[int] = ()) -> tuple[list[Block], list[float]]:
+    """Entropy-guided partition per stream for `qvlm`; one unit per block for the baselines.
+
+    Streams listed in ``whole_streams`` (the vision tower once VEO has tuned it) become a single block.
+    """
     blocks, thresholds = [], []
     for s, (stream, dep) in enumerate(zip(streams, deps)):
         depth = config.max_block_depth if config.method == "qvlm" else 1
         part = partition(dep.dependency, len(stream), depth, config.h0)
         thresholds.append(part.h0)
-        blocks += [Block(len(blocks) + i, s, tuple(stream[j] for j in b)) for i, b in enumerate(part.blocks)]
+        spans = [tuple(range(len(stream)))] if s in whole_streams else part.blocks
+        blocks += [Block(len(blocks) + i, s, tuple(stream[j] for j in b)) for i, b in enumerate(spans)]
     return blocks, thresholds
+
+
+def vision_streams(streams: Sequence[Sequence[int]], units: Sequence[Unit]) -> list[int]:
+    return [s for s, stream in enumerate(streams) if units[stream[0]].segment == "vision"]
 
 
 def block_data(model: nn.Module, block: Block, units: Sequence[Unit], caps: Sequence[UnitCapture],
@@ -139,11 +163,16 @@ def _dependencies(units, caps, schemes, config, streams) -> list[DependencySerie
     ]
 
 
-def _search_all(model, blocks, units, caps, schemes, config) -> list[BlockResult]:
+def _search_all(model, blocks, units, caps, schemes, config, done: dict[int, BlockResult]) -> list[BlockResult]:
     """Blocks in order; with ``propagation: quantized`` a block takes the quantized output of the block
-    before it in the same stream (Eq. 3); the first block of each stream takes the captured FP input."""
+    before it in the same stream (Eq. 3); the first block of each stream takes the captured FP input.
+    Blocks in ``done`` (the VEO-tuned vision tower) keep their result."""
     results, carried = [], None
     for i, b in enumerate(blocks):
+        if b.index in done:
+            results.append(done[b.index])
+            carried = None  # a done block is a whole stream: nothing follows it in the same stream
+            continue
         same_stream = i > 0 and blocks[i - 1].stream == b.stream
         inputs = carried if config.propagation == "quantized" and same_stream else None
         data = block_data(model, b, units, caps, schemes, config, inputs)
@@ -166,12 +195,26 @@ def quantize(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     seconds["statistics"], t = time.perf_counter() - t, time.perf_counter()
     streams = [tuple(u.index for u in run) for run in segments_of(units)]
     deps = _dependencies(units, caps, schemes, config, streams)
-    blocks, thresholds = plan_blocks(streams, deps, config)
+    veo, done, whole = None, {}, []
+    if config.veo.enabled:
+        bits = {u.index: unit_bits(u, schemes, config) for u in units}
+        tuned = optimize_vision_encoder(model, batches, units, schemes, config, bits)
+        blocks_before, h0_before = plan_blocks(streams, deps, config)
+        apply_veo(model, tuned, config.activations)
+        caps = capture_units(model, units, batches)  # the language model now sees the tuned quantized tower
+        veo = VeoSummary(tuned.history, tuned.seconds, tuned.block.error_before, tuned.block.error_after, tuple(deps),
+                         tuple(h0_before), tuple(blocks_before))
+        deps = _dependencies(units, caps, schemes, config, streams)
+        whole = vision_streams(streams, units)
+        seconds["veo"], t = time.perf_counter() - t, time.perf_counter()
+    blocks, thresholds = plan_blocks(streams, deps, config, whole)
+    if veo is not None:
+        done = {b.index: tuned.block for b in blocks if b.stream in whole}
     seconds["partition"], t = time.perf_counter() - t, time.perf_counter()
-    results = _search_all(model, blocks, units, caps, schemes, config)
+    results = _search_all(model, blocks, units, caps, schemes, config, done)
     seconds["search"] = time.perf_counter() - t
     fq = swap_in_fake_quant(model, [r.name for b in results for r in b.linears])
     for b in results:
         apply_linear_results(fq, b.linears, config.activations)
     return model, QuantizeResult(tuple(units), tuple(stats), precision, schemes, tuple(streams), tuple(deps),
-                                 tuple(thresholds), tuple(blocks), tuple(results), seconds)
+                                 tuple(thresholds), tuple(blocks), tuple(results), seconds, veo)

@@ -17,7 +17,9 @@ from qvlm.quant import QuantizedWeight, WeightScheme, grouped, percentile_bounds
 
 
 @dataclass
-class _Rounding:
+class LearnedWeightQuantizer:
+    """A weight's rounding offsets and clipping scales as trainable tensors (also used by VEO, offsets frozen)."""
+
     weight: torch.Tensor  # FP weight [out, in]
     scheme: WeightScheme
     v: torch.Tensor  # [out, groups, group]
@@ -25,7 +27,7 @@ class _Rounding:
     beta: torch.Tensor  # [out, groups] shrink of the lower bound
 
     @classmethod
-    def init(cls, weight: torch.Tensor, scheme: WeightScheme) -> "_Rounding":
+    def init(cls, weight: torch.Tensor, scheme: WeightScheme) -> "LearnedWeightQuantizer":
         g = grouped(weight.float(), scheme.group_size)
         return cls(weight, scheme, torch.zeros_like(g, requires_grad=True),
                    torch.ones(g.shape[:2], requires_grad=True), torch.ones(g.shape[:2], requires_grad=True))
@@ -75,7 +77,7 @@ class _Rounding:
 
 def learn_rounding(ws, cfg) -> dict[str, QuantizedWeight]:
     """Train every linear of the workspace's block jointly; returns the final integer weights by name."""
-    rounding = {n: _Rounding.init(ws.fp_weight[n], ws.data.schemes[n]) for n in ws.fq}
+    rounding = {n: LearnedWeightQuantizer.init(ws.fp_weight[n], ws.data.schemes[n]) for n in ws.fq}
     for n, r in rounding.items():
         ws.fq[n].weight_fn = r.soft_weight
     n_batches = len(ws.data.targets)

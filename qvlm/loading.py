@@ -8,6 +8,8 @@ own conversion rules (transformers 5 saves LLaVA as ``language_model.model.layer
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -15,8 +17,45 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+
+class ModelError(ValueError):
+    """The model's files do not fit what qvlm needs; the message names the file and how to fix it."""
+
+
+def load_config(config_dir: str | Path, shown: str) -> PretrainedConfig:
+    """The config in ``config_dir``/config.json, refused with one clear line (naming ``shown``, the file as
+    the user knows it) when it is missing, not JSON, or names a model type this transformers cannot build.
+    Never runs code shipped with a model."""
+    path = Path(config_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{shown}: not found; model.path must be a folder written by save_pretrained "
+                         "(config.json next to the safetensors files)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{shown}: invalid JSON ({exc}); re-download or re-save the model's config") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{shown}: no \"model_type\" field; re-save the config with save_pretrained")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"{shown}: model_type {model_type!r} is not a model transformers {transformers.__version__} "
+                         "ships, and qvlm never runs code downloaded with a model; use a supported architecture "
+                         "(e.g. llava, llama, clip_vision_model)")
+    try:
+        config = AutoConfig.from_pretrained(config_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{shown}: transformers cannot read this config ({first}); re-save it with "
+                         "save_pretrained") from None
+    try:
+        model_class(config)
+    except ValueError as exc:
+        raise ModelError(f"{shown}: {exc}") from None
+    return config
 
 
 def model_class(config: PretrainedConfig) -> type:
@@ -27,8 +66,9 @@ def model_class(config: PretrainedConfig) -> type:
         if cls is not None:
             return cls
     raise ValueError(
-        f"config.json names architectures {names or 'none'}, none of which this transformers "
-        f"{transformers.__version__} provides; qvlm needs a model class that ships with transformers"
+        f"\"architectures\" names {names or 'no class'}, none of which transformers {transformers.__version__} "
+        "provides; qvlm builds only model classes that ship with transformers (set architectures to one, "
+        "e.g. LlavaForConditionalGeneration)"
     )
 
 

@@ -8,11 +8,12 @@ import dataclasses
 import html
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 SERVABLE_WEIGHT_BITS = (4, 8)  # pack-quantized int4/int8 have vLLM and transformers kernels
-PHASE_ORDER = ("plan", "capture", "statistics", "dependency", "partition", "blocks", "search", "commit")
+PHASE_ORDER = ("plan", "load", "capture", "statistics", "veo", "dependency", "partition", "blocks", "search", "export",
+               "evaluate", "commit", "total")
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac")
 
@@ -115,7 +116,7 @@ def build_report(plan: dict, evaluation: dict | None = None, activations: dict |
         "scheme": f"{common[0][0] if common else 'FP'}, {_act_label(acts)}",
         "blocks": len(plan.get("blocks", [])), "units": len(plan.get("units", [])),
         "streams": len(plan.get("streams", [])), "boosted": len(plan.get("boosted", [])),
-        **weight_bits(schemes), "seconds_total": sum(seconds.values()),
+        **weight_bits(schemes), "seconds_total": seconds.get("total", sum(seconds.values())),
     }
     return {
         "job": plan.get("job"), "spec_hash": plan.get("spec_hash"), "summary": summary,
@@ -125,8 +126,19 @@ def build_report(plan: dict, evaluation: dict | None = None, activations: dict |
                    for b in plan.get("blocks", [])],
         "schemes": schemes, "boosted": list(plan.get("boosted", [])), "activations": acts,
         "seconds": seconds, "stage_memory": plan.get("stage_memory", []),
-        "evaluation": evaluation, "servable": servable(schemes, acts),
+        "evaluation": evaluation, "servable": servable(schemes, acts), "veo": _veo_section(plan),
     }
+
+
+def _veo_section(plan: dict) -> dict | None:
+    """VEO's cost and the dependency series / partition without it, next to the ones the job used."""
+    veo = plan.get("veo")
+    if not veo:
+        return None
+    streams = plan.get("streams", [])
+    return {**{k: veo.get(k) for k in ("history", "seconds", "tuning_seconds", "reused", "error_before", "error_after")},
+            "dependency_before": [{"units": list(s), **d} for s, d in zip(streams, veo.get("dependency_before", []))],
+            "blocks_before": veo.get("blocks_before", [])}
 
 
 # --- SVG primitives --------------------------------------------------------------------------------
@@ -269,6 +281,45 @@ def chart_entropy(report: dict) -> str:
                         f'stroke="{PALETTE[3]}" stroke-width="2" stroke-dasharray="6 4"/>')
     body.append(_x_labels(fr, [u["index"] for u in report["units"]], "unit"))
     return _svg("chart-entropy", "Entropy per unit and dependency D(k, k+1) with the h0 threshold", 320, "".join(body))
+
+
+def chart_veo(report: dict) -> str:
+    """D(k, k+1) with the full-precision vision tower (dashed) and with the VEO-tuned one (solid), and both
+    partitions as spans."""
+    veo = report.get("veo")
+    if not veo:
+        return "<p>VEO was off (quantization.qvlm.veo.enabled: false).</p>"
+    slots = _slots(report)
+    pairs = list(zip(veo["dependency_before"], report["dependency"]))
+    values = [v for before, after in pairs for v in (*before.get("dependency", []), *after.get("dependency", []))]
+    fr = _frame(300, len(slots), values or [1.0], top=60)
+    if values:  # zoom in: VEO moves D by hundredths
+        fr = replace(fr, lo=math.floor(min(values) * 20) / 20, hi=math.ceil(max(values) * 20) / 20 + 1e-9)
+    body = [_y_axis(fr, "D(k, k+1)"), _legend([("without VEO", PALETTE[3]), ("with VEO", PALETTE[1])])]
+    for before, after in pairs:
+        xs = [slots[u] for u in after["units"]]
+        mids = [(a + b) / 2 for a, b in zip(xs, xs[1:])]
+        body.append(_polyline([(fr.x(x), fr.y(v)) for x, v in zip(mids, before.get("dependency", []))], PALETTE[3], "6 4"))
+        body.append(_polyline([(fr.x(x), fr.y(v)) for x, v in zip(mids, after.get("dependency", []))], PALETTE[1]))
+    for y, label, blocks in ((26, "without", veo["blocks_before"]), (44, "with", report["blocks"])):
+        body.append(_text(MARGIN[0] - 6, y + 12, label, "end"))
+        for b in blocks:
+            xs = [slots[u] for u in b["units"] if u in slots]
+            if xs:
+                body.append(_span(fr, min(xs), max(xs), y, 16, PALETTE[b["index"] % len(PALETTE)], f"B{b['index']}"))
+    body.append(_x_labels(fr, [u["index"] for u in report["units"]], "unit"))
+    return _svg("chart-veo", "Visual-encoder optimisation: dependency and blocks without and with it", 300, "".join(body))
+
+
+def _veo_html(report: dict) -> str:
+    veo = report.get("veo")
+    if not veo:
+        return ""
+    rows = [(h["epoch"], h["loss"], h["next_token"], h["dependency"], h["error"]) for h in veo.get("history", [])]
+    cost = (f"VEO took {_fmt(veo['seconds'])} s (tuning {_fmt(veo['tuning_seconds'])} s"
+            f"{', reused from an earlier run' if veo.get('reused') else ''}); vision-output MSE "
+            f"{_fmt(veo['error_before'])} with round-to-nearest, {_fmt(veo['error_after'])} tuned.")
+    return f"<p>{_e(cost)}</p>" + _table(["epoch", "loss", "next-token CE", "mean D", "error term"], rows)
 
 
 def _span(fr: _Frame, first: int, last: int, y: float, h: float, fill: str, label: str) -> str:
@@ -462,6 +513,7 @@ def render_html(report: dict) -> str:
              f'<p class="{cls}">{_e(servable_note["note"])}</p>',
              "<h2>Evaluation on held-out records</h2>", _evaluation_html(report.get("evaluation"))]
     parts += [f"<h2>{_e(name)}</h2>{chart(report)}" for name, chart in CHARTS]
+    parts += ["<h2>Visual-encoder optimisation</h2>", chart_veo(report), _veo_html(report)]
     parts += ["<h2>Units</h2>", _table(["#", "unit", "segment", "stream", "block", "entropy", "D(k,k+1)",
                                         "max kurtosis", "max sensitivity", "bits", "boosted"], _unit_rows(report)),
               "</body></html>"]

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from qvlm.shapes import SHAPES_VOCAB
+from qvlm.shapes import SHAPES_VOCAB, ShapesSpec, shapes_vocab
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 EXTRA_WORDS = ("a", "an", "the", "image", "of", "this", "in", "answer", ":", "yes", "no", "and", "there")
@@ -35,9 +35,13 @@ PATCH_SIZE = 8
 MIN_SHARDS = 3  # at least 2 are required; 3 leaves room for tensor-size rounding
 
 
-def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the shapes vocabulary; prepends ``<s>`` like Llama's tokenizer."""
-    words = sorted(set(SHAPES_VOCAB) | set(EXTRA_WORDS))
+def build_shapes_tokenizer(spec: ShapesSpec | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the shapes vocabulary; prepends ``<s>`` like Llama's tokenizer.
+
+    ``spec`` adds the words of a harder task (e.g. ``qvlm.shapes.HARD_SHAPES``); without it the vocabulary
+    is the default task's, which the untrained tiny models' configs depend on.
+    """
+    words = sorted(set(SHAPES_VOCAB) | set(EXTRA_WORDS) | set(shapes_vocab(spec) if spec else ()))
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -56,10 +60,10 @@ def build_shapes_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_shapes_image_processor() -> CLIPImageProcessor:
-    """CLIP preprocessing at the tiny models' 32x32 resolution."""
+def build_shapes_image_processor(image_size: int = IMAGE_SIZE) -> CLIPImageProcessor:
+    """CLIP preprocessing at the tiny models' resolution (32x32 unless told)."""
     return CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
 
 

@@ -174,7 +174,7 @@ def test_index_naming_a_missing_tensor_is_an_error(tmp_path):
 
 def test_index_cannot_escape_the_root(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
-    with pytest.raises(ValueError, match="invalid storage key"):
+    with pytest.raises(CheckpointError, match="'../outside.safetensors', which is not a file name inside the model"):
         CheckpointIndex.open(LocalStorage(tmp_path))
 
 

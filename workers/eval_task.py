@@ -51,8 +51,8 @@ def _evaluate(source: Path, output: Path, records, calibration: CalibrationSetti
     from qvlm.loading import model_class
 
     cls = model_class(AutoConfig.from_pretrained(source))
-    fp = cls.from_pretrained(source).eval()
-    q = cls.from_pretrained(output, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    fp = cls.from_pretrained(source, use_safetensors=True).eval()  # never a pickle (.bin) beside the safetensors
+    q = cls.from_pretrained(output, use_safetensors=True, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     if (output / ACTIVATIONS_FILE).exists():
         apply_activation_ranges(q, (output / ACTIVATIONS_FILE).read_bytes())
     try:

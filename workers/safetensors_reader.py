@@ -15,11 +15,13 @@ from typing import Iterable
 
 import torch
 
-from workers.storage import Storage, StorageError
+from workers.storage import Storage, StorageError, check_key
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 << 20  # the safetensors library's own limit
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_REDOWNLOAD = "re-download the model or re-save it with save_pretrained"
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -44,15 +46,20 @@ class TensorLocation:
     end: int
 
 
+def _shown(storage: Storage, key: str) -> str:
+    """A key as the user knows it: under the storage's URI."""
+    return f"{storage.uri.rstrip('/')}/{key}"
+
+
 def _join(prefix: str, name: str) -> str:
     prefix = prefix.strip("/")
     return f"{prefix}/{name}" if prefix else name
 
 
-def _location(key: str, name: str, entry, data_start: int, file_size: int) -> TensorLocation:
-    """Validate one header entry and turn it into absolute offsets."""
+def _location(key: str, name: str, entry, data_start: int, file_size: int, where: str) -> TensorLocation:
+    """Validate one header entry and turn it into absolute offsets (``where``: the file as the user knows it)."""
     def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"corrupt safetensors header in {key}: tensor {name!r} {why}")
+        return CheckpointError(f"corrupt safetensors header in {where}: tensor {name!r} {why}; {_REDOWNLOAD}")
     if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
         raise bad(f"has an unsupported or missing dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -72,38 +79,61 @@ def _location(key: str, name: str, entry, data_start: int, file_size: int) -> Te
 
 def read_header(storage: Storage, key: str) -> dict[str, TensorLocation]:
     """The tensor locations of one safetensors file, from its length prefix and JSON header only."""
+    where = _shown(storage, key)
     size = storage.size(key)
     if size < 8:
-        raise CheckpointError(f"corrupt safetensors file {key}: only {size} bytes, shorter than the 8-byte length")
+        raise CheckpointError(f"corrupt safetensors file {where}: only {size} bytes, shorter than the 8-byte "
+                              f"length; {_REDOWNLOAD}")
     length = int.from_bytes(storage.get_range(key, 0, 8), "little")
     if length < 2 or length > MAX_HEADER or 8 + length > size:
-        raise CheckpointError(f"corrupt safetensors header in {key}: header length {length} does not fit "
-                              f"a {size}-byte file")
+        raise CheckpointError(f"corrupt safetensors header in {where}: header length {length} does not fit "
+                              f"a {size}-byte file; {_REDOWNLOAD}")
     try:
         header = json.loads(storage.get_range(key, 8, 8 + length).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"corrupt safetensors header in {key}: invalid JSON ({exc})") from None
+        raise CheckpointError(f"corrupt safetensors header in {where}: invalid JSON ({exc}); {_REDOWNLOAD}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"corrupt safetensors header in {key}: the header is not a JSON object")
+        raise CheckpointError(f"corrupt safetensors header in {where}: the header is not a JSON object; {_REDOWNLOAD}")
     header.pop("__metadata__", None)
-    return {name: _location(key, name, entry, 8 + length, size) for name, entry in header.items()}
+    return {name: _location(key, name, entry, 8 + length, size, where) for name, entry in header.items()}
 
 
 def _shard_files(storage: Storage, prefix: str) -> tuple[list[str], dict[str, str]]:
     """The checkpoint's files (storage keys) and, if sharded, its weight map (tensor -> key)."""
     index_key, single_key = _join(prefix, INDEX_FILE), _join(prefix, SINGLE_FILE)
     if storage.exists(index_key):
-        try:
-            weight_map = json.loads(storage.get_bytes(index_key))["weight_map"]
-            weight_map = {name: _join(prefix, file) for name, file in weight_map.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"corrupt {index_key}: expected JSON with a 'weight_map' object ({exc!r})") from None
+        weight_map = _weight_map(storage, index_key, prefix)
         return sorted(set(weight_map.values())), weight_map
     if storage.exists(single_key):
         return [single_key], {}
-    where = _join(storage.uri.rstrip("/"), prefix) if prefix else storage.uri
-    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} under {where}; qvlm reads only safetensors, "
-                          "convert .bin/.pt checkpoints first")
+    where = _shown(storage, prefix) if prefix else storage.uri
+    pickles = [k for k in storage.list(_join(prefix, "") if prefix else "") if k.endswith(PICKLE_SUFFIXES)]
+    found = (f", only {_shown(storage, pickles[0])} (a pickle file, never opened: loading one can run code)"
+             if pickles else "")
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} under {where}{found}; qvlm reads only safetensors: "
+                          "convert .bin/.pt checkpoints first (save_pretrained in a trusted environment)")
+
+
+def _weight_map(storage: Storage, index_key: str, prefix: str) -> dict[str, str]:
+    """tensor name -> storage key of its file, from a sharded checkpoint's index; file names stay inside the model."""
+    where = _shown(storage, index_key)
+    try:
+        weight_map = json.loads(storage.get_bytes(index_key))["weight_map"]
+        files = {name: _join(prefix, file) for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"corrupt {where}: expected JSON with a 'weight_map' object ({exc!r}); "
+                              f"{_REDOWNLOAD}") from None
+    for name, key in files.items():
+        try:
+            check_key(key)
+        except ValueError:
+            raise CheckpointError(f"{where}: tensor {name!r} maps to {weight_map[name]!r}, which is not a file "
+                                  "name inside the model folder; fix the index's weight_map") from None
+    missing = sorted(k for k in set(files.values()) if not storage.exists(k))
+    if missing:
+        raise CheckpointError(f"{where} lists {_shown(storage, missing[0])}, which does not exist"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {_REDOWNLOAD}")
+    return files
 
 
 MAX_REQUEST_BYTES = 64 * 2**20
@@ -150,12 +180,13 @@ class CheckpointIndex:
         for key in files:
             for name, loc in read_header(storage, key).items():
                 if name in locations:
-                    raise CheckpointError(f"tensor {name!r} appears in both {locations[name].file} and {key}")
+                    raise CheckpointError(f"tensor {name!r} appears in both {_shown(storage, locations[name].file)} "
+                                          f"and {_shown(storage, key)}; {_REDOWNLOAD}")
                 locations[name] = loc
         for name, key in weight_map.items():
             if name not in locations or locations[name].file != key:
-                raise CheckpointError(f"{_join(prefix, INDEX_FILE)} maps {name!r} to {key}, "
-                                      "but that file's header does not contain it")
+                raise CheckpointError(f"{_shown(storage, _join(prefix, INDEX_FILE))} maps {name!r} to {key}, "
+                                      f"but that file's header does not contain it; {_REDOWNLOAD}")
         return cls(storage, locations)
 
     def location(self, name: str) -> TensorLocation:

@@ -18,10 +18,13 @@ import torch
 from qvlm.batches import CalibrationSettings, calibration_batches
 from qvlm.capture import UnitCall, UnitCapture, call_unit, capture_units
 from qvlm.dependency import pair_dependency, unit_entropy, unit_rows
+from qvlm.fakequant import swap_in_fake_quant
 from qvlm.loading import build_skeleton, checkpoint_key_map, glue_names, materialize, owned_names
 from qvlm.quant import WeightScheme
+from qvlm.search import apply_linear_results
 from qvlm.stats import UnitStats, unit_statistics
 from qvlm.structure import Unit
+from workers.fault_hooks import fault_point
 from workers.safetensors_reader import CheckpointIndex
 from workers.storage import open_storage
 
@@ -34,13 +37,21 @@ def fetch_small_files(storage, dest: Path | None = None) -> Path:
     By default the folder is one per model URI under the temp directory, reused by later calls, so jobs
     do not leave a new folder behind each time.
     """
-    if dest is None:
+    from workers.storage import TMP_MARK
+
+    reused = dest is None
+    if reused:
         digest = hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
         dest = Path(tempfile.gettempdir()) / "qvlm-model-files" / digest
     dest.mkdir(parents=True, exist_ok=True)
-    for key in storage.list(""):
-        if "/" not in key and key.endswith(SMALL_FILE_SUFFIXES):
-            storage.download(key, dest / key)
+    keys = [key for key in storage.list("") if "/" not in key and key.endswith(SMALL_FILE_SUFFIXES)]
+    for key in keys:
+        storage.download(key, dest / key)
+    # a file since removed from the model (a config.json, a tokenizer file) must not live on in the reused folder;
+    # other processes' downloads in flight are temp files, left alone
+    for stale in dest.iterdir() if reused else ():
+        if stale.is_file() and stale.name not in keys and not stale.name.startswith(TMP_MARK):
+            stale.unlink(missing_ok=True)
     return dest
 
 
@@ -74,6 +85,7 @@ class StageWorker:
         self.units = list(units)
         self.first = first
         self.shard = ModelShard(uri, endpoint_url, [u.name for u in units], first, all_unit_modules)
+        self.model_uri, self.endpoint_url = uri, endpoint_url
         self.captures = [UnitCapture(u) for u in self.units]
 
     def ready(self) -> dict[str, Any]:
@@ -95,6 +107,7 @@ class StageWorker:
     @torch.no_grad()
     def capture(self, item: dict[str, torch.Tensor] | UnitCall) -> UnitCall:
         """Capture one calibration batch; returns the call that continues the stream in the next stage."""
+        fault_point("capture")  # a test hook; off unless QVLM_TEST_FAULTS is set
         if self.first:
             caps = capture_units(self.shard.model, self.units, [item], stop_after_last=True)
             for mine, new in zip(self.captures, caps):
@@ -132,6 +145,27 @@ class StageWorker:
                 prev_rows = unit_rows([k.hidden for k in c.calls], [k.mask for k in c.calls], max_rows)
             deps[c.unit.index] = pair_dependency(prev_rows, rows[c.unit.index], bits[prev], bits[c.unit.index])
         return entropy, deps
+
+    def use_quantized(self, output_uri: str, output_endpoint: str | None, shard_key: str, sha256: str, act) -> None:
+        """Run this stage's model with a finished block's quantizers from here on (the VEO-tuned vision tower)."""
+        from workers.block_task import decode_shard, shard_linears_meta  # block_task imports this module
+
+        blob = open_storage(output_uri, output_endpoint).get_bytes(shard_key, sha256)
+        linears = decode_shard(blob, shard_linears_meta(blob))
+        apply_linear_results(swap_in_fake_quant(self.shard.model, [r.name for r in linears]), linears, act)
+
+    def run_veo(self, output_uri: str, output_endpoint: str | None, units: Sequence[Unit], schemes: dict,
+                bits: dict[int, int], config, calibration: CalibrationSettings):
+        """Visual-encoder optimisation in this actor (the first stage, which owns the vision tower): it already
+        holds its resources, so a separate task could not be scheduled while the stages hold the cluster."""
+        from workers.veo_task import run_veo  # veo_task imports this module
+
+        return run_veo(self.model_uri, self.endpoint_url, output_uri, output_endpoint, units, schemes, bits,
+                       config, calibration)
+
+    def reset_captures(self) -> None:
+        """Drop what was captured, before capturing again."""
+        self.captures = [UnitCapture(u) for u in self.units]
 
     def unit_calls(self, unit_index: int) -> list[UnitCall]:
         return self._capture(unit_index).calls

@@ -9,18 +9,23 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import unquote, urlparse
 
 from boto3.exceptions import Boto3Error
-from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                 NoCredentialsError, PartialCredentialsError)
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
+                                 EndpointConnectionError, IncompleteReadError, NoCredentialsError,
+                                 PartialCredentialsError, ReadTimeoutError, ResponseStreamingError)
 
 CHUNK = 1 << 20
+BODY_ATTEMPTS = 5  # reads of a response body cut off mid-stream (on top of botocore's request retries)
+WRITE_TOKEN = "qvlm-write"  # object metadata: a random token per conditional write, to recognise our own retry
 TMP_MARK = ".qvlm-tmp-"
 PROBE_PREFIX = ".qvlm-probe/"
+_BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -48,8 +53,9 @@ _REDACTIONS = [
     (re.compile(r"(?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId)=[^&\s'\"]+", re.I),
      "[REDACTED]"),
     # name=value / name: value pairs of well-known secret settings
-    (re.compile(r"((?:aws_)?(?:secret_access_key|session_token|security_token|secret_key|access_key_id)"
-                r"['\"]?\s*[=:]\s*['\"]?)[^\s'\",;&]+", re.I), r"\1[REDACTED]"),
+    # (also header forms, 'X-Amz-Security-Token': '...', as botocore's debug logs print them)
+    (re.compile(r"((?:aws_)?(?:secret[-_]access[-_]key|session[-_]token|security[-_]token|secret[-_]key|"
+                r"access[-_]key[-_]id)['\"]?\s*[=:]\s*['\"]?)[^\s'\",;&]+", re.I), r"\1[REDACTED]"),
     # access key ids
     (re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}\b"), "[REDACTED]"),
     # session tokens: very long base64 runs
@@ -408,10 +414,24 @@ class S3Storage(Storage):
         if not if_absent:
             self._call("write", key, self.client.put_object, **args)
         elif self._conditional_writes():
-            self._call("write", key, self.client.put_object, IfNoneMatch="*", **args)
+            # botocore retries a put whose response was lost; if the first try was applied, the retry gets
+            # 412, so a token of this write tells our own earlier attempt from another writer
+            token = uuid.uuid4().hex
+            args["Metadata"][WRITE_TOKEN] = token
+            try:
+                self._call("write", key, self.client.put_object, IfNoneMatch="*", **args)
+            except AlreadyExists:
+                if self._head_if_any(key).get("Metadata", {}).get(WRITE_TOKEN) != token:
+                    raise
         else:
             self._put_checked(key, args, sha)
         return sha
+
+    def _head_if_any(self, key: str) -> dict:
+        try:
+            return self._head(key)
+        except NotFound:
+            return {}
 
     def _put_checked(self, key: str, args: dict, sha: str) -> None:
         """Check-then-put-then-verify, for servers that ignore IfNoneMatch (not atomic, but detects races)."""
@@ -432,34 +452,54 @@ class S3Storage(Storage):
         key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         args = dict(Bucket=self.bucket, Key=self._k(key), Body=b"", IfNoneMatch="*")
         try:
-            self.client.put_object(**args)
-        except (BotoCoreError, ClientError) as exc:
-            code, status = _error_code(exc)
-            if code in _UNSUPPORTED or status == 501:
+            try:
+                self.client.put_object(**args)
+            except (BotoCoreError, ClientError) as exc:
+                code, status = _error_code(exc)
+                if code in _UNSUPPORTED or status == 501:
+                    return False
+                if code == "PreconditionFailed" or status == 412:
+                    return True  # a retry of our own applied first put was refused: the header is honoured
+                raise self._translate(exc, "write", key) from None
+            try:
+                self._call("write", key, self.client.put_object, **args)
                 return False
-            raise self._translate(exc, "write", key) from None
-        try:
-            self._call("write", key, self.client.put_object, **args)
-            return False
-        except AlreadyExists:
-            return True
+            except AlreadyExists:
+                return True
         finally:
             self.delete(key)
 
     def put_file(self, key: str, path: str | Path) -> str:
         # hashed in a first pass so the sha256 can travel as object metadata (sent before the first part)
         with open(path, "rb") as src:
-            sha, _ = _hash_stream(src)
-        self._call("upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket,
-                   Key=self._k(key), ExtraArgs={"Metadata": {"sha256": sha}}, Config=self.transfer)
+            sha, size = _hash_stream(src)
+        try:
+            self._call("upload", key, self.client.upload_file, Filename=str(path), Bucket=self.bucket,
+                       Key=self._k(key), ExtraArgs={"Metadata": {"sha256": sha}}, Config=self.transfer)
+        except StorageError:
+            # a multipart complete whose response was lost is retried and answered NoSuchUpload although
+            # the object is whole; the object's own sha256 metadata and size say whether it is ours
+            head = self._head_if_any(key)
+            if head.get("Metadata", {}).get("sha256") != sha or int(head.get("ContentLength", -1)) != size:
+                raise
         return sha
 
     # reads
 
-    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
+    def _get_body(self, key: str, **kwargs) -> bytes:
+        """GetObject and its body. botocore retries a request, but not a body cut off mid-stream (a dropped
+        connection after the headers), so that is retried here."""
         def fetch() -> bytes:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        data = self._call("read", key, fetch)
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kwargs)["Body"].read()
+        for attempt in range(BODY_ATTEMPTS - 1):
+            try:
+                return fetch()
+            except _BODY_ERRORS:
+                time.sleep(0.1 * 2**attempt)
+        return fetch()
+
+    def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
+        data = self._call("read", key, lambda: self._get_body(key))
         self.reads.append((key, 0, len(data)))
         return _verify(key, data, sha256)
 
@@ -469,10 +509,7 @@ class S3Storage(Storage):
         if start == end:
             return b""
 
-        def fetch() -> bytes:
-            rng = f"bytes={start}-{end - 1}"
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key), Range=rng)["Body"].read()
-        data = self._call("read", key, fetch)
+        data = self._call("read", key, lambda: self._get_body(key, Range=f"bytes={start}-{end - 1}"))
         if len(data) != end - start:
             raise StorageError(f"byte range [{start}, {end}) is beyond the end of {self._where(key)}")
         return data

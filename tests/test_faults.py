@@ -1,0 +1,398 @@
+"""Faults a long job must survive: killed block workers, killed stage actors, a killed driver, an object
+store that fails transiently, a corrupted shard, and a second job on the same output.
+
+Everything is real: each job is ``qvlm-submit`` in its own process (and session) on an embedded local Ray,
+S3 is moto over HTTP on 127.0.0.1, and S3 faults come from a fault-injecting proxy on the wire
+(tests/fault_proxy.py). Worker and actor deaths come from the test hook in workers/fault_hooks.py, which the
+jobs see through ``QVLM_TEST_FAULTS``. A faulted run must end byte-identical to an unfaulted one: every
+checkpoint file and block shard listed in the manifest has the same sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.lock import LOCK_KEY, LockError, OutputLock, read_lock
+from cluster.verify import verify_output
+from tests.fault_proxy import KINDS, FaultProxy
+from tests.s3_server import FAKE_ENV
+from workers.block_task import record_key
+from workers.storage import AlreadyExists, LocalStorage, S3Storage, StorageError, open_storage
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+JOB_TIMEOUT_S = 300
+# the plan document and the report carry timings and the job's name: not part of the checkpoint's bytes
+DOCUMENTS = {"qvlm_plan.json", "qvlm_report.json", "report.html"}
+
+
+# --- jobs in their own processes ---------------------------------------------------------------------
+
+def _job(tmp_path: Path, model: str, out: str, name: str = "faults", **changes) -> Path:
+    job = {
+        "name": name,
+        "model": {"path": model},
+        "calibration": {"samples": 8, "eval_samples": 0, "max_length": 64, "batch_size": 4},
+        "quantization": {"qvlm": {"epochs": 1}},
+        "output": {"uri": out},
+        "resources": {"workers": 2},
+    }
+    for dotted, value in changes.items():
+        node = job
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _env(faults: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "QVLM_TEST_"))}
+    env.update(FAKE_ENV, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    if faults is not None:
+        env["QVLM_TEST_FAULTS"] = str(faults)
+    return env
+
+
+def _start(job: Path, faults: Path | None = None) -> subprocess.Popen:
+    """qvlm-submit in its own session, so that it and the Ray it starts can be killed together."""
+    return subprocess.Popen([str(BIN / "qvlm-submit"), str(job)], cwd=ROOT, env=_env(faults), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group, then whatever else of its session is left (Ray's workers have
+    process groups of their own)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+    for pid in _session_members(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if entry.name.isdigit() and int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session
+            pids.append(int(entry.name))
+    return pids
+
+
+def _finish(proc: subprocess.Popen, timeout: float = JOB_TIMEOUT_S) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        _kill_session(proc)
+    return proc.returncode, output
+
+
+def _submit(job: Path, faults: Path | None = None) -> tuple[int, str]:
+    return _finish(_start(job, faults))
+
+
+def _wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _checkpoint(storage) -> dict[str, str]:
+    """sha256 of every checkpoint file and block shard the manifest lists."""
+    manifest = json.loads(storage.get_bytes("qvlm_manifest.json"))
+    return {k: v["sha256"] for k, v in manifest["files"].items() if k not in DOCUMENTS}
+
+
+def _state(out: Path) -> dict:
+    return json.loads((out / "_qvlm/state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llava_dir, tmp_path_factory):
+    """An unfaulted run: its checkpoint's sha256 per file and its number of blocks."""
+    tmp = tmp_path_factory.mktemp("reference")
+    code, output = _submit(_job(tmp, str(tiny_llava_dir), str(tmp / "out"), name="reference"))
+    assert code == 0, output[-3000:]
+    plan = json.loads((tmp / "out/qvlm_plan.json").read_text())
+    return {"files": _checkpoint(LocalStorage(tmp / "out")), "blocks": len(plan["blocks"])}
+
+
+@pytest.fixture
+def faults(tmp_path) -> Path:
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    return folder
+
+
+def _fired(faults: Path) -> list[str]:
+    return sorted(p.name for p in (faults / "fired").glob("*")) if (faults / "fired").exists() else []
+
+
+# --- the fault proxy and storage under faults (no Ray) -------------------------------------------------
+
+def test_every_object_reads_back_intact_through_transient_faults(s3_server, s3_bucket):
+    with FaultProxy(s3_server, rate=0.3, seed=7) as proxy:
+        store = S3Storage(f"s3://{s3_bucket}/p", proxy.endpoint)
+        blobs = {f"d/k{i:02d}": os.urandom(1000 + 7919 * i) for i in range(10)}
+        shas = {k: store.put_bytes(k, b, if_absent=(i % 2 == 0)) for i, (k, b) in enumerate(blobs.items())}
+        for key, blob in blobs.items():
+            assert store.get_bytes(key, shas[key]) == blob
+            assert store.get_range(key, 100, 900) == blob[100:900]
+            assert store.exists(key) and store.size(key) == len(blob)
+        assert store.list("d/") == sorted(blobs)
+        store.delete_prefix("d/")
+        assert store.list("d/") == []
+    assert set(proxy.counts) == set(KINDS), proxy.counts  # one client in order: the seed fixes the faults
+
+
+def test_conditional_create_is_safe_when_its_response_is_lost(s3_server, s3_bucket):
+    """A conditional put applied by the server whose response is lost is retried by botocore and answered
+    412; the write must still count as done, and a real second writer must still be refused."""
+    lost_conditional = lambda r: r.method == "PUT" and "if-none-match" in r.headers  # noqa: E731
+    with FaultProxy(s3_server, rate=1.0, kinds=("lost",), match=lost_conditional, max_faults=2) as proxy:
+        store = S3Storage(f"s3://{s3_bucket}/c", proxy.endpoint)
+        sha = store.put_bytes("lock.json", b"mine", if_absent=True)  # the probe's put and this one are lost
+        assert proxy.counts["lost"] == 2
+        assert store.get_bytes("lock.json", sha) == b"mine"
+        with pytest.raises(AlreadyExists):
+            S3Storage(f"s3://{s3_bucket}/c", proxy.endpoint).put_bytes("lock.json", b"theirs", if_absent=True)
+
+
+def test_multipart_upload_is_safe_when_its_complete_response_is_lost(s3_server, s3_bucket, tmp_path):
+    """The server applies the multipart complete but every answer to it is lost: the client's retries run
+    out, yet the object is whole and carries our sha256, so the upload has succeeded."""
+    lost_complete = lambda r: r.method == "POST" and "uploadId=" in r.path  # noqa: E731
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(6 << 20))
+    with FaultProxy(s3_server, rate=1.0, kinds=("lost",), match=lost_complete) as proxy:
+        store = S3Storage(f"s3://{s3_bucket}/m", proxy.endpoint, multipart_threshold=5 << 20, max_attempts=3)
+        sha = store.put_file("big.bin", big)
+        assert proxy.counts["lost"] >= 3  # every attempt the client made
+        assert store.get_bytes("big.bin", sha) == big.read_bytes()
+
+
+def test_export_never_packs_a_shard_that_fails_its_checksum(tiny_llava_dir, tmp_path):
+    import hashlib
+
+    from qvlm.quant import ActScheme, WeightScheme
+    from workers.export_task import ExportRequest, write_checkpoint
+
+    out = LocalStorage(tmp_path / "out")
+    recorded = hashlib.sha256(b"the shard as the search wrote it").hexdigest()
+    out.put_bytes("_qvlm/blocks/block-00000.safetensors", b"the shard after a flipped byte")
+    request = ExportRequest(str(tiny_llava_dir), None, out.uri, None, (("_qvlm/blocks/block-00000.safetensors", recorded),),
+                            {"model.language_model.layers.0.mlp.up_proj": WeightScheme(4, 32)}, ActScheme(16))
+    with pytest.raises(StorageError, match="checksum mismatch"):
+        write_checkpoint(request)
+    assert not [k for k in out.list("") if k.endswith(".safetensors") and not k.startswith("_qvlm/")]
+
+
+# --- the output lock (no Ray) ----------------------------------------------------------------------
+
+def _settings(model_dir, out, **kw):
+    from cluster.settings import JobSettings
+    from qvlm.batches import CalibrationSettings
+    from qvlm.config import QuantConfig
+
+    return JobSettings(name="second", spec_hash="2" * 64, model_uri=str(model_dir), output_uri=str(out),
+                       calibration=CalibrationSettings(samples=8, eval_samples=0), quant=QuantConfig(), **kw)
+
+
+def test_a_live_lock_refuses_any_second_run_even_with_overwrite(tiny_llava_dir, tmp_path):
+    from cluster.driver import JobError, run_job
+
+    out = LocalStorage(tmp_path / "out")
+    first = OutputLock(out, "first", "1" * 64, echo=lambda *a, **k: None)
+    first.acquire()
+    try:
+        for settings in (_settings(tiny_llava_dir, out.root, overwrite=True),
+                         replace(_settings(tiny_llava_dir, out.root), name="first", spec_hash="1" * 64)):
+            with pytest.raises(JobError, match="locked by job 'first'") as err:
+                run_job(settings)
+            assert err.value.exit_code == 2 and "overwrite: true does not break a live lock" in str(err.value)
+        assert out.list("") == [LOCK_KEY]  # the refused runs wrote nothing
+    finally:
+        first.release()
+    assert out.list("") == []
+
+
+def test_a_stale_or_dead_lock_is_taken_over(tmp_path):
+    out = LocalStorage(tmp_path / "out")
+    lines = []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [("far-away-host", 12345, time.time() - 3600, "no heartbeat for over 10 minutes"),
+             (socket.gethostname(), int(dead.stdout), time.time(), "its process is gone")]
+    for host, pid, beat, reason in stale:
+        out.put_bytes(LOCK_KEY, json.dumps({"job": "old", "spec_hash": "0" * 64, "run_id": "r" * 32, "host": host,
+                                            "pid": pid, "created_at": beat, "heartbeat_at": beat}).encode())
+        lock = OutputLock(out, "new", "1" * 64, echo=lambda line, **k: lines.append(line))
+        lock.acquire()
+        assert read_lock(out).run_id == lock.info.run_id
+        assert reason in lines[-1] and "job 'old'" in lines[-1]
+        lock.release()
+    alive = OutputLock(out, "other", "0" * 64)
+    alive.acquire()
+    try:
+        with pytest.raises(LockError, match="locked by job 'other'"):
+            OutputLock(out, "new", "1" * 64).acquire()
+    finally:
+        alive.release()
+
+
+def test_a_run_that_lost_its_lock_stops_writing(tmp_path):
+    out = LocalStorage(tmp_path / "out")
+    lock = OutputLock(out, "slow", "1" * 64, echo=lambda *a, **k: None, heartbeat_s=0.05)
+    lock.acquire()
+    taker = {**json.loads(out.get_bytes(LOCK_KEY)), "run_id": "t" * 32, "job": "taker"}
+    out.put_bytes(LOCK_KEY, json.dumps(taker).encode())
+    deadline = time.monotonic() + 30
+    while lock.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(LockError, match="taken over by job 'taker'"):
+        lock.check()
+    lock.release()
+    assert read_lock(out).run_id == "t" * 32  # the other run's lock is left alone
+
+
+# --- real jobs under faults (local Ray in subprocesses) ------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_worker_killed_mid_search_is_retried_and_bytes_match(reference, tiny_llava_dir, tmp_path, faults):
+    (faults / "kill-block-1").touch()
+    code, output = _submit(_job(tmp_path, str(tiny_llava_dir), str(tmp_path / "out")), faults)
+    assert code == 0, output[-3000:]
+    assert _fired(faults) == ["kill-block-1"]  # the worker did die mid-search, and Ray ran the task again
+    assert f"done: {reference['blocks']} blocks (0 resumed)" in output
+    assert _checkpoint(LocalStorage(tmp_path / "out")) == reference["files"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_stage_killed_during_capture_recovers_or_fails_clearly(reference, tiny_llava_dir, tmp_path, faults):
+    out = tmp_path / "out"
+    job = _job(tmp_path, str(tiny_llava_dir), str(out), **{"resources.max_retries": 1})
+    # killed in both attempts: the job fails, says why, and nothing looks complete
+    (faults / "kill-capture.1").touch()
+    (faults / "kill-capture.2").touch()
+    code, output = _submit(job, faults)
+    assert code == 1, output[-3000:]
+    assert "a stage worker died during capturing in each of 2 attempts" in output and "re-submit" in output
+    assert "Traceback" not in output
+    state = _state(out)
+    assert state["phase"] == "failed" and "stage worker died" in state["error"]
+    assert not (out / "qvlm_manifest.json").exists() and not (out / LOCK_KEY).exists()
+    verify = subprocess.run([str(BIN / "qvlm"), "verify", str(out)], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 1 and "did not finish" in verify.stdout
+    # killed once: the stages are started again, the capture redone, and the job completes unchanged
+    (faults / "kill-capture.3").touch()
+    code, output = _submit(job, faults)
+    assert code == 0, output[-3000:]
+    assert "starting the stages again and redoing the capture (attempt 2 of 2)" in output
+    assert len(_fired(faults)) == 3
+    assert _checkpoint(LocalStorage(out)) == reference["files"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_killed_driver_resumes_without_redoing_blocks_and_redoes_a_corrupt_shard(reference, tiny_llava_dir, tmp_path,
+                                                                                  faults):
+    out = tmp_path / "out"
+    job = _job(tmp_path, str(tiny_llava_dir), str(out))
+    last = reference["blocks"] - 1
+    (faults / f"hold-block-{last}").touch()  # the last block waits, so the kill lands with the rest done
+    proc = _start(job, faults)
+    try:
+        _wait_until(lambda: (out / "_qvlm/state.json").exists() and _state(out)["blocks_done"] == last, proc,
+                    f"{last} finished blocks")
+    finally:
+        _kill_session(proc)
+    assert _state(out)["phase"] == "searching" and (out / LOCK_KEY).exists()  # the killed run left its lock
+    done = {i: os.stat(out / record_key(i)) for i in range(last)}
+    shard = out / json.loads((out / record_key(0)).read_text())["shard_key"]
+    flipped = bytearray(shard.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    shard.write_bytes(bytes(flipped))
+    (faults / f"hold-block-{last}").unlink()
+
+    code, output = _submit(job)
+    assert code == 0, output[-3000:]
+    assert "taking over the lock of job 'faults'" in output and "its process is gone" in output
+    assert "block 0 is searched again: checksum mismatch" in output
+    assert f"done: {reference['blocks']} blocks ({last - 1} resumed)" in output
+    for i in range(1, last):  # finished and intact: not searched again, their records untouched
+        again = os.stat(out / record_key(i))
+        assert (again.st_ino, again.st_mtime_ns) == (done[i].st_ino, done[i].st_mtime_ns), i
+    assert _checkpoint(LocalStorage(out)) == reference["files"]
+    assert verify_output(LocalStorage(out)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_s3_transient_faults_leave_every_object_intact(reference, tiny_llava_dir, tmp_path, s3_server, s3_bucket):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for f in Path(tiny_llava_dir).iterdir():
+        s3.upload_file(str(f), s3_bucket, f"model/{f.name}")
+    with FaultProxy(s3_server, rate=0.2, seed=3) as proxy:
+        job = _job(tmp_path, f"s3://{s3_bucket}/model", f"s3://{s3_bucket}/out",
+                   **{"output.endpoint_url": proxy.endpoint})
+        code, output = _submit(job)
+    assert code == 0, output[-3000:]
+    assert proxy.injected > 0 and proxy.requests > proxy.injected, (proxy.requests, proxy.counts)
+    direct = S3Storage(f"s3://{s3_bucket}/out", s3_server)  # checked without the proxy in the way
+    assert verify_output(direct) == []
+    assert _checkpoint(direct) == reference["files"]
+    assert not direct.exists(LOCK_KEY)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_second_job_on_the_same_output_is_refused_while_the_first_runs(reference, tiny_llava_dir, tmp_path, faults):
+    out = tmp_path / "out"
+    last = reference["blocks"] - 1
+    (faults / f"hold-block-{last}").touch()
+    first = _start(_job(tmp_path, str(tiny_llava_dir), str(out), name="first"), faults)
+    try:
+        _wait_until(lambda: (faults / f"hold-block-{last}.held").exists(), first, "the first job's last block")
+        second = _job(tmp_path, str(tiny_llava_dir), str(out), name="second", **{"output.overwrite": True})
+        code, output = _submit(second)
+        assert code == 2, output[-3000:]
+        assert "is locked by job 'first'" in output and "still running" in output
+        (faults / f"hold-block-{last}").unlink()
+        code, output = _finish(first)
+    finally:
+        _kill_session(first)
+    assert code == 0, output[-3000:]
+    assert verify_output(LocalStorage(out)) == []
+    assert json.loads((out / "qvlm_manifest.json").read_text())["job"] == "first" and _state(out)["name"] == "first"
+    assert _checkpoint(LocalStorage(out)) == reference["files"]
+    assert not (out / LOCK_KEY).exists()

@@ -1,0 +1,148 @@
+"""Visual-encoder optimisation: what it trains, what it leaves alone, and the same bytes in one process and on Ray."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from torch import nn
+
+from cluster.driver import run_job
+from cluster.settings import JobSettings
+from qvlm.batches import CalibrationSettings, calibration_batches
+from qvlm.config import QuantConfig, VeoConfig
+from qvlm.dependency import channel_grid, conditional_entropy, conditional_entropy_tensor, joint_distribution
+from qvlm.driver import quantize, select_units, unit_bits
+from qvlm.quant import ActScheme, WeightScheme
+from qvlm.veo import optimize_vision_encoder, vision_linear_names
+from tests.conftest import load_llava
+
+pytestmark = pytest.mark.timeout(600)
+
+CAL = CalibrationSettings(samples=8, eval_samples=0, max_length=64, batch_size=4)
+W4A4 = dict(weights=WeightScheme(4, 128), activations=ActScheme(4, "tensor", False), epochs=1)
+
+
+def _config(**veo) -> QuantConfig:
+    return QuantConfig(**W4A4, veo=VeoConfig(enabled=True, **{"epochs": 3, **veo}))
+
+
+def _tune(model, batches, config):
+    units = select_units(model, config)
+    schemes = {u.linear_name(n): config.weights for u in units for n in u.linears}
+    bits = {u.index: unit_bits(u, schemes, config) for u in units}
+    return units, optimize_vision_encoder(model, batches, units, schemes, config, bits)
+
+
+def test_differentiable_dependency_equals_the_measured_one():
+    torch.manual_seed(0)
+    a = torch.randn(300, 8)
+    b = (a + 0.3 * torch.randn(300, 8)).requires_grad_(True)
+    joint = joint_distribution(a, b, channel_grid(a, 4), channel_grid(b.detach(), 4))
+    d = conditional_entropy_tensor(joint)
+    assert float(d.detach()) == pytest.approx(conditional_entropy(joint.detach()))
+    d.backward()
+    assert b.grad is not None and float(b.grad.abs().sum()) > 0
+
+
+def test_veo_trains_only_the_vision_quantizers(llava, llava_batches):
+    model, _ = llava
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units, result = _tune(model, llava_batches, _config())
+    # The model comes back as it went in: same modules, same tensors, same requires_grad flags.
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in vision_linear_names(units))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    # The result covers exactly the vision tower's linears, with static input ranges at W4A4.
+    vision = [u for u in units if u.segment == "vision"]
+    assert result.block.unit_names == tuple(u.name for u in vision)
+    assert [r.name for r in result.block.linears] == vision_linear_names(units)
+    assert all(r.act_range is not None for r in result.block.linears)
+    assert len(result.history) == 3
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_veo_is_deterministic(llava_batches, tiny_llava_dir):
+    runs = [_tune(load_llava(tiny_llava_dir)[0], llava_batches, _config(epochs=2))[1] for _ in range(2)]
+    for r1, r2 in zip(runs[0].block.linears, runs[1].block.linears):
+        assert torch.equal(r1.weight.qweight, r2.weight.qweight) and torch.equal(r1.weight.scale, r2.weight.scale)
+        assert torch.equal(r1.act_range.lo, r2.act_range.lo)
+
+
+def test_lr_zero_keeps_round_to_nearest(llava, llava_batches):
+    from qvlm.quant import quantize_weight
+
+    model, _ = llava
+    _, result = _tune(model, llava_batches, _config(lr=1e-12, epochs=1))
+    for r in result.block.linears:
+        rtn = quantize_weight(model.get_submodule(r.name).weight.detach(), r.weight.scheme)
+        assert torch.equal(r.weight.qweight, rtn.qweight), r.name
+
+
+def test_quantize_with_veo_keeps_the_tuned_tower_as_one_block(llava, llava_batches):
+    model, _ = llava
+    _, result = quantize(model, llava_batches, _config())
+    vision = [u.index for u in result.units if u.segment == "vision"]
+    first = result.blocks[0]
+    assert list(first.units) == vision
+    assert result.veo is not None and len(result.veo.history) == 3
+    assert result.veo.error_after < result.veo.error_before
+    # The series without VEO is kept next to the one the partition used, for the report.
+    assert len(result.veo.dependency_before) == len(result.dependency)
+    assert result.veo.blocks_before[0].units == (vision[0],)  # without VEO the tower is partitioned like the rest
+
+
+def test_veo_needs_qvlm_and_a_vision_tower(tmp_path):
+    from jobs.errors import JobSpecError
+    from jobs.spec import load_job
+
+    def job(quantization: str) -> Path:
+        path = tmp_path / "job.yaml"
+        path.write_text(f"name: j\nmodel: {{path: /m}}\noutput: {{uri: /o}}\nquantization: {quantization}\n")
+        return path
+
+    with pytest.raises(JobSpecError, match=r"quantization\.qvlm\.veo\.enabled: VEO is part of method qvlm"):
+        load_job(job("{method: rtn, qvlm: {veo: {enabled: true}}}"))
+    with pytest.raises(JobSpecError, match=r"quantization\.qvlm\.veo\.enabled: .*targets must include vision"):
+        load_job(job("{targets: [language], qvlm: {veo: {enabled: true}}}"))
+    spec = load_job(job("{qvlm: {veo: {enabled: true, epochs: 2, eta: 0.5}}}"))
+    assert spec.to_quant_config().veo == VeoConfig(enabled=True, epochs=2, eta=0.5)
+
+
+def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path):
+    config = _config(epochs=2)
+    out = tmp_path / "job"
+    run_job(JobSettings(name="t", spec_hash="v" * 64, model_uri=str(tiny_llava_dir), output_uri=str(out),
+                        calibration=CAL, quant=config, workers=2))
+    plan = json.loads((out / "qvlm_plan.json").read_text())
+    tensors = {}
+    for block in plan["blocks"]:
+        tensors.update(load_safetensors((out / block["shard"]).read_bytes()))
+    _, result = quantize(load_llava(tiny_llava_dir)[0], calibration_batches(tiny_llava_dir, CAL), config)
+    expected = result.tensors()
+    assert set(tensors) == set(expected)
+    assert all(torch.equal(tensors[n], v) for n, v in expected.items())
+    assert [b["units"] for b in plan["blocks"]] == [list(b.units) for b in result.blocks]
+    assert plan["blocks"][0]["shard"] == "_qvlm/veo.safetensors"
+    veo = plan["veo"]
+    assert len(veo["history"]) == 2 and not veo["reused"]
+    assert [d["dependency"] for d in veo["dependency_before"]] == [list(d.dependency) for d in result.veo.dependency_before]
+    assert "chart-veo" in (out / "report.html").read_text()
+
+
+def test_submit_refuses_veo_on_a_model_without_vision_tower(tiny_llama_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "veo-text", "model": {"path": str(tiny_llama_dir)}, "output": {"uri": str(tmp_path / "out")},
+        "calibration": {"samples": 4, "eval_samples": 0, "max_length": 32, "batch_size": 4},
+        "quantization": {"qvlm": {"veo": {"enabled": True}}}}))
+    result = CliRunner().invoke(app, ["submit", str(job)])
+    assert result.exit_code == 2
+    assert "quantization.qvlm.veo.enabled: the model (LlamaForCausalLM) has no vision tower" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
