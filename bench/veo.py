@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from qvlm.batches import CalibrationSettings, calibration_batches, records_for
+from _common import table as format_table
+from qvlm.batches import CalibrationSettings, calibration_answer_masks, calibration_batches, records_for
 from qvlm.config import QuantConfig, VeoConfig
 from qvlm.driver import quantize
 from qvlm.evaluate import evaluate_records
@@ -39,13 +40,14 @@ def _language_stream(result) -> int:
     return next(s for s, stream in enumerate(result.streams) if result.units[stream[0]].segment == "language")
 
 
-def run(scheme: str, veo: bool, args, model_dir, batches, records, fp_model) -> dict:
+def run(scheme: str, veo: bool, args, model_dir, batches, answers, records, fp_model) -> dict:
     weights, acts = SCHEMES[scheme]
     config = QuantConfig(weights=weights, activations=acts, search="clip", epochs=args.epochs,
-                         veo=VeoConfig(enabled=veo, epochs=args.veo_epochs))
+                         veo=VeoConfig(enabled=veo, epochs=args.veo_epochs, lr=args.veo_lr,
+                                       lambda_entropy=args.lambda_entropy, lambda_error=args.lambda_error))
     model, processor = _load(model_dir)
     t = time.perf_counter()
-    _, result = quantize(model, batches, config)
+    _, result = quantize(model, batches, config, answers)
     wall = time.perf_counter() - t
     with torch.no_grad():
         ev = evaluate_records(fp_model, model, processor, records, MAX_LENGTH, 16)
@@ -57,30 +59,39 @@ def run(scheme: str, veo: bool, args, model_dir, batches, records, fp_model) -> 
             "depth": sum(len(b.units) for b in lang) / len(lang), "d_mean": sum(dep) / max(len(dep), 1), "dep": dep,
             "h0": result.h0[s], "n_lang": len(result.streams[s]), "search": result.seconds["search"],
             "veo_s": result.seconds.get("veo", 0.0), "wall": wall,
-            "vision_err": (result.veo.error_before, result.veo.error_after) if result.veo else None}
+            "vision_err": (result.veo.error_before, result.veo.error_after) if result.veo else None,
+            "history": result.veo.history if result.veo else ()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="clip-search coordinate passes per block")
-    parser.add_argument("--veo-epochs", type=int, default=4)
+    parser.add_argument("--veo-epochs", type=int, default=VeoConfig.epochs)
+    parser.add_argument("--veo-lr", type=float, default=VeoConfig.lr)
+    parser.add_argument("--lambda-entropy", type=float, default=VeoConfig.lambda_entropy)
+    parser.add_argument("--lambda-error", type=float, default=VeoConfig.lambda_error)
+    parser.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=list(SCHEMES))
     parser.add_argument("--samples", type=int, default=64, help="at most 64: the held-out questions follow them")
     parser.add_argument("--model-dir", type=Path, help="another LLaVA (with --data builtin:shapes for qvlm.tiny's); "
                                                        "default: the trained tiny LLaVA of qvlm.tiny_train")
     parser.add_argument("--data", default="builtin:shapes-hard")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (2 OpenMP threads spin-wait on each other when the 2 cores are shared)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model_dir = args.model_dir or cached_model("llava")
     cal = CalibrationSettings(data=args.data, samples=args.samples, eval_samples=0, max_length=MAX_LENGTH, batch_size=8)
     batches = calibration_batches(model_dir, cal)
+    answers = calibration_answer_masks(model_dir, cal)
     records = held_out_records() if args.data == "builtin:shapes-hard" else records_for(
         CalibrationSettings(data=args.data, samples=HELD_OUT_SKIP, eval_samples=HELD_OUT_N))[1]
     fp_model, _ = _load(model_dir)
     print(f"LLaVA at {model_dir}; calibration {args.data}, {args.samples} samples in batches of 8; "
-          f"{len(records)} held-out questions; method qvlm, search clip, {args.epochs} epochs; VEO {args.veo_epochs} "
-          f"epochs, defaults otherwise ({VeoConfig()}); weights group 128 symmetric, activations static per channel "
-          "asymmetric; torch threads 2")
-    rows = [run(scheme, veo, args, model_dir, batches, records, fp_model) for scheme in SCHEMES for veo in (False, True)]
+          f"{len(records)} held-out questions; method qvlm, search clip, {args.epochs} epochs; VEO epochs "
+          f"{args.veo_epochs}, lr {args.veo_lr}, lambda_entropy {args.lambda_entropy}, lambda_error {args.lambda_error}, "
+          f"eta {VeoConfig.eta}; next-token loss on {'the answers' if answers else 'every token'}; weights group 128 symmetric, activations static per channel "
+          f"asymmetric; torch threads {args.threads}")
+    rows = [run(scheme, veo, args, model_dir, batches, answers, records, fp_model) for scheme in args.schemes for veo in (False, True)]
     header = ("scheme", "VEO", "accuracy", "KL", "top-1", "blocks", "LLM blocks", "mean LLM depth", "mean D(LLM)",
               "blocks @h0 fixed", "vision MSE rtn->tuned", "VEO s", "search s", "quantize s")
     table = []
@@ -92,13 +103,16 @@ def main() -> None:
                       r["blocks"], r["lang_blocks"], f"{r['depth']:.2f}", f"{r['d_mean']:.4f}", fixed, err,
                       f"{r['veo_s']:.1f}", f"{r['search']:.1f}", f"{r['wall']:.1f}"))
     print(f"full precision accuracy {rows[0]['fp_acc']:.3f}")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
-    for line in (header, tuple("-" * w for w in widths), *table):
-        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+    print(format_table(list(header), table))
     print("\nD(k, k+1) over the decoder layers, without -> with VEO:")
-    for scheme in SCHEMES:
+    for scheme in args.schemes:
         off, on = (next(r for r in rows if r["scheme"] == scheme and r["veo"] is v) for v in (False, True))
         print(f"  {scheme}: {[round(x, 4) for x in off['dep']]} -> {[round(x, 4) for x in on['dep']]}")
+    print("\nVEO loss terms per epoch (means over the calibration batches; error = vision + eta * logits, relative):")
+    for r in (r for r in rows if r["veo"]):
+        for h in r["history"]:
+            print(f"  {r['scheme']} epoch {h['epoch']}: loss {h['loss']:.4f}  next-token {h['next_token']:.4f}  "
+                  f"D {h['dependency']:.4f}  error {h['error']:.2e}  w_k {h['jacobian_weights']}")
 
 
 if __name__ == "__main__":

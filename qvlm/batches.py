@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from qvlm.calibration import CalibrationRecord, load_records, make_batches, make_pixel_batches
+from qvlm.evaluate import find_answer_spans
 
 Batch = dict[str, torch.Tensor]
 
@@ -65,3 +66,27 @@ def batches_for(model_dir: str | Path, records: list[CalibrationRecord], setting
 
 def calibration_batches(model_dir: str | Path, settings: CalibrationSettings) -> list[Batch]:
     return batches_for(model_dir, records_for(settings)[0], settings)
+
+
+def answer_masks(model_dir: str | Path, records: list[CalibrationRecord], settings: CalibrationSettings) -> list[torch.Tensor] | None:
+    """Per batch of ``batches_for(model_dir, records, settings)``: True at the positions whose next token belongs
+    to the record's answer. None when no record has an answer that fits in ``max_length`` (nothing to supervise).
+    """
+    kind, preprocessor = load_preprocessor(model_dir)
+    if kind == "vision" or all(r.answer is None for r in records):
+        return None
+    full = make_batches_of(kind, preprocessor, records, settings)
+    prompts = make_batches_of(kind, preprocessor, records, settings, include_answer=False)
+    masks = []
+    for batch, spans in zip(full, find_answer_spans(prompts, full, records, settings.max_length), strict=True):
+        mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for row, span in enumerate(spans):
+            if span is not None:
+                mask[row, span[0] - 1 : span[1] - 1] = True
+        masks.append(mask)
+    return masks if any(bool(m.any()) for m in masks) else None
+
+
+def calibration_answer_masks(model_dir: str | Path, settings: CalibrationSettings) -> list[torch.Tensor] | None:
+    """``answer_masks`` of the calibration records, aligned with ``calibration_batches``."""
+    return answer_masks(model_dir, records_for(settings)[0], settings)

@@ -183,8 +183,12 @@ def _search_all(model, blocks, units, caps, schemes, config, done: dict[int, Blo
     return results
 
 
-def quantize(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: QuantConfig) -> tuple[nn.Module, QuantizeResult]:
-    """Quantize ``model`` in place (its targeted linears become FakeQuantLinear) and describe what was done."""
+def quantize(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: QuantConfig,
+             answers: Sequence[torch.Tensor] | None = None) -> tuple[nn.Module, QuantizeResult]:
+    """Quantize ``model`` in place (its targeted linears become FakeQuantLinear) and describe what was done.
+
+    ``answers`` (``qvlm.batches.answer_masks``) only matters to VEO: its next-token loss covers the answers.
+    """
     model.eval()
     seconds, t = {}, time.perf_counter()
     units = select_units(model, config)
@@ -198,7 +202,7 @@ def quantize(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     veo, done, whole = None, {}, []
     if config.veo.enabled:
         bits = {u.index: unit_bits(u, schemes, config) for u in units}
-        tuned = optimize_vision_encoder(model, batches, units, schemes, config, bits)
+        tuned = optimize_vision_encoder(model, batches, units, schemes, config, bits, answers)
         blocks_before, h0_before = plan_blocks(streams, deps, config)
         apply_veo(model, tuned, config.activations)
         caps = capture_units(model, units, batches)  # the language model now sees the tuned quantized tower

@@ -8,7 +8,8 @@ The authors never released this part; our reading (method.md 1.6):
   keeps the source's unquantized tensors. Adam, straight-through rounding.
 - The language model is frozen and runs in full precision (the paper keeps it with its initial quantizers; its
   quantizers are searched later, block by block, on what the tuned tower feeds it).
-- Loss = next-token cross-entropy + lambda_entropy * sum_k w_k D(k, k+1) + lambda_error * (vision-output error
+- Loss = next-token cross-entropy (on the answer tokens when the calibration records have answers, as LLaVA is
+  instruction-tuned; else on every token) + lambda_entropy * sum_k w_k D(k, k+1) + lambda_error * (vision-output error
   + eta * logits error). D is the soft-assignment conditional entropy of consecutive decoder-layer outputs
   (qvlm/dependency.py) kept differentiable, on grids fixed from the full-precision pass. w_k = |dE/dX^(k)| of the
   logits error, taken on the first batch of each epoch and normalised to mean 1. Errors are relative squared
@@ -117,13 +118,25 @@ def _token_mask(batch: Batch) -> torch.Tensor:
     return mask.bool() if mask is not None else torch.ones(batch["input_ids"].shape, dtype=torch.bool)
 
 
-def _next_token_loss(model: nn.Module, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Cross-entropy on the next token at real positions, image placeholders excluded as targets."""
-    ids, mask = batch["input_ids"], _token_mask(batch)
-    valid = mask[:, 1:] & mask[:, :-1]
-    image_id = getattr(model.config, "image_token_id", None)
-    if image_id is not None:
-        valid &= ids[:, 1:] != image_id
+def _next_token_loss(model: nn.Module, logits: torch.Tensor, batch: Batch, answers: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy on the next token: at the positions that predict answer tokens when the records have answers,
+    else at every real position (image placeholders excluded as targets).
+
+    A LLaVA is instruction-tuned with the loss on the answers only and never learned to predict its prompts; the
+    cross-entropy of the prompt tokens is large, meaningless for the task, and pulls the tower off (measured:
+    BENCHMARKS.md "VEO").
+    """
+    ids = batch["input_ids"]
+    if answers is not None:
+        valid = answers[:, :-1]
+        if not bool(valid.any()):
+            return logits.sum() * 0.0  # no answer fits in this batch: no task signal
+    else:
+        mask = _token_mask(batch)
+        valid = mask[:, 1:] & mask[:, :-1]
+        image_id = getattr(model.config, "image_token_id", None)
+        if image_id is not None:
+            valid &= ids[:, 1:] != image_id
     return F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
 
 
@@ -204,8 +217,9 @@ def _swapped(model: nn.Module, names: Sequence[str]):
 
 
 def optimize_vision_encoder(model: nn.Module, batches: Sequence[Batch], units: Sequence[Unit], schemes: dict[str, WeightScheme],
-                            config: QuantConfig, bits: dict[int, int]) -> VeoResult:
-    """Train the vision tower's quantizers (model left unchanged); ``bits`` = grid bits of each language unit."""
+                            config: QuantConfig, bits: dict[int, int], answers: Sequence[torch.Tensor] | None = None) -> VeoResult:
+    """Train the vision tower's quantizers (model left unchanged); ``bits`` = grid bits of each language unit,
+    ``answers`` = per batch, the positions that predict answer tokens (``qvlm.batches.answer_masks``)."""
     check_veo_applies(units)
     cfg, act = config.veo, config.activations
     t0 = time.perf_counter()
@@ -229,7 +243,7 @@ def optimize_vision_encoder(model: nn.Module, batches: Sequence[Batch], units: S
                 return model(**batch).logits, {"vision": seen["vision"], "language": list(seen["language"])}
 
         error_before = _vision_mse(run, batches, ref_vision)
-        history = _train(model, run, quant, batches, ref_vision, ref_logits, grids, cfg)
+        history = _train(model, run, quant, batches, answers, ref_vision, ref_logits, grids, cfg)
         results = tuple(LinearResult(n, quant.weights[n].finalize(), quant.act_range(n, detach=True), None, None) for n in names)
         for n in names:
             fq[n].weight_fn = None
@@ -250,7 +264,7 @@ def _vision_mse(run, batches, ref_vision) -> float:
     return total / max(count, 1)
 
 
-def _train(model, run, quant: _Quantizers, batches, ref_vision, ref_logits, grids, cfg) -> list[dict]:
+def _train(model, run, quant: _Quantizers, batches, answers, ref_vision, ref_logits, grids, cfg) -> list[dict]:
     optimizer = torch.optim.Adam(quant.params(), lr=cfg.lr)
     n_pairs = len(grids) - 1
     history = []
@@ -258,9 +272,9 @@ def _train(model, run, quant: _Quantizers, batches, ref_vision, ref_logits, grid
         weights = (_jacobian_weights(model, run, batches[0], ref_logits[0], n_pairs)
                    if cfg.lambda_entropy and n_pairs > 0 else torch.ones(max(n_pairs, 0), dtype=torch.float64))
         sums = {"loss": 0.0, "next_token": 0.0, "dependency": 0.0, "error": 0.0}
-        for batch, rv, rl in zip(batches, ref_vision, ref_logits):
+        for batch, answer, rv, rl in zip(batches, answers or [None] * len(batches), ref_vision, ref_logits, strict=True):
             logits, seen = run(batch)
-            ce = _next_token_loss(model, logits, batch)
+            ce = _next_token_loss(model, logits, batch, answer)
             rows = [_rows(out, batch, cfg.max_rows) for out in seen["language"]]
             dep, mean_d = _soft_dependency(rows, grids, weights)
             err = _relative_error(seen["vision"], rv) + cfg.eta * _relative_error(logits, rl)

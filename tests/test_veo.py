@@ -10,12 +10,14 @@ from torch import nn
 
 from cluster.driver import run_job
 from cluster.settings import JobSettings
-from qvlm.batches import CalibrationSettings, calibration_batches
+from qvlm.batches import (CalibrationSettings, answer_masks, batches_for, calibration_answer_masks, calibration_batches,
+                          records_for)
+from qvlm.calibration import CalibrationRecord
 from qvlm.config import QuantConfig, VeoConfig
 from qvlm.dependency import channel_grid, conditional_entropy, conditional_entropy_tensor, joint_distribution
 from qvlm.driver import quantize, select_units, unit_bits
 from qvlm.quant import ActScheme, WeightScheme
-from qvlm.veo import optimize_vision_encoder, vision_linear_names
+from qvlm.veo import _next_token_loss, optimize_vision_encoder, vision_linear_names
 from tests.conftest import load_llava
 
 pytestmark = pytest.mark.timeout(600)
@@ -44,6 +46,32 @@ def test_differentiable_dependency_equals_the_measured_one():
     assert float(d.detach()) == pytest.approx(conditional_entropy(joint.detach()))
     d.backward()
     assert b.grad is not None and float(b.grad.abs().sum()) > 0
+
+
+def test_answer_masks_mark_the_positions_that_predict_each_answer(llava, tiny_llava_dir):
+    model, processor = llava
+    records = records_for(CAL)[0]
+    records[1] = CalibrationRecord(records[1].text, records[1].image, None)  # a question without an answer
+    batches = batches_for(tiny_llava_dir, records, CAL)
+    masks = answer_masks(tiny_llava_dir, records, CAL)
+    assert [m.shape for m in masks] == [b["input_ids"].shape for b in batches]
+    rows = [(b, m, r) for b, m in zip(batches, masks) for r in range(b["input_ids"].shape[0])]
+    for (batch, mask, row), record in zip(rows, records, strict=True):
+        predicted = batch["input_ids"][row][1:][mask[row][:-1]]
+        expected = [] if record.answer is None else processor.tokenizer(record.answer, add_special_tokens=False)["input_ids"]
+        assert predicted.tolist() == expected, record
+    # VEO's next-token loss is the cross-entropy of exactly those positions.
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+    ids, mask = batches[0]["input_ids"], masks[0]
+    picked = [(r, p) for r in range(ids.shape[0]) for p in range(ids.shape[1] - 1) if mask[r, p]]
+    manual = torch.stack([torch.nn.functional.cross_entropy(logits[r, p], ids[r, p + 1]) for r, p in picked]).mean()
+    assert float(_next_token_loss(model, logits, batches[0], mask)) == pytest.approx(float(manual), rel=1e-5)
+    assert float(_next_token_loss(model, logits, batches[0], torch.zeros_like(mask))) == 0.0
+    # Records without answers leave nothing to supervise: the loss falls back to every token.
+    plain = [CalibrationRecord(r.text, r.image, None) for r in records]
+    assert answer_masks(tiny_llava_dir, plain, CAL) is None
+    assert calibration_answer_masks(tiny_llava_dir, CAL) is not None
 
 
 def test_veo_trains_only_the_vision_quantizers(llava, llava_batches):
@@ -119,7 +147,8 @@ def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path)
     tensors = {}
     for block in plan["blocks"]:
         tensors.update(load_safetensors((out / block["shard"]).read_bytes()))
-    _, result = quantize(load_llava(tiny_llava_dir)[0], calibration_batches(tiny_llava_dir, CAL), config)
+    _, result = quantize(load_llava(tiny_llava_dir)[0], calibration_batches(tiny_llava_dir, CAL), config,
+                         calibration_answer_masks(tiny_llava_dir, CAL))
     expected = result.tensors()
     assert set(tensors) == set(expected)
     assert all(torch.equal(tensors[n], v) for n, v in expected.items())

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from qvlm.batches import CalibrationSettings, calibration_batches
+from qvlm.batches import CalibrationSettings, calibration_answer_masks, calibration_batches
 from qvlm.config import QuantConfig
 from qvlm.structure import Unit
 from qvlm.veo import optimize_vision_encoder
@@ -44,7 +44,8 @@ def run_veo(model_uri: str, model_endpoint: str | None, output_uri: str, output_
     names = [u.name for u in units]
     shard = ModelShard(model_uri, model_endpoint, names, glue=True, all_unit_modules=names)
     batches = calibration_batches(shard.local_dir, calibration)
-    result = optimize_vision_encoder(shard.model, batches, units, schemes, config, bits)
+    answers = calibration_answer_masks(shard.local_dir, calibration)
+    result = optimize_vision_encoder(shard.model, batches, units, schemes, config, bits, answers)
     blob = encode_shard(result.block)
     storage = open_storage(output_uri, output_endpoint)
     sha = storage.put_bytes(VEO_SHARD_KEY, blob)
