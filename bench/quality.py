@@ -5,7 +5,7 @@
 Models: the tiny LLaVA trained on the hard shapes task and the tiny text Llama trained on Python's
 documentation (``qvlm.tiny_train.cached_model``; trained into ~/.cache/qvlm/trained on first use). Every
 configuration runs ``qvlm.driver.quantize`` in this process (the code the distributed job runs stage by
-stage; tests/test_cluster_* check the job's shards match it bit for bit) on a fresh copy of the FP model,
+stage; tests/test_job_local.py checks the job's tensors match it bit for bit) on a fresh copy of the FP model,
 then compares the fake-quant model with FP on held-out data.
 
 Grid: schemes W8A8, W6A6, W4A4, W4A16 g128 x methods rtn, gptq, qvlm (search clip / learned) x mixed
@@ -152,7 +152,7 @@ def grid(subject: Model, args) -> tuple[list[list], list[str]]:
         for method in METHODS:
             none_runs: dict[str, dict] = {}
             for mp in MIXED:
-                if mp != "none" and boosts[mp] == 0 and (checked_mp_identity or method != "qvlm-clip"):
+                if mp != "none" and boosts[mp] == 0 and (checked_mp_identity or method != "gptq"):
                     continue
                 runs = {}
                 for prop in PROPAGATION:
