@@ -1,6 +1,7 @@
 """Quality of every method on trained tiny models: accuracy, KL and top-1 agreement to full precision.
 
     .venv/bin/python bench/quality.py [--only llava text] [--epochs 4] [--iters 100]
+    .venv/bin/python bench/quality.py --only text --text-layers 12 --methods rtn gptq qvlm-learned --propagation fp
 
 Models: the tiny LLaVA trained on the hard shapes task and the tiny text Llama trained on Python's
 documentation (``qvlm.tiny_train.cached_model``; trained into ~/.cache/qvlm/trained on first use). Every
@@ -92,8 +93,8 @@ def llava_subject(cal_seed: int = 0) -> Model:
     return Model(f"tiny LLaVA {path}", fp, batches_for(path, cal, settings), quality, "acc")
 
 
-def text_subject() -> Model:
-    path = cached_model("text")
+def text_subject(layers: int = TEXT_RECIPE.layers) -> Model:
+    path = cached_model("text", layers=layers)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train, held = pydoc_texts()
     windows = text_windows(train, tokenizer, TEXT_RECIPE.seq_len)
@@ -143,19 +144,22 @@ def grid(subject: Model, args) -> tuple[list[list], list[str]]:
     fp_quality = subject.quality(subject.fp)
     rows = [["FP", "-", "-", "-", "-", "fp32", "-", f"{fp_quality['score']:.4f}", "0", "1.0000", "-"]]
     notes, checked_mp_identity = [], False
+    identity_method = next((m for m in args.methods if m != "rtn"), args.methods[0])  # rtn would check little
     for sname, (w, a) in schemes().items():
+        if sname not in args.schemes:
+            continue
         boosts = boosted_plans(subject, args, w, a)
         idle = [mp for mp, n in boosts.items() if n == 0]
         if idle:
             notes.append(f"{sname}: {' and '.join(idle)} boosted no linear, so those rows equal the `none` rows "
                          f"and are not listed")
-        for method in METHODS:
+        for method in args.methods:
             none_runs: dict[str, dict] = {}
             for mp in MIXED:
-                if mp != "none" and boosts[mp] == 0 and (checked_mp_identity or method != "gptq"):
+                if mp != "none" and boosts[mp] == 0 and (checked_mp_identity or method != identity_method):
                     continue
                 runs = {}
-                for prop in PROPAGATION:
+                for prop in args.propagation:
                     cfg = replace(base_config(args, w, a, method), propagation=prop,
                                   mixed_precision=MixedPrecisionConfig(mp, EXTRA_BUDGET))
                     runs[prop] = run_one(subject, cfg)
@@ -164,11 +168,11 @@ def grid(subject: Model, args) -> tuple[list[list], list[str]]:
                 if mp == "none":
                     none_runs = runs
                 elif boosts[mp] == 0:  # the one full check that a no-boost plan reproduces the none rows
-                    assert all(same_tensors(runs[p]["tensors"], none_runs[p]["tensors"]) for p in PROPAGATION), \
+                    assert all(same_tensors(runs[p]["tensors"], none_runs[p]["tensors"]) for p in runs), \
                         f"{sname} {method} {mp}: no linear boosted but tensors differ from the none run"
                     checked_mp_identity = True
                     notes.append(f"checked once in full: {sname} {method} {mp} (no boost) gave tensors bit-identical "
-                                 f"to {sname} {method} none, for both propagations")
+                                 f"to {sname} {method} none, for " + ("both propagations" if len(runs) == 2 else f"propagation {next(iter(runs))}"))
                     continue
                 rows += format_rows(sname, method, mp, runs)
     return rows, notes
@@ -179,7 +183,7 @@ def format_rows(sname: str, method: str, mp: str, runs: dict) -> list[list]:
         return [sname, method, mp, prop, r["boosted"], f"{r['bits']:.3f}", r["blocks"], f"{r['score']:.4f}",
                 f"{r['kl']:.4f}", f"{r['top1']:.4f}", f"{r['seconds']:.1f}"]
 
-    if same_tensors(runs["fp"]["tensors"], runs["quantized"]["tensors"]):
+    if len(runs) == 2 and same_tensors(runs["fp"]["tensors"], runs["quantized"]["tensors"]):
         return [cells("fp=q", runs["fp"])]
     return [cells(p, r) for p, r in runs.items()]
 
@@ -187,6 +191,12 @@ def format_rows(sname: str, method: str, mp: str, runs: dict) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=["llava", "text"], default=["llava", "text"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="the first besides rtn also runs the one full check that a no-boost plan equals `none`")
+    parser.add_argument("--schemes", nargs="+", choices=list(SCHEME_BITS), default=list(SCHEME_BITS))
+    parser.add_argument("--propagation", nargs="+", choices=PROPAGATION, default=list(PROPAGATION))
+    parser.add_argument("--text-layers", type=int, default=TEXT_RECIPE.layers,
+                        help="decoder layers of the text model (another depth is trained and cached on first use)")
     parser.add_argument("--epochs", type=int, default=4, help="clip: coordinate passes per block")
     parser.add_argument("--iters", type=int, default=100, help="learned: optimisation steps per block")
     parser.add_argument("--threads", type=int, default=1,
@@ -201,7 +211,7 @@ def main() -> None:
     for name, (w, a) in schemes().items():
         print(f"  {name}: {describe(w, a)}")
     headers = ["scheme", "method", "mixed", "prop", "boosted", "bits/w", "blocks", "SCORE", "KL", "top-1", "sec"]
-    subjects = {"llava": llava_subject, "text": text_subject}
+    subjects = {"llava": llava_subject, "text": lambda: text_subject(args.text_layers)}
     for key in args.only:
         t = time.perf_counter()
         subject = subjects[key]()

@@ -8,7 +8,8 @@ seeds, a fixed data order and a fixed number of torch threads, and save like ``q
 safetensors + processor/tokenizer) plus a ``training.json`` describing the run.
 
 ``cached_model(kind)`` trains into ``~/.cache/qvlm/trained/<kind>-v<N>/`` once and reuses it afterwards; the
-version suffix changes whenever a recipe changes, so a stale checkpoint is never picked up.
+version suffix changes whenever a recipe changes, so a stale checkpoint is never picked up. Recipe variants
+(``cached_model("text", layers=12)``) are cached beside it, named by what they change.
 
     python -m qvlm.tiny_train {llava,text} [DIR]
 """
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -346,23 +347,36 @@ def train_tiny_text_llama(path: str | Path, seed: int = 0, recipe: TextRecipe = 
 
 
 TRAINERS = {"llava": train_tiny_llava, "text": train_tiny_text_llama}
+RECIPES = {"llava": LLAVA_RECIPE, "text": TEXT_RECIPE}
 
 
-def cached_model(kind: str) -> Path:
-    """The trained ``kind`` ("llava" or "text") under ``~/.cache/qvlm/trained``, training it first if absent.
+def cache_dir(kind: str, **changes: Any) -> Path:
+    """Where ``cached_model(kind, **changes)`` keeps its model: the recipe's version, then each change."""
+    if kind not in TRAINERS:
+        raise ValueError(f"unknown trained model {kind!r}; choose one of {sorted(TRAINERS)}")
+    recipe = RECIPES[kind]
+    unknown = sorted(set(changes) - {f.name for f in fields(recipe)})
+    if unknown:
+        raise ValueError(f"the {kind} recipe has no field {', '.join(unknown)}; its fields: "
+                         f"{', '.join(f.name for f in fields(recipe))}")
+    changes = {k: v for k, v in changes.items() if getattr(recipe, k) != v}
+    return CACHE / "-".join([f"{kind}-v{VERSIONS[kind]}", *(f"{k}{v}" for k, v in sorted(changes.items()))])
+
+
+def cached_model(kind: str, **changes: Any) -> Path:
+    """The trained ``kind`` ("llava" or "text") under ``~/.cache/qvlm/trained``, training it first if absent;
+    ``changes`` replace fields of its recipe (``layers=12``).
 
     Trains into a temporary folder beside the target and renames it into place, so a concurrent caller
     never sees a half-written model (the loser of a race discards its copy).
     """
-    if kind not in TRAINERS:
-        raise ValueError(f"unknown trained model {kind!r}; choose one of {sorted(TRAINERS)}")
-    target = CACHE / f"{kind}-v{VERSIONS[kind]}"
+    target = cache_dir(kind, **changes)
     if (target / "training.json").exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=CACHE))
     try:
-        TRAINERS[kind](tmp)
+        TRAINERS[kind](tmp, recipe=replace(RECIPES[kind], **changes))
         tmp.chmod(0o755)  # mkdtemp made it private
         try:
             os.rename(tmp, target)

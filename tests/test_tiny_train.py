@@ -104,3 +104,14 @@ def test_trained_llava_answers_well_but_not_perfectly():
     accuracy = held_out_accuracy(model, AutoProcessor.from_pretrained(path), held_out_records())
     assert 0.6 < accuracy < 1.0  # chance is below 0.35 for every question kind
     assert accuracy == pytest.approx(json.loads((path / "training.json").read_text())["held_out"]["accuracy"], abs=0.01)
+
+
+def test_recipe_variants_are_cached_apart_and_unknown_fields_refused():
+    from qvlm.tiny_train import CACHE, TEXT_RECIPE, cache_dir
+
+    assert cache_dir("text") == cache_dir("text", layers=TEXT_RECIPE.layers) == CACHE / "text-v1"
+    assert cache_dir("text", steps=900, layers=12) == CACHE / "text-v1-layers12-steps900"
+    with pytest.raises(ValueError, match="the text recipe has no field depth; its fields: layers, hidden"):
+        cache_dir("text", depth=12)
+    with pytest.raises(ValueError, match="unknown trained model 'vit'"):
+        cache_dir("vit")
