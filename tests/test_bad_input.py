@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from tests.job_files import set_fields
 
 runner = CliRunner()
 
@@ -43,12 +44,7 @@ class Case:
 
     def set(self, **changes) -> None:
         """Set job fields by dotted path (``quantization.weights.bits=9``)."""
-        for dotted, value in changes.items():
-            node = self.data
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+        set_fields(self.data, **changes)
 
     def copy_model(self) -> Path:
         """A private copy of the tiny LLaVA for cases that damage it; the job points at it."""

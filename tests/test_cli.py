@@ -7,33 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from tests.job_files import write_job
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 
 def _job(tmp_path, model_dir, **changes) -> Path:
-    job = {
-        "name": "cli-test",
-        "model": {"path": str(model_dir)},
-        "calibration": {"samples": 8, "eval_samples": 0, "max_length": 64, "batch_size": 4},
-        "quantization": {"qvlm": {"epochs": 1}},
-        "output": {"uri": str(tmp_path / "out")},
-        "resources": {"workers": 2},
-    }
-    for dotted, value in changes.items():
-        node = job
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_job(tmp_path / "job.yaml", "cli-test", str(model_dir), str(tmp_path / "out"), **changes)
 
 
 @pytest.mark.parametrize("change,expected", [

@@ -21,11 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cluster.lock import LOCK_KEY, LockError, OutputLock, read_lock
 from cluster.verify import verify_output
 from tests.fault_proxy import KINDS, FaultProxy
+from tests.job_files import write_job
 from tests.s3_server import FAKE_ENV
 from workers.block_task import record_key
 from workers.storage import AlreadyExists, LocalStorage, S3Storage, StorageError, open_storage
@@ -40,23 +40,7 @@ DOCUMENTS = {"qvlm_plan.json", "qvlm_report.json", "report.html"}
 # --- jobs in their own processes ---------------------------------------------------------------------
 
 def _job(tmp_path: Path, model: str, out: str, name: str = "faults", **changes) -> Path:
-    job = {
-        "name": name,
-        "model": {"path": model},
-        "calibration": {"samples": 8, "eval_samples": 0, "max_length": 64, "batch_size": 4},
-        "quantization": {"qvlm": {"epochs": 1}},
-        "output": {"uri": out},
-        "resources": {"workers": 2},
-    }
-    for dotted, value in changes.items():
-        node = job
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_job(tmp_path / f"{name}.yaml", name, model, out, **changes)
 
 
 def _env(faults: Path | None = None) -> dict:
