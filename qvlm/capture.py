@@ -7,16 +7,18 @@ them once per call so that a unit, or a block of consecutive units, can later ru
 
 from __future__ import annotations
 
-import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import Cache, PretrainedConfig
 
 from qvlm.structure import Unit
 
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+# Flags that only steer a forward pass's bookkeeping; a replayed unit must not receive them.
+_DROPPED_KWARGS = ("use_cache", "output_attentions", "output_hidden_states", "return_dict")
 
 
 @dataclass
@@ -49,8 +51,53 @@ def call_unit(module: nn.Module, call: UnitCall, hidden: torch.Tensor | None = N
     return unit_output(module(x, *call.args, **call.kwargs))
 
 
+def _configs(config: PretrainedConfig) -> Iterator[PretrainedConfig]:
+    """A config and every sub-config inside it (LLaVA's text_config and vision_config, ...)."""
+    yield config
+    for value in vars(config).values():
+        if isinstance(value, PretrainedConfig):
+            yield from _configs(value)
+
+
+def disable_kv_cache(model: nn.Module) -> dict[int, tuple[PretrainedConfig, Any]]:
+    """Set ``use_cache=False`` on every config the model's modules read (and its generation config), so that
+    no forward pass builds a KV cache whatever the release calls its cache argument. Returns what was there
+    before, for :func:`restore_kv_cache`."""
+    before: dict[int, tuple[Any, Any]] = {}
+    roots = [getattr(m, "config", None) for m in model.modules()] + [getattr(model, "generation_config", None)]
+    for root in roots:
+        if root is None:
+            continue
+        for cfg in _configs(root) if isinstance(root, PretrainedConfig) else [root]:
+            if id(cfg) not in before and hasattr(cfg, "use_cache"):
+                before[id(cfg)] = (cfg, cfg.use_cache)
+                cfg.use_cache = False
+    return before
+
+
+def restore_kv_cache(before: dict[int, tuple[Any, Any]]) -> None:
+    for cfg, value in before.values():
+        cfg.use_cache = value
+
+
+@contextmanager
+def kv_cache_disabled(model: nn.Module):
+    """``use_cache=False`` for the model while the block runs, then the user's settings again."""
+    before = disable_kv_cache(model)
+    try:
+        yield model
+    finally:
+        restore_kv_cache(before)
+
+
+def _kept(key: str, value: Any) -> bool:
+    """Whether a captured keyword argument is replayed: never a KV cache (whatever its name) or a flag."""
+    return key not in _DROPPED_KWARGS and not isinstance(value, Cache)
+
+
 def _split_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+    kwargs = {k: v for k, v in kwargs.items() if _kept(k, v)}
+    args = tuple(None if isinstance(a, Cache) else a for a in args)
     if args:
         return args[0], tuple(args[1:]), kwargs
     first = next(iter(kwargs))  # the projector is called with its single input by keyword in some models
@@ -96,15 +143,15 @@ def capture_units(
                 raise _StopForward
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     try:
-        for batch in batches:
-            am = batch.get("attention_mask")
-            token_mask[0] = am.bool() if am is not None else None
-            try:
-                model(**batch, **extra)
-            except _StopForward:
-                pass
+        with kv_cache_disabled(model):
+            for batch in batches:
+                am = batch.get("attention_mask")
+                token_mask[0] = am.bool() if am is not None else None
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()

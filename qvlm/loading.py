@@ -21,6 +21,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 
+from qvlm.capture import disable_kv_cache
+
 
 class ModelError(ValueError):
     """The model's files do not fit what qvlm needs; the message names the file and how to fix it."""
@@ -79,6 +81,7 @@ def build_skeleton(config: PretrainedConfig | dict) -> nn.Module:
     cls = model_class(config)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    disable_kv_cache(model)  # a job never generates: no forward pass of it may build a KV cache
     return model.eval()
 
 

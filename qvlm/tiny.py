@@ -85,6 +85,7 @@ def _llama_config(tokenizer: PreTrainedTokenizerFast, layers: int) -> LlamaConfi
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
+        use_cache=True,  # what real checkpoints ship with; capture must cope with it
         **_token_ids(tokenizer),
     )
 
