@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from workers.block_task import BlockRecord, BlockSpec, record_key
+from qvlm.method import MethodResult
+from workers.shard import BlockRecord, CorruptRecord, read_record
 from workers.storage import StorageError
 
 PLAN_KEY = "qvlm_plan.json"
@@ -14,25 +15,23 @@ REPORT_KEY = "qvlm_report.json"
 HTML_KEY = "report.html"
 
 
-def load_finished_blocks(out, specs: list[BlockSpec], echo=None) -> dict[int, BlockRecord]:
-    """Blocks whose record exists, matches the current plan and whose shard's sha256 verifies; ``echo``
-    hears about each shard that fails its check."""
+def load_finished_blocks(out, blocks, units, echo=None) -> dict[int, BlockRecord]:
+    """Blocks whose record exists, names the units the current plan gives the block, and whose files verify
+    (sha256); ``echo`` hears about each record or file that fails its check (that block is searched again)."""
     finished = {}
-    for spec in specs:
-        key = record_key(spec.index)
-        if not out.exists(key):
-            continue
-        data = json.loads(out.get_bytes(key))
-        record = BlockRecord(**{**data, "unit_names": tuple(data["unit_names"])})
-        if record.unit_names != spec.unit_names:
-            continue
+    for block in blocks:
         try:
+            record = read_record(out, block.index)
+            if record is None or record.unit_names != tuple(units[i].name for i in block.units):
+                continue
             out.get_bytes(record.shard_key, record.sha256)
-        except StorageError as exc:
+            if record.act_key:
+                out.get_bytes(record.act_key, record.act_sha256)
+        except (CorruptRecord, StorageError) as exc:
             if echo is not None:
-                echo(f"block {spec.index} is searched again: {exc}", flush=True)
+                echo(f"block {block.index} is searched again: {exc}", flush=True)
             continue
-        finished[spec.index] = record
+        finished[block.index] = record
     return finished
 
 
@@ -42,19 +41,14 @@ class JobResult:
 
     settings: object
     plan: object
-    schemes: dict
-    precision: object
-    deps: list
-    thresholds: list
-    blocks: list
-    records: dict
+    method: MethodResult
+    records: dict[int, BlockRecord]
     seconds: dict
-    stages: list  # per stage: tensors it loaded, its peak RSS and weight bytes
-    stats: list  # UnitStats per unit, in unit order
-    veo: dict | None = None  # VeoOutcome.document() when the vision tower was tuned
+    stages: list  # per stage: tensors it loaded, where it ran, its peak RSS, weight bytes and bytes sent
 
 
 def _plan_document(r: JobResult) -> dict:
+    m = r.method
     return {
         "job": r.settings.name,
         "spec_hash": r.settings.spec_hash,
@@ -65,19 +59,22 @@ def _plan_document(r: JobResult) -> dict:
         "stage_tensors": [s["tensors"] for s in r.stages],
         "stage_memory": [{k: s[k] for k in ("peak_rss_bytes", "weight_bytes")} for s in r.stages],
         "stage_nodes": [s["node_id"] for s in r.stages],
+        "stage_devices": [s["device"] for s in r.stages],
         "stage_reads": [s["reads"] for s in r.stages],
-        "schemes": {n: asdict(s) for n, s in sorted(r.schemes.items())},
+        "transfer_bytes": [s["transfer_bytes"] for s in r.stages],
+        "schemes": {n: asdict(s) for n, s in sorted(m.schemes.items())},
         "linear_shapes": {n: list(shape) for n, shape in sorted(r.plan.linear_shapes.items())},
         "activations": asdict(r.settings.quant.activations),
         "weights": asdict(r.settings.quant.weights),
         "method": _method_label(r.settings.quant),
-        "boosted": list(r.precision.boosted) if r.precision is not None else [],
+        "boosted": list(m.precision.boosted) if m.precision is not None else [],
         "unit_stats": [{"unit": st.unit, "kurtosis": st.kurtosis, "sensitivity": st.sensitivity,
-                        "groups": [list(g) for g in st.groups]} for st in r.stats],
-        "dependency": [{"entropy": list(d.entropy), "dependency": list(d.dependency), "h0": h} for d, h in zip(r.deps, r.thresholds)],
-        "blocks": [{"index": b.index, "stream": b.stream, "units": list(b.units), **_record_fields(r.records[b.index])} for b in r.blocks],
+                        "groups": [list(g) for g in st.groups]} for st in m.stats],
+        "dependency": [{"entropy": list(d.entropy), "dependency": list(d.dependency), "h0": h} for d, h in zip(m.dependency, m.h0)],
+        "blocks": [{"index": b.index, "stream": b.stream, "units": list(b.units), **_record_fields(r.records[b.index])}
+                   for b in m.blocks],
         "seconds": r.seconds,
-        "veo": r.veo,
+        "veo": m.veo.document() if m.veo is not None else None,
     }
 
 
@@ -106,8 +103,5 @@ def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: di
     files = dict(checkpoint_files)
     for key, data in documents.items():
         files[key] = {"sha256": out.put_bytes(key, data), "size": len(data)}
-    for b in result.blocks:
-        rec = result.records[b.index]
-        files[rec.shard_key] = {"sha256": rec.sha256, "size": rec.size}
     manifest = {"job": result.settings.name, "spec_hash": result.settings.spec_hash, "files": files}
     out.put_bytes(MANIFEST_KEY, json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -12,17 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlm.driver import plan_blocks, plan_precision, unit_bits, vision_streams
-from qvlm.dependency import DependencySeries
+from qvlm.method import Hooks, run_method
 from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
 from cluster.lock import LOCK_KEY, LockError, OutputLock
+from cluster.pipeline import RayPipeline
 from cluster.plan import JobPlan, make_plan
 from cluster.settings import JobSettings
 from cluster.state import JobState, StateFile, read_state
-from cluster.veo import record_vision_block, tune_vision_encoder
-from workers.block_task import BlockSpec
+from cluster.veo import VeoOutcome, tune_vision_encoder
+from workers.model_shard import fetch_small_files
 from workers.safetensors_reader import CheckpointIndex
-from workers.stage import fetch_small_files
 from workers.storage import open_storage
 
 
@@ -131,92 +130,114 @@ def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: Out
 
 
 def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile) -> JobOutcome:
-    from cluster.fanout import search_blocks
-
     t0 = time.perf_counter()
-    seconds: dict = {}
-    for attempt in range(1, settings.max_retries + 2):
-        try:
-            stage_info, stage_rss, planned, inputs = _stage_phase(ray, settings, plan, out, state, seconds, t0)
-            break
-        except ray.exceptions.RayActorError as exc:
-            _stage_died(exc, attempt, settings, state)
-    schemes, precision, deps, blocks, thresholds, stats, veo = planned
-    specs = [BlockSpec(b.index, tuple(plan.units[i].name for i in b.units), tuple(plan.units[i].linears for i in b.units),
-                       {plan.units[i].linear_name(n): schemes[plan.units[i].linear_name(n)] for i in b.units for n in plan.units[i].linears})
-             for b in blocks]
-    if veo is not None:
-        for b in blocks:
-            if plan.units[b.units[0]].segment == "vision":
-                record_vision_block(out, b, veo.record)
-    finished = load_finished_blocks(out, specs, state.echo)
-    state.update(phase="searching", blocks_total=len(blocks), blocks_done=len(finished), blocks_resumed=len(finished),
-                 seconds=dict(seconds))
-    t_search = time.perf_counter()
-    records = search_blocks(ray, settings, blocks, specs, inputs, finished, state, t_search)
-    seconds["search"] = time.perf_counter() - t_search
+    method, stages_info, load_seconds = _quantize_on_stages(ray, settings, plan, out, state)
+    records = load_finished_blocks(out, method.blocks, plan.units, state.echo)
+    missing = [b.index for b in method.blocks if b.index not in records]
+    if missing:
+        raise JobError(f"blocks {missing[:5]} have no verified record after the search; re-submit the job to search them")
+    seconds = {"load": load_seconds, **vars(method.seconds)}
     state.update(phase="committing", seconds=dict(seconds))
-    stages_info = [{**info, "peak_rss_bytes": rss, "weight_bytes": plan.stage_bytes(i)}
-                   for i, (info, rss) in enumerate(zip(stage_info, stage_rss))]
-    checkpoint = _export_checkpoint(ray, settings, blocks, records, schemes)
-    seconds["export"] = time.perf_counter() - t_search - seconds["search"]
+    t_export = time.perf_counter()
+    checkpoint = _export_checkpoint(ray, settings, plan, method, records)
+    seconds["export"] = time.perf_counter() - t_export
     t_eval = time.perf_counter()
     evaluation = _evaluate(ray, settings, plan)
     seconds["evaluate"] = time.perf_counter() - t_eval
     seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
-    result = JobResult(settings, plan, schemes, precision, deps, thresholds, blocks, records, seconds, stages_info, stats,
-                       veo.document() if veo is not None else None)
+    result = JobResult(settings, plan, method, records, seconds, stages_info)
     state.check()  # never commit into an output whose lock another run has taken
     commit_output(out, result, checkpoint, evaluation)
-    state.update(phase="finished", blocks_done=len(blocks), seconds=dict(seconds))
-    return JobOutcome(settings.output_uri, len(blocks), len(finished), seconds, evaluation)
+    state.update(phase="finished", blocks_done=len(method.blocks), seconds=dict(seconds))
+    resumed = len(method.done)
+    return JobOutcome(settings.output_uri, len(method.blocks), resumed, seconds, evaluation)
 
 
-def _stage_phase(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile, seconds: dict, t0: float):
-    """Start the stage actors, capture, plan the blocks and take their inputs; the stages stop at the end."""
+def _quantize_on_stages(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile):
+    """Run the method on a fresh set of stage actors; when one dies (its captures are lost with it), start the
+    stages again and capture again, up to ``resources.max_retries`` times. Finished blocks are in the output's
+    ledger, so a new attempt searches only what is missing."""
+    for attempt in range(1, settings.max_retries + 2):
+        try:
+            return _attempt(ray, settings, plan, out, state)
+        except ray.exceptions.RayActorError as exc:
+            _stage_died(exc, attempt, settings, state)
+
+
+def _attempt(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile):
     from cluster.placement import start_stages, stop_stages
 
+    t0 = time.perf_counter()
     stages, pg, stage_info = start_stages(ray, settings, plan)
-    seconds["load"] = time.perf_counter() - t0  # stage actors started, each holding its weights
+    load_seconds = time.perf_counter() - t0  # stage actors started, each holding its weights
     try:
-        state.update(phase="capturing")
-        _capture(ray, stages, settings)
-        seconds["capture"] = time.perf_counter() - t0 - seconds["load"]
-        state.update(phase="statistics", seconds=dict(seconds))
-        t_stats = time.perf_counter()
-        schemes, precision, deps, blocks, thresholds, stats, veo = _plan_blocks(ray, stages, plan, settings, out)
-        inputs = _block_inputs(ray, stages, plan, blocks)
-        seconds["statistics"] = time.perf_counter() - t_stats
-        if veo is not None:  # a barrier inside the statistics phase, counted apart
-            seconds["veo"] = veo.seconds
-            seconds["statistics"] -= veo.seconds
-        stage_rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
-        return stage_info, stage_rss, (schemes, precision, deps, blocks, thresholds, stats, veo), inputs
+        pipe = RayPipeline(ray, stages)
+        n_batches = ray.get(stages[0].load_batches.remote(settings.calibration))
+        if not n_batches:
+            raise JobError("calibration produced no batches (calibration.samples is 0?)", exit_code=2)
+        method = run_method(pipe, plan.layout, plan.linear_shapes, range(n_batches), settings.quant,
+                            JobHooks(ray, pipe, plan, settings, out, state).hooks())
+        rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
+        sent = ray.get([s.transfer_bytes.remote() for s in stages])
     finally:
         stop_stages(ray, stages, pg)
+    info = [{**i, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(k), "transfer_bytes": b}
+            for k, (i, r, b) in enumerate(zip(stage_info, rss, sent))]
+    return method, info, load_seconds
+
+
+class JobHooks:
+    """What a job adds to the method: progress in the state file, the resume ledger, VEO in the first stage."""
+
+    def __init__(self, ray, pipe: RayPipeline, plan: JobPlan, settings: JobSettings, out, state: StateFile):
+        self.ray, self.pipe, self.plan, self.settings, self.out, self.state = ray, pipe, plan, settings, out, state
+        self.veo: VeoOutcome | None = None
+
+    def hooks(self) -> Hooks:
+        return Hooks(tune_vision=self.tune_vision, finished=self.finished, progress=self.progress)
+
+    def tune_vision(self, schemes: dict, bits: dict, deps: list) -> VeoOutcome:
+        self.veo = tune_vision_encoder(self.ray, self.pipe, self.plan, self.settings, self.out, schemes, bits, deps)
+        return self.veo
+
+    def finished(self, blocks) -> set[int]:
+        """Once the blocks are known: tell the stages how the checkpoint's files are numbered, put the VEO-tuned
+        tower in place as its block, and name the blocks an earlier run finished (their records verify)."""
+        stages = self.pipe.actors
+        self.ray.get([s.set_files.remote(self.plan.n_files(len(blocks))) for s in stages])
+        if self.veo is not None:
+            for b in blocks:
+                if self.plan.units[b.units[0]].segment == "vision":
+                    self.ray.get(stages[0].adopt_block.remote(self.veo.record.block, b.index))
+        return set(load_finished_blocks(self.out, blocks, self.plan.units, self.state.echo))
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        state = self.state
+        if phase == "searching":
+            state.update(phase=phase, blocks_done=done, blocks_total=max(total, state.state.blocks_total))
+        elif phase != state.state.phase:
+            state.update(phase=phase)
 
 
 def _stage_died(exc: Exception, attempt: int, settings: JobSettings, state: StateFile) -> None:
-    """A stage actor died (its captures are lost with it): start a fresh set of stages and capture again, up
-    to ``resources.max_retries`` times; a capture costs minutes where the block searches cost hours."""
+    """A stage actor died: say so and try again, or give up after ``resources.max_retries`` new attempts."""
     attempts = settings.max_retries + 1
     inner = getattr(exc, "cause", None) or exc  # a RayTaskError(ActorDiedError) carries the actor's error
     cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
     if attempt >= attempts:
         raise JobError(f"a stage worker died during {state.state.phase} in each of {attempts} attempts (last: {cause}); "
-                       "the job stopped before any block search and committed nothing; re-submit it to try again "
+                       "the blocks it finished are kept in the output; re-submit the job to go on, "
                        "or raise resources.max_retries") from exc
     state.echo(f"[{settings.name}] a stage worker died during {state.state.phase} ({cause}); starting the stages again "
-               f"and redoing the capture (attempt {attempt + 1} of {attempts})", flush=True)
+               f"(attempt {attempt + 1} of {attempts}); finished blocks are kept", flush=True)
 
 
-def _export_checkpoint(ray, settings: JobSettings, blocks, records, schemes) -> dict:
-    """One worker task writes the compressed-tensors checkpoint from the block shards."""
+def _export_checkpoint(ray, settings: JobSettings, plan: JobPlan, method, records: dict) -> dict:
+    """One worker task writes the rest of the checkpoint around the blocks' files."""
     from workers.export_task import ExportRequest, write_checkpoint
 
-    request = ExportRequest(settings.model_uri, settings.model_endpoint, settings.output_uri, settings.output_endpoint,
-                            tuple((records[b.index].shard_key, records[b.index].sha256) for b in blocks), dict(schemes),
-                            settings.quant.activations)
+    request = ExportRequest(settings.locations, tuple(records[b.index] for b in method.blocks), plan.rest_chunks,
+                            dict(method.schemes), settings.quant.activations)
     task = ray.remote(write_checkpoint).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_retries)
     return ray.get(task.remote(request))
 
@@ -231,53 +252,3 @@ def _evaluate(ray, settings: JobSettings, plan: JobPlan) -> dict:
     task = ray.remote(evaluate_checkpoint).options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0)
     return ray.get(task.remote(settings.model_uri, settings.model_endpoint, settings.output_uri, settings.output_endpoint,
                                settings.calibration))
-
-
-def _capture(ray, stages, settings: JobSettings) -> None:
-    """Pipeline every calibration batch through the stages; Ray overlaps stages on different batches."""
-    batches = ray.get(stages[0].calibration_batches.remote(settings.calibration))
-    if not batches:
-        raise JobError("calibration produced no batches (calibration.samples is 0?)", exit_code=2)
-    tails = []
-    for batch in batches:
-        ref = stages[0].capture.remote(batch)
-        for stage in stages[1:]:
-            ref = stage.capture.remote(ref)
-        tails.append(ref)
-    ray.get(tails)
-
-
-def _plan_blocks(ray, stages, plan: JobPlan, settings: JobSettings, out):
-    quant = settings.quant
-    stats = [s for part in ray.get([st.statistics.remote(quant.weights) for st in stages]) for s in part]
-    units = list(plan.units)
-    schemes, precision = plan_precision(plan.linear_shapes, units, stats, quant)
-    bits = {u.index: unit_bits(u, schemes, quant) for u in units}
-    deps = _dependencies(ray, stages, plan, bits)
-    veo, whole = None, []
-    if quant.veo.enabled:
-        veo = tune_vision_encoder(ray, stages, plan, settings, out, schemes, bits, deps,
-                                  recapture=lambda: _capture(ray, stages, settings))
-        deps = _dependencies(ray, stages, plan, bits)
-        whole = vision_streams(plan.streams, units)
-    blocks, thresholds = plan_blocks(plan.streams, deps, quant, whole)
-    return schemes, precision, deps, blocks, thresholds, stats, veo
-
-
-def _dependencies(ray, stages, plan: JobPlan, bits: dict) -> list[DependencySeries]:
-    previous = {i: (s[p - 1] if p > 0 else None) for s in plan.streams for p, i in enumerate(s)}
-    entropy, dep = {}, {}
-    for e, d in ray.get([st.dependencies.remote(bits, previous) for st in stages]):
-        entropy.update(e)
-        dep.update(d)
-    return [DependencySeries(tuple(entropy[i] for i in s), tuple(dep[i] for i in s[1:])) for s in plan.streams]
-
-
-def _block_inputs(ray, stages, plan: JobPlan, blocks) -> list[tuple]:
-    """Object refs of (first-unit calls, last-unit FP outputs) per block, owned by the driver so they
-    outlive the stage actors."""
-    owner = {i: stages[s] for s, stage in enumerate(plan.stages) for i in stage}
-    refs = [(owner[b.units[0]].unit_calls.remote(b.units[0]), owner[b.units[-1]].unit_outputs.remote(b.units[-1])) for b in blocks]
-    flat = [r for pair in refs for r in pair]
-    ray.wait(flat, num_returns=len(flat), fetch_local=False)
-    return refs

@@ -39,8 +39,8 @@ def start_stages(ray, settings: JobSettings, plan: JobPlan):
     stages = [
         actor.options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0,
                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                      name=None).remote(settings.model_uri, settings.model_endpoint,
-                                        [plan.units[i] for i in stage], rank == 0, all_units)
+                      name=None).remote(settings.locations, [plan.units[i] for i in stage], rank == 0, all_units,
+                                        max(1, int(settings.cpus_per_worker)))
         for rank, stage in enumerate(plan.stages)
     ]
     return stages, pg, ray.get([s.ready.remote() for s in stages])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qvlm.driver import linear_shapes, select_units
+from qvlm.method import Layout, linear_shapes, select_units
 from qvlm.loading import ModelError, build_skeleton, checkpoint_key_map, glue_names, load_config, owned_names
 from qvlm.structure import SEGMENTS, Unit, find_units, segments_of
 from workers.safetensors_reader import CheckpointIndex
@@ -29,9 +29,18 @@ class JobPlan:
     total_bytes: int  # all tensors of the checkpoint
     linear_shapes: dict = field(default_factory=dict)
     weight_element_bytes: int = 2  # bytes per element of the source linears' weights
+    rest_chunks: tuple[tuple[str, ...], ...] = ()  # checkpoint keys of the unquantized tensors, per output file
 
     def stage_bytes(self, s: int) -> int:
         return sum(self.unit_bytes[i] for i in self.stages[s]) + (self.glue_bytes if s == 0 else 0)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.units, self.streams, self.stages)
+
+    def n_files(self, n_blocks: int) -> int:
+        """Files of the checkpoint: one per block of quantized linears, then the unquantized tensors'."""
+        return n_blocks + len(self.rest_chunks)
 
 
 def _param_bytes(model, names) -> int:
@@ -105,8 +114,28 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> J
     stages = split_stages(units, unit_bytes, streams, workers, glue)
     first = units[0]
     element = model.get_submodule(first.linear_name(first.linears[0])).weight.element_size()
+    shapes = linear_shapes(model, units)
     return JobPlan(type(model).__name__, tuple(units), tuple(streams), tuple(stages), tuple(unit_bytes), glue,
-                   index.total_bytes(), linear_shapes(model, units), element)
+                   index.total_bytes(), shapes, element, rest_chunks(model, index, shapes))
+
+
+MAX_FILE_BYTES = 5 * 10**9  # the checkpoint's unquantized tensors go into files of at most this size
+
+
+def rest_chunks(model, index: CheckpointIndex, quantized: dict, max_bytes: int = MAX_FILE_BYTES) -> tuple[tuple[str, ...], ...]:
+    """The checkpoint keys of every tensor the blocks do not write (all but the quantized linears' weights), in
+    key order, grouped into files of at most ``max_bytes``."""
+    keymap = checkpoint_key_map(model, index.names)
+    done = {keymap[f"{name}.weight"] for name in quantized}
+    chunks, current, size = [], [], 0
+    for key in (k for k in index.names if k not in done):
+        nbytes = index.total_bytes([key])
+        if current and size + nbytes > max_bytes:
+            chunks.append(tuple(current))
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    return tuple(chunks) + ((tuple(current),) if current else ())
 
 
 _PLACEMENT_WORDS = {"pack": "PACK (stage workers share as few nodes as possible)",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from qvlm.batches import CalibrationSettings
 from qvlm.config import QuantConfig
+from workers.locations import Locations
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class JobSettings:
     cpus_per_worker: float = 1
     max_retries: int = 3
     placement: str = "pack"  # "pack" or "spread": the stage placement group's strategy across nodes
+
+    @property
+    def locations(self) -> Locations:
+        return Locations(self.model_uri, self.output_uri, self.model_endpoint, self.output_endpoint)
 
     @property
     def submission_id(self) -> str:

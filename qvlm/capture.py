@@ -33,6 +33,46 @@ class UnitCall:
     def with_hidden(self, hidden: torch.Tensor) -> "UnitCall":
         return UnitCall(hidden, self.args, self.kwargs, self.mask)
 
+    def to(self, device: torch.device | str, memo: dict | None = None) -> "UnitCall":
+        """The call with every tensor on ``device``; tensors shared between calls stay shared through ``memo``."""
+        memo = {} if memo is None else memo
+        return UnitCall(*(move(v, device, memo) for v in (self.hidden, self.args, self.kwargs, self.mask)))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the call holds (hidden state first)."""
+        found: list[torch.Tensor] = []
+        _collect((self.hidden, self.args, self.kwargs, self.mask), found)
+        return found
+
+
+def move(value: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+    """``value`` with every tensor inside it (tuples, lists, dicts) moved to ``device``; a tensor met twice is
+    moved once (``memo`` maps id -> moved copy), so the hidden state a layer returns and the next layer takes
+    stay one tensor on the new device too."""
+    memo = {} if memo is None else memo
+    if isinstance(value, torch.Tensor):
+        if value.device == torch.device(device):
+            return value
+        if id(value) not in memo:
+            memo[id(value)] = (value, value.to(device, non_blocking=True))  # keep the source alive: ids are reused
+        return memo[id(value)][1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(v, device, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: move(v, device, memo) for k, v in value.items()}
+    return value
+
+
+def _collect(value: Any, found: list[torch.Tensor]) -> None:
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _collect(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect(v, found)
+
 
 @dataclass
 class UnitCapture:
@@ -46,8 +86,19 @@ def unit_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module computes: its first parameter's device (CPU for a module without parameters)."""
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def call_unit(module: nn.Module, call: UnitCall, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    x = call.hidden if hidden is None else hidden
+    """Run one unit on a captured call (its hidden state replaced by ``hidden`` when given), on the unit's
+    device: captures may be kept elsewhere (host memory) and are moved one call at a time."""
+    device = device_of(module)
+    if call.hidden.device != device:
+        call = call.to(device)
+    x = call.hidden if hidden is None else hidden.to(device, non_blocking=True)
     return unit_output(module(x, *call.args, **call.kwargs))
 
 
@@ -158,29 +209,72 @@ def capture_units(
     return captures
 
 
+def row_counts(calls: Sequence[UnitCall]) -> list[int]:
+    """Valid token rows of each call's hidden state (masked positions, or every position without a mask)."""
+    return [int(c.mask.sum()) if c.mask is not None else c.hidden[..., 0].numel() for c in calls]
+
+
+def row_selection(counts: Sequence[int], max_rows: int | None) -> list[torch.Tensor | None]:
+    """Per batch, which of its rows an evenly strided subset of at most ``max_rows`` of all rows keeps (None =
+    all). The same rows as striding the concatenation of every batch, without ever holding that concatenation."""
+    total = sum(counts)
+    if max_rows is None or total <= max_rows:
+        return [None] * len(counts)
+    idx = torch.linspace(0, total - 1, max_rows).round().long()
+    selection, start = [], 0
+    for count in counts:
+        selection.append(idx[(idx >= start) & (idx < start + count)] - start)
+        start += count
+    return selection
+
+
+def valid_rows(x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The [rows, C] valid rows of one batch's [..., C] tensor, only the ``keep`` ones when given."""
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        rows = x[mask.to(x.device)]
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    return rows if keep is None else rows[keep.to(rows.device)]
+
+
+def sampled_rows(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], max_rows: int | None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Evenly strided valid rows over all batches, at most ``max_rows``, gathered one batch at a time."""
+    counts = [valid_rows(t[..., :1], m).shape[0] for t, m in zip(tensors, masks)]
+    picks = row_selection(counts, max_rows)
+    return torch.cat([valid_rows(t, m, k).to(dtype) for t, m, k in zip(tensors, masks, picks)])
+
+
 @torch.no_grad()
 def capture_linear_inputs(
     unit_module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], max_rows: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Inputs of each named linear inside a unit over all calls, as [rows, in_features] (masked rows only).
 
-    ``max_rows`` keeps an evenly strided subset of rows so statistics stay bounded on large models.
+    ``max_rows`` keeps an evenly strided subset of rows, chosen batch by batch so that memory stays bounded
+    by ``max_rows`` (a linear whose input rows are not the hidden state's tokens is strided per batch).
     """
+    counts = row_counts(calls)
+    picks = row_selection(counts, max_rows)
+    per_batch_cap = None if max_rows is None else -(-max_rows // max(len(calls), 1))
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    current_mask: list[torch.Tensor | None] = [None]
+    current: list = [None, None, 0]  # mask, rows to keep, expected row count of this batch
     handles = []
     for name in linears:
 
         def hook(_m, args, name=name):
-            x = args[0]
-            mask = current_mask[0]
-            flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+            mask, keep, expected = current
+            flat = valid_rows(args[0], mask)
+            if flat.shape[0] == expected:
+                flat = flat if keep is None else flat[keep.to(flat.device)]
+            else:
+                flat = _strided(flat, per_batch_cap)
             rows[name].append(flat.detach())
 
         handles.append(unit_module.get_submodule(name).register_forward_pre_hook(hook))
     try:
-        for call in calls:
-            current_mask[0] = call.mask
+        for call, keep, count in zip(calls, picks, counts):
+            current[:] = [call.mask, keep, count]
             call_unit(unit_module, call)
     finally:
         for h in handles:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from qvlm.capture import _strided
+from qvlm.capture import sampled_rows
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,6 @@ class ChannelGrid:
     lo: torch.Tensor  # [C]
     hi: torch.Tensor  # [C]
     levels: int
-
-
-def _valid_rows(outputs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], max_rows: int | None) -> torch.Tensor:
-    rows = [o[m] if m is not None else o.reshape(-1, o.shape[-1]) for o, m in zip(outputs, masks)]
-    return _strided(torch.cat(rows).float(), max_rows)
 
 
 def channel_grid(rows: torch.Tensor, bits: int) -> ChannelGrid:
@@ -83,8 +78,9 @@ class DependencySeries:
 
 
 def unit_rows(outputs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], max_rows: int | None = 4096) -> torch.Tensor:
-    """One unit's output rows over all batches (valid tokens only), strided down to ``max_rows``."""
-    return _valid_rows(outputs, masks, max_rows)
+    """One unit's output rows over all batches (valid tokens only, float32), strided down to ``max_rows`` one
+    batch at a time."""
+    return sampled_rows(outputs, masks, max_rows)
 
 
 def unit_entropy(rows: torch.Tensor, bits: int) -> float:

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -83,6 +84,26 @@ def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> di
 
 def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme:
     return next(g for g in groups.values() if name in g.targets)
+
+
+def linear_group(scheme: WeightScheme, act: ActScheme) -> QuantizationScheme:
+    """The compressed-tensors scheme (with its format) one linear of ``scheme`` is written with."""
+    return config_groups({"_": scheme}, act)["group_0"]
+
+
+def decode_linear(tensors: Mapping[str, torch.Tensor], scheme: WeightScheme) -> QuantizedWeight:
+    """Exact integers, scales and zero points of one linear from its compressed tensors (the inverse of
+    :func:`compressed_tensors`; names relative to the module)."""
+    scale = tensors["weight_scale"]
+    if "weight_packed" in tensors:  # pack-quantized: int32 words, zero points packed along the output dim
+        shape = torch.Size(tensors["weight_shape"].tolist())
+        qweight = unpack_from_int32(tensors["weight_packed"], scheme.bits, shape)
+        zero = tensors.get("weight_zero_point")
+        if zero is not None:
+            zero = unpack_from_int32(zero, scheme.bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
+        return QuantizedWeight(qweight, scale, zero, scheme)
+    zero = tensors.get("weight_zero_point")  # int-quantized: int8 weight as stored
+    return QuantizedWeight(tensors["weight"], scale, None if zero is None else zero.to(torch.int8), scheme)
 
 
 def encode_activation_ranges(ranges: Mapping[str, ActRange], act: ActScheme) -> bytes:

@@ -27,7 +27,7 @@ from cluster.verify import verify_output
 from tests.fault_proxy import KINDS, FaultProxy
 from tests.job_files import write_job
 from tests.s3_server import FAKE_ENV
-from workers.block_task import record_key
+from workers.shard import record_key
 from workers.storage import AlreadyExists, LocalStorage, S3Storage, StorageError, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent

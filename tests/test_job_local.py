@@ -5,16 +5,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load as load_safetensors
 
 from cluster.driver import run_job
 from cluster.settings import JobSettings
 from qvlm.batches import CalibrationSettings, calibration_batches
 from qvlm.config import QuantConfig
-from qvlm.driver import quantize
+from qvlm.driver import layout_of, quantize
+from qvlm.stage import Stage
+from workers.transport import nbytes, pack
 from qvlm.quant import ActScheme
 from tests.conftest import load_llava
-from workers.block_task import record_key
+from tests.outputs import block_tensors, plan_of
+from workers.shard import record_key
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,12 +29,7 @@ def _settings(model_dir, out, workers=2, quant=None, **kw):
                        quant=quant, workers=workers, **kw)
 
 
-def _shard_tensors(out):
-    plan = json.loads((out / "qvlm_plan.json").read_text())
-    tensors = {}
-    for block in plan["blocks"]:
-        tensors.update(load_safetensors((out / block["shard"]).read_bytes()))
-    return plan, tensors
+_shard_tensors = block_tensors
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,7 @@ def test_distributed_equals_one_process(two_worker_run, tiny_llava_dir):
     plan, tensors = _shard_tensors(out)
     model, _ = load_llava(tiny_llava_dir)
     settings = _settings(tiny_llava_dir, out)
-    _, result = quantize(model, calibration_batches(tiny_llava_dir, CAL), settings.quant)
+    _, result = quantize(model, calibration_batches(tiny_llava_dir, CAL), settings.quant, stages=plan["stages"])
     expected = result.tensors()
     assert set(tensors) == set(expected)
     for name, value in expected.items():
@@ -56,16 +53,52 @@ def test_distributed_equals_one_process(two_worker_run, tiny_llava_dir):
     assert outcome.blocks == len(result.blocks) and outcome.blocks_resumed == 0
 
 
-def test_one_worker_gives_the_same_bytes(two_worker_run, tiny_llava_dir, tmp_path):
-    out2, _ = two_worker_run
-    out1 = tmp_path / "one"
-    run_job(_settings(tiny_llava_dir, out1, workers=1))
-    plan1, t1 = _shard_tensors(out1)
-    plan2, t2 = _shard_tensors(out2)
-    assert len(plan1["stages"]) == 1 and len(plan2["stages"]) == 2
-    for b1, b2 in zip(plan1["blocks"], plan2["blocks"]):
-        assert b1["sha256"] == b2["sha256"]
-    assert t1.keys() == t2.keys()
+def test_only_boundary_states_cross_the_object_store(two_worker_run, tiny_llava_dir):
+    """The plan document counts the bytes each stage put into the object store: on two stages, stage 0 hands
+    over its last unit's call per batch (hidden state + the layer list's extra arguments) during the capture and,
+    under quantized propagation, the quantized hidden states its last block feeds the next stage's first block;
+    the last stage sends nothing. No block's inputs travel."""
+    out, _ = two_worker_run
+    plan = plan_of(out)
+    model, _ = load_llava(tiny_llava_dir)
+    settings = _settings(tiny_llava_dir, out)
+    layout = layout_of(model, settings.quant, plan["stages"])
+    first = Stage(model, [layout.units[i] for i in layout.stages[0]], first=True)
+    handoffs = [first.capture(b) for b in calibration_batches(tiny_llava_dir, CAL)]
+    boundary = sum(nbytes(pack(h)) for h in handoffs)
+    carried = sum(h.hidden.numel() * h.hidden.element_size() for h in handoffs)
+    assert plan["transfer_bytes"] == [boundary + carried, 0]
+    block_inputs = sum(nbytes(pack(first.captures[b["units"][0]].calls)) for b in plan["blocks"] if b["units"][0] in first.captures)
+    assert boundary + carried < block_inputs
+
+
+def test_blocks_never_cross_a_stage_boundary(two_worker_run):
+    out, _ = two_worker_run
+    plan = plan_of(out)
+    owner = {i: s for s, stage in enumerate(plan["stages"]) for i in stage}
+    assert len(plan["stages"]) == 2
+    assert all(len({owner[i] for i in b["units"]}) == 1 for b in plan["blocks"])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_unit_blocks_give_the_same_bytes_with_any_number_of_workers(two_worker_gptq, tiny_llava_dir, tmp_path, workers):
+    """Blocks of one unit (gptq, rtn) are cut the same way whatever the stages, so the bytes do not depend on
+    the number of workers; the entropy-guided blocks of qvlm stop at stage boundaries, so theirs do."""
+    out2, quant = two_worker_gptq
+    out = tmp_path / f"w{workers}"
+    run_job(_settings(tiny_llava_dir, out, workers=workers, quant=quant, cpus_per_worker=0.5))  # 2 CPUs here
+    plan, tensors = _shard_tensors(out)
+    plan2, tensors2 = _shard_tensors(out2)
+    assert len(plan["stages"]) == workers
+    assert tensors.keys() == tensors2.keys() and all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+
+
+@pytest.fixture(scope="module")
+def two_worker_gptq(local_ray, tiny_llava_dir, tmp_path_factory):
+    quant = QuantConfig(method="gptq", propagation="quantized")
+    out = tmp_path_factory.mktemp("gptq") / "job"
+    run_job(_settings(tiny_llava_dir, out, quant=quant))
+    return out, quant
 
 
 def test_each_stage_loads_only_its_units(two_worker_run):
@@ -93,7 +126,8 @@ def test_manifest_lists_every_file_with_checksums(two_worker_run):
         data = (out / key).read_bytes()
         assert len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
     state = json.loads((out / "_qvlm/state.json").read_text())
-    shards = [k for k in manifest["files"] if k.startswith("_qvlm/blocks/")]
+    shards = [b["shard"] for b in plan_of(out)["blocks"]]
+    assert set(shards) <= set(manifest["files"])
     assert state["phase"] == "finished" and state["blocks_done"] == state["blocks_total"] == len(shards)
     assert {"config.json", "model.safetensors.index.json", "qvlm_plan.json", "report.html"} <= set(manifest["files"])
 

@@ -1,99 +1,59 @@
-"""A pipeline stage: holds a contiguous range of units (and, for the first stage, the model's glue).
+"""The stage actor: a :class:`qvlm.stage.Stage` whose weights come straight from storage and whose finished
+blocks go straight to the output.
 
-The first stage runs the model's own forward pass (embeddings, vision tower, projector merge) and stops
-after its last unit; later stages own units of the last stream only and call them directly on the hidden
-state handed over by the stage before, since every unit of one layer list takes the same extra arguments.
-Each stage keeps what it captured for its units until the job has taken what it needs.
+It loads only its units' tensors (the first stage also the model's glue), computes on the GPU Ray gave it (the
+CPU when the job reserves none), keeps its captures there or in host memory, searches the blocks inside it and
+writes each block's checkpoint file and record as soon as the block is found. What it hands to the next stage
+(hidden states) travels as numpy arrays, so the object store carries it without pickling; the bytes it sends
+are counted for the plan document.
 """
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.capture import UnitCall, UnitCapture, call_unit, capture_units
-from qvlm.dependency import pair_dependency, unit_entropy, unit_rows
-from qvlm.fakequant import swap_in_fake_quant
-from qvlm.loading import build_skeleton, checkpoint_key_map, glue_names, materialize, owned_names
-from qvlm.quant import WeightScheme
-from qvlm.search import apply_linear_results
-from qvlm.stats import UnitStats, unit_statistics
+from qvlm.capture import UnitCall
+from qvlm.config import QuantConfig
+from qvlm.search import BlockResult
+from qvlm.stage import BlockJob, BlockSummary, Stage
 from qvlm.structure import Unit
 from workers.fault_hooks import fault_point
-from workers.safetensors_reader import CheckpointIndex
-from workers.storage import open_storage
-
-SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-
-
-def fetch_small_files(storage, dest: Path | None = None) -> Path:
-    """Copy the model's config, tokenizer and processor files (never the weights) to a local folder.
-
-    By default the folder is one per model URI under the temp directory, reused by later calls, so jobs
-    do not leave a new folder behind each time.
-    """
-    from workers.storage import TMP_MARK
-
-    reused = dest is None
-    if reused:
-        digest = hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
-        dest = Path(tempfile.gettempdir()) / "qvlm-model-files" / digest
-    dest.mkdir(parents=True, exist_ok=True)
-    keys = [key for key in storage.list("") if "/" not in key and key.endswith(SMALL_FILE_SUFFIXES)]
-    for key in keys:
-        storage.download(key, dest / key)
-    # a file since removed from the model (a config.json, a tokenizer file) must not live on in the reused folder;
-    # other processes' downloads in flight are temp files, left alone
-    for stale in dest.iterdir() if reused else ():
-        if stale.is_file() and stale.name not in keys and not stale.name.startswith(TMP_MARK):
-            stale.unlink(missing_ok=True)
-    return dest
+from workers.locations import Locations
+from workers.model_shard import ModelShard
+from workers.shard import BlockRecord, copy_block, file_name, read_block, read_record, write_block
+from workers.transport import nbytes, pack, unpack
+from workers.veo_task import run_veo
 
 
-class ModelShard:
-    """A skeleton of the model with real tensors only for the given unit modules (plus glue if asked)."""
+def stage_device() -> torch.device:
+    """The GPU Ray assigned to this actor (it sees only its own as cuda:0), else the CPU."""
+    import ray
 
-    def __init__(self, uri: str, endpoint_url: str | None, unit_modules: Sequence[str], glue: bool,
-                 all_unit_modules: Sequence[str] = ()):
-        from transformers import AutoConfig
-
-        self.storage = open_storage(uri, endpoint_url)
-        self.local_dir = fetch_small_files(self.storage)
-        self.model = build_skeleton(AutoConfig.from_pretrained(self.local_dir))
-        index = CheckpointIndex.open(self.storage)
-        keymap = checkpoint_key_map(self.model, index.names)
-        names = owned_names(self.model, unit_modules)
-        if glue:
-            names += glue_names(self.model, all_unit_modules)
-        wanted = {n: keymap[n] for n in names if n in keymap}
-        loaded = index.read(wanted.values())
-        materialize(self.model, {n: loaded[k] for n, k in wanted.items()})
-        self.tensor_names = sorted(wanted)
-
-    def module(self, name: str):
-        return self.model.get_submodule(name)
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
-class StageWorker:
-    def __init__(self, uri: str, endpoint_url: str | None, units: Sequence[Unit], first: bool,
-                 all_unit_modules: Sequence[str]):
-        self.units = list(units)
-        self.first = first
-        self.shard = ModelShard(uri, endpoint_url, [u.name for u in units], first, all_unit_modules)
-        self.model_uri, self.endpoint_url = uri, endpoint_url
-        self.captures = [UnitCapture(u) for u in self.units]
+class StageWorker(Stage):
+    def __init__(self, where: Locations, units: Sequence[Unit], first: bool, all_unit_modules: Sequence[str],
+                 threads: int = 1):
+        torch.set_num_threads(max(1, threads))  # the arithmetic must not depend on how many cores the node has
+        self.where = where
+        self.shard = ModelShard(where.model(), [u.name for u in units], first, all_unit_modules)
+        super().__init__(self.shard.model, units, first, device=stage_device())
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.n_files = 0  # files of the final checkpoint; a block's file is number (block index)
+        self.sent_bytes = 0
 
     def ready(self) -> dict[str, Any]:
         """What this stage loaded and where it runs (the tests of "a stage reads only its own units")."""
         import ray
 
         return {"tensors": self.shard.tensor_names, "reads": [list(r) for r in self.shard.storage.reads],
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
 
     def peak_rss_bytes(self) -> int:
         """Peak resident memory of this worker process so far (Linux reports ru_maxrss in KiB)."""
@@ -101,77 +61,60 @@ class StageWorker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def calibration_batches(self, settings: CalibrationSettings) -> list[dict[str, torch.Tensor]]:
-        return calibration_batches(self.shard.local_dir, settings)
+    def transfer_bytes(self) -> int:
+        """Bytes this stage put into the object store for another stage (hidden states at its boundary)."""
+        return self.sent_bytes
 
-    @torch.no_grad()
-    def capture(self, item: dict[str, torch.Tensor] | UnitCall) -> UnitCall:
-        """Capture one calibration batch; returns the call that continues the stream in the next stage."""
+    def _send(self, value: Any) -> Any:
+        packed = pack(value)
+        self.sent_bytes += nbytes(packed)
+        return packed
+
+    def load_batches(self, settings: CalibrationSettings) -> int:
+        """Build the calibration batches here (the first stage), where the capture reads them; returns how many."""
+        self.batches = calibration_batches(self.shard.local_dir, settings)
+        return len(self.batches)
+
+    def capture(self, item: int | Any, hand_over: bool = True) -> Any:
         fault_point("capture")  # a test hook; off unless QVLM_TEST_FAULTS is set
-        if self.first:
-            caps = capture_units(self.shard.model, self.units, [item], stop_after_last=True)
-            for mine, new in zip(self.captures, caps):
-                mine.calls += new.calls
-                mine.outputs += new.outputs
-        else:
-            call = item
-            for cap in self.captures:
-                out = call_unit(self.shard.module(cap.unit.name), call)
-                cap.calls.append(call)
-                cap.outputs.append(out)
-                call = call.with_hidden(out)
-        last = self.captures[-1]
-        return last.calls[-1].with_hidden(last.outputs[-1])
+        arrived = self.batches[item] if isinstance(item, int) else unpack(item, owned=self.keep_on.type == "cpu")
+        return self._send(super().capture(arrived, hand_over))
 
-    @torch.no_grad()
-    def statistics(self, base: WeightScheme) -> list[UnitStats]:
-        return [unit_statistics(self.shard.module(c.unit.name), c.unit, c.unit.linears, c.calls, base) for c in self.captures]
+    def carried(self) -> Any:
+        return self._send(super().carried())
 
-    def dependencies(self, bits: dict[int, int], previous_in_stream: dict[int, int | None], max_rows: int = 4096):
-        """Entropy of each own unit and D(prev, unit) for each own unit that has a predecessor in its stream.
+    def set_files(self, n_files: int) -> None:
+        self.n_files = n_files
 
-        The predecessor's output is either another own unit's output or, for the first own unit, the hidden
-        state this stage received (which is the previous stage's last output).
-        """
-        rows = {c.unit.index: unit_rows(c.outputs, [k.mask for k in c.calls], max_rows) for c in self.captures}
-        entropy = {i: unit_entropy(r, bits[i]) for i, r in rows.items()}
-        deps = {}
-        for c in self.captures:
-            prev = previous_in_stream.get(c.unit.index)
-            if prev is None:
-                continue
-            prev_rows = rows.get(prev)
-            if prev_rows is None:
-                prev_rows = unit_rows([k.hidden for k in c.calls], [k.mask for k in c.calls], max_rows)
-            deps[c.unit.index] = pair_dependency(prev_rows, rows[c.unit.index], bits[prev], bits[c.unit.index])
-        return entropy, deps
+    def search_block(self, job: BlockJob, config: QuantConfig, source: str = "captured", upstream: Any = None,
+                     needs_out: bool = False, done: bool = False) -> BlockSummary | None:
+        return super().search_block(job, config, source, unpack(upstream), needs_out, done)
 
-    def use_quantized(self, output_uri: str, output_endpoint: str | None, shard_key: str, sha256: str, act) -> None:
+    def keep_result(self, job: BlockJob, result: BlockResult, config: QuantConfig) -> None:
+        fault_point(f"block-{job.index}")  # a test hook; off unless QVLM_TEST_FAULTS is set
+        if not self.n_files:
+            raise RuntimeError("set_files() must be called before a block is searched")
+        prefixes = {r.name: self.shard.prefix(r.name) for r in result.linears}
+        write_block(self.where.output(), job.index, file_name(job.index, self.n_files), result, prefixes,
+                    config.activations)
+
+    def load_result(self, job: BlockJob) -> BlockResult:
+        out = self.where.output()
+        record = read_record(out, job.index)
+        if record is None:
+            raise RuntimeError(f"block {job.index} was marked finished but has no record in {out.uri}")
+        return read_block(out, record)
+
+    def adopt_block(self, record: BlockRecord, index: int) -> BlockRecord:
+        """Write the block ``record`` describes (the VEO-tuned tower) as block ``index`` of the checkpoint."""
+        return copy_block(self.where.output(), record, index, file_name(index, self.n_files))
+
+    def use_quantized(self, record: BlockRecord, act) -> None:
         """Run this stage's model with a finished block's quantizers from here on (the VEO-tuned vision tower)."""
-        from workers.block_task import decode_shard, shard_linears_meta  # block_task imports this module
+        self.apply([read_block(self.where.output(), record)], act)
 
-        blob = open_storage(output_uri, output_endpoint).get_bytes(shard_key, sha256)
-        linears = decode_shard(blob, shard_linears_meta(blob))
-        apply_linear_results(swap_in_fake_quant(self.shard.model, [r.name for r in linears]), linears, act)
-
-    def run_veo(self, output_uri: str, output_endpoint: str | None, units: Sequence[Unit], schemes: dict,
-                bits: dict[int, int], config, calibration: CalibrationSettings):
+    def run_veo(self, units: Sequence[Unit], schemes: dict, bits: dict[int, int], config: QuantConfig,
+                calibration: CalibrationSettings):
         """Visual-encoder optimisation in this actor (the first stage, which owns the vision tower): it already
         holds its resources, so a separate task could not be scheduled while the stages hold the cluster."""
-        from workers.veo_task import run_veo  # veo_task imports this module
-
-        return run_veo(self.model_uri, self.endpoint_url, output_uri, output_endpoint, units, schemes, bits,
-                       config, calibration)
-
-    def reset_captures(self) -> None:
-        """Drop what was captured, before capturing again."""
-        self.captures = [UnitCapture(u) for u in self.units]
-
-    def unit_calls(self, unit_index: int) -> list[UnitCall]:
-        return self._capture(unit_index).calls
-
-    def unit_outputs(self, unit_index: int) -> list[torch.Tensor]:
-        return self._capture(unit_index).outputs
-
-    def _capture(self, unit_index: int) -> UnitCapture:
-        return next(c for c in self.captures if c.unit.index == unit_index)
+        return run_veo(self.where, units, schemes, bits, config, calibration)

@@ -1,0 +1,190 @@
+"""A pipeline stage: the units of a model that one worker owns, on one device, with what was captured for them.
+
+The first stage runs the model's own forward pass (embeddings, vision tower, projector merge) and stops after
+its last unit; a later stage calls its units directly on the call handed over by the stage before (every unit of
+one layer list takes the same extra arguments). A stage computes its units' statistics and searches the blocks
+that lie inside it with the weights and captured inputs it already holds; only the hidden states at its
+boundaries leave it. Computation runs on ``device``; captures are kept on ``keep_on`` (the device itself, or
+host memory when they do not fit) and moved one calibration batch at a time.
+
+A one-process run is one stage that owns every unit (``qvlm.driver.quantize``); a job has one per worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from qvlm.capture import UnitCall, UnitCapture, call_unit, capture_units, move
+from qvlm.config import QuantConfig
+from qvlm.dependency import pair_dependency, unit_entropy, unit_rows
+from qvlm.fakequant import swap_in_fake_quant
+from qvlm.quant import WeightScheme
+from qvlm.search import BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block
+from qvlm.stats import UnitStats, unit_statistics
+from qvlm.structure import Unit
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """One block to search: consecutive units of one stream, all owned by one stage."""
+
+    index: int
+    stream: int
+    units: tuple[int, ...]  # global unit indices
+    schemes: Mapping[str, WeightScheme]  # full linear name -> weight scheme
+
+
+@dataclass(frozen=True)
+class BlockSummary:
+    """What the driver learns of a searched block (the tensors stay with the stage or go to storage)."""
+
+    index: int
+    error_before: float
+    error_after: float
+    evaluations: int
+    seconds: float
+
+
+def summary_of(index: int, result: BlockResult) -> BlockSummary:
+    return BlockSummary(index, result.error_before, result.error_after, result.evaluations, result.seconds)
+
+
+def to_device(model: nn.Module, device: torch.device) -> None:
+    """Move every real (non-meta) parameter and buffer of ``model`` to ``device``, in place."""
+    for module in model.modules():
+        for registry in (module._parameters, module._buffers):
+            for name, tensor in registry.items():
+                if tensor is not None and not tensor.is_meta and tensor.device != device:
+                    moved = tensor.to(device)
+                    registry[name] = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+
+
+class Stage:
+    def __init__(self, model: nn.Module, units: Sequence[Unit], first: bool, device: torch.device | str = "cpu",
+                 keep_on: torch.device | str | None = None):
+        self.model, self.units, self.first = model.eval(), list(units), first
+        self.device = torch.device(device)
+        self.keep_on = torch.device(keep_on) if keep_on is not None else self.device
+        to_device(self.model, self.device)
+        self.captures = {u.index: UnitCapture(u) for u in self.units}
+        self.results: dict[int, BlockResult] = {}  # searched or loaded blocks, by block index
+        self._carried: list[torch.Tensor] | None = None
+
+    def module(self, unit_index: int) -> nn.Module:
+        return self.model.get_submodule(self.captures[unit_index].unit.name)
+
+    # --- capture ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture(self, item: Batch | UnitCall, hand_over: bool = True) -> UnitCall | None:
+        """Capture one calibration batch; returns the call that continues the stream in the next stage (None
+        without ``hand_over``: the last stage)."""
+        if self.first:
+            batch = {k: v.to(self.device) for k, v in item.items()}
+            new = capture_units(self.model, self.units, [batch], stop_after_last=True)
+        else:
+            new = self._run_units(item.to(self.device))
+        memo: dict = {}  # one kept copy of a tensor that is both an output and the next unit's input
+        for cap in new:
+            mine = self.captures[cap.unit.index]
+            mine.calls += [c.to(self.keep_on, memo) for c in cap.calls]
+            mine.outputs += [move(o, self.keep_on, memo) for o in cap.outputs]
+        last = self.captures[self.units[-1].index]
+        return last.calls[-1].with_hidden(last.outputs[-1]) if hand_over else None
+
+    def _run_units(self, call: UnitCall) -> list[UnitCapture]:
+        captures = []
+        for unit in self.units:
+            out = call_unit(self.module(unit.index), call)
+            captures.append(UnitCapture(unit, [call], [out]))
+            call = call.with_hidden(out)
+        return captures
+
+    def reset_captures(self) -> None:
+        self.captures = {u.index: UnitCapture(u) for u in self.units}
+
+    # --- statistics -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def statistics(self, base: WeightScheme) -> list[UnitStats]:
+        return [unit_statistics(self.module(u.index), u, u.linears, self.captures[u.index].calls, base) for u in self.units]
+
+    def dependencies(self, bits: Mapping[int, int], previous: Mapping[int, int | None], max_rows: int = 4096):
+        """Entropy of each own unit and D(prev, unit) for each own unit with a predecessor in its stream.
+
+        The predecessor's output is another own unit's output or, for the first own unit, the hidden state this
+        stage received (the previous stage's last output)."""
+        rows = {i: unit_rows(c.outputs, [k.mask for k in c.calls], max_rows) for i, c in self.captures.items()}
+        entropy = {i: unit_entropy(r, bits[i]) for i, r in rows.items()}
+        deps = {}
+        for i, cap in self.captures.items():
+            prev = previous.get(i)
+            if prev is None:
+                continue
+            prev_rows = rows.get(prev)
+            if prev_rows is None:
+                prev_rows = unit_rows([k.hidden for k in cap.calls], [k.mask for k in cap.calls], max_rows)
+            deps[i] = pair_dependency(prev_rows, rows[i], bits[prev], bits[i])
+        return entropy, deps
+
+    # --- search -----------------------------------------------------------------------------------------
+
+    def block_data(self, job: BlockJob, config: QuantConfig, inputs: list[torch.Tensor] | None) -> BlockData:
+        caps = [self.captures[i] for i in job.units]
+        calls = [list(c.calls) for c in caps]
+        if inputs is not None:
+            calls[0] = [c.with_hidden(h) for c, h in zip(calls[0], inputs)]
+        return BlockData([self.module(i) for i in job.units], [c.unit.name for c in caps], [c.unit.linears for c in caps],
+                         calls, caps[-1].outputs, dict(job.schemes), config.activations)
+
+    def search_block(self, job: BlockJob, config: QuantConfig, source: str = "captured",
+                     upstream: list[torch.Tensor] | None = None, needs_out: bool = False,
+                     done: bool = False) -> BlockSummary | None:
+        """Search one block of this stage (or, when ``done``, take an earlier run's result); returns its summary
+        (None when done). The block's input: ``captured`` full-precision inputs, the quantized output this
+        stage ``carried`` from the block before, or ``upstream`` from the stage before (Eq. 3 propagation).
+        With ``needs_out`` the block's quantized output is carried to the next block."""
+        inputs = {"captured": None, "carried": self._carried, "upstream": upstream}[source]
+        if inputs is not None:
+            inputs = [move(h, self.keep_on) for h in inputs]
+        summary = None
+        if done:
+            if needs_out:
+                self.results[job.index] = self.load_result(job)
+        else:
+            result = search_block(self.block_data(job, config, inputs), config.search_config())
+            self.results[job.index] = result
+            self.keep_result(job, result, config)
+            summary = summary_of(job.index, result)
+        self._carried = self.block_outputs(job, config, inputs) if needs_out else None
+        return summary
+
+    def carried(self) -> list[torch.Tensor] | None:
+        """The quantized output of the last block searched with ``needs_out`` (for the next stage)."""
+        return self._carried
+
+    def load_result(self, job: BlockJob) -> BlockResult:
+        """An earlier run's result of a finished block (a worker reads it from the block's shard)."""
+        if job.index not in self.results:
+            raise KeyError(f"block {job.index} is marked finished but this stage holds no result for it")
+        return self.results[job.index]
+
+    def keep_result(self, job: BlockJob, result: BlockResult, config: QuantConfig) -> None:
+        """Called after each search (a worker writes the block's shard here); in memory nothing more to do."""
+
+    @torch.no_grad()
+    def block_outputs(self, job: BlockJob, config: QuantConfig, inputs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The block's quantized output per batch (kept where the captures are)."""
+        data = self.block_data(job, config, inputs)
+        return [move(o, self.keep_on) for o in quantized_block_outputs(data, self.results[job.index])]
+
+    def apply(self, results: Sequence[BlockResult], act) -> None:
+        """Run this stage's model with the given blocks' quantizers from here on (fake-quant linears)."""
+        linears = [r for b in results for r in b.linears]
+        apply_linear_results(swap_in_fake_quant(self.model, [r.name for r in linears]), linears, act)
