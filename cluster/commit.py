@@ -86,18 +86,18 @@ def _method_label(quant) -> str:
 
 def _record_fields(record: BlockRecord) -> dict:
     return {"shard": record.shard_key, "sha256": record.sha256, "error_before": record.error_before,
-            "error_after": record.error_after, "evaluations": record.evaluations}
+            "error_after": record.error_after, "evaluations": record.evaluations, "seconds": record.seconds}
 
 
 def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: dict | None) -> None:
     """Write the plan document and the report, then the manifest (every file with size and sha256) last."""
-    from qvlm.report import build_report, render_html
+    from cluster.report import render_html, report_document, report_from_plan
 
     plan_doc = _plan_document(result)
-    report = build_report(plan_doc, evaluation)
+    report = report_from_plan(plan_doc, evaluation)
     documents = {
         PLAN_KEY: json.dumps(plan_doc, indent=1, sort_keys=True).encode(),
-        REPORT_KEY: json.dumps(report, indent=1, sort_keys=True).encode(),
+        REPORT_KEY: json.dumps(report_document(report), indent=1, sort_keys=True).encode(),
         HTML_KEY: render_html(report).encode(),
     }
     files = dict(checkpoint_files)

@@ -15,7 +15,7 @@ serves as weight-only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
 import torch
@@ -32,9 +32,50 @@ from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme
 ACTIVATIONS_FILE = "qvlm_activations.safetensors"
 
 
+# The compressed-tensors formats with vLLM and transformers kernels, and the weight bits each serves.
+SERVED_WEIGHT_BITS = {"pack-quantized": (4, 8), "int-quantized": (8,)}
+
+
 def servable_activations(act: ActScheme) -> bool:
     """Whether compressed-tensors (and so vLLM) can express the activation scheme."""
     return not act.enabled or (act.granularity == "token" and act.bits == 8)
+
+
+@dataclass(frozen=True)
+class Servability:
+    """Whether a checkpoint runs in vLLM / transformers as written, or only with qvlm's activation sidecar."""
+
+    servable: bool
+    format: str  # the compressed-tensors format config.json names ("mixed-precision" when groups differ)
+    sidecar: bool  # static or low-bit activation ranges kept in ACTIVATIONS_FILE
+    note: str
+
+
+def servability(schemes: Mapping[str, WeightScheme], act: ActScheme) -> Servability:
+    """What the export of ``schemes`` with ``act`` gives a user: the format it is written in and whether
+    a serving kernel exists for every (format, weight bits) of it."""
+    groups = config_groups(schemes, act)
+    formats = {g.format for g in groups.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision" if formats else "unquantized"
+    if act.enabled and not servable_activations(act):
+        return Servability(False, fmt, True, f"{_act_label(act)} activations with W{_bits_label(schemes)} weights "
+                           "(Q-VLM static or low-bit activation ranges): research-only, the ranges are kept in a "
+                           f"qvlm sidecar file ({ACTIVATIONS_FILE})")
+    unserved = sorted({f"W{g.weights.num_bits} {g.format}" for g in groups.values()
+                       if g.weights.num_bits not in SERVED_WEIGHT_BITS.get(g.format, ())})
+    kind = "weight-only" if not act.enabled else f"{_act_label(act)} activations"
+    if unserved:
+        return Servability(False, fmt, False, f"{kind} with {', '.join(unserved)} layers: no vLLM/transformers "
+                           "kernel for them; research-only")
+    return Servability(True, fmt, False, f"{kind}, W{_bits_label(schemes)} {fmt}: servable by vLLM and transformers")
+
+
+def _act_label(act: ActScheme) -> str:
+    return f"A{act.bits} per-{act.granularity} {'sym' if act.symmetric else 'asym'}"
+
+
+def _bits_label(schemes: Mapping[str, WeightScheme]) -> str:
+    return "/".join(str(b) for b in sorted({s.bits for s in schemes.values()}))
 
 
 def weight_args(scheme: WeightScheme) -> QuantizationArgs:
