@@ -33,7 +33,8 @@ from _common import table
 from jobs.spec import ActivationsSpec, WeightsSpec
 from qvlm.batches import CalibrationSettings, batches_for, records_for
 from qvlm.config import MixedPrecisionConfig, QuantConfig
-from qvlm.driver import linear_shapes, quantize
+from qvlm.driver import quantize
+from qvlm.method import linear_shapes
 from qvlm.evaluate import compare_models, evaluate_records
 from qvlm.quant import ActScheme, WeightScheme
 from qvlm.tiny_train import (HELD_OUT_N, HELD_OUT_SKIP, MAX_LENGTH, TEXT_RECIPE, cached_model, perplexity,

@@ -36,10 +36,12 @@ def start_stages(ray, settings: JobSettings, plan: JobPlan):
             f"the cluster has {ray.cluster_resources()}: lower resources.workers or the per-worker resources")
     actor = ray.remote(StageWorker)
     all_units = [u.name for u in plan.units]
+    # an actor that reserves no GPU would still see every GPU of its node: hide them, so it computes on the CPU
+    env = {} if settings.gpus_per_worker else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
     stages = [
         actor.options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0,
                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                      name=None).remote(settings.locations, [plan.units[i] for i in stage], rank == 0, all_units,
+                      name=None, **env).remote(settings.locations, [plan.units[i] for i in stage], rank == 0, all_units,
                                         max(1, int(settings.cpus_per_worker)))
         for rank, stage in enumerate(plan.stages)
     ]

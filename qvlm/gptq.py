@@ -18,11 +18,13 @@ import torch
 
 from qvlm.quant import QuantizedWeight, WeightScheme, qparams_from_bounds
 
-__all__ = ["HessianAccumulator", "gptq_quantize"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "DAMP_RETRIES"]
+
+DAMP_RETRIES = 3  # a Hessian that is not positive definite is damped x10 up to this many more times
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum x x^T`` over calibration tokens of one linear's input, in float64 or float32.
+    """Running ``H = 2/n * sum x x^T`` over calibration tokens of one linear's input, in float32 (float64 on request).
 
     The unnormalized sum ``sum x x^T`` and the token count are kept separately and ``H`` is formed when it
     is read, so the result does not depend on how the tokens were split into chunks (up to the summation
@@ -30,7 +32,7 @@ class HessianAccumulator:
     bitwise identical results.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         if in_features <= 0:
             raise ValueError(f"in_features must be positive, got {in_features}")
         if dtype not in (torch.float64, torch.float32):
@@ -67,8 +69,12 @@ class HessianAccumulator:
         return self._sum * (2.0 / self._tokens)
 
 
+class _NotPositiveDefinite(ValueError):
+    """The damped Hessian has no Cholesky factor."""
+
+
 def _not_positive_definite(what: str, damp: float) -> ValueError:
-    return ValueError(
+    return _NotPositiveDefinite(
         f"GPTQ: the Hessian of this layer is not positive definite ({what}) even after damping with "
         f"damp={damp}; use a larger damp (e.g. 0.1) or more calibration tokens"
     )
@@ -194,18 +200,26 @@ def _gptq(
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01, block_size: int = 128
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01, block_size: int = 128,
+    retries: int = DAMP_RETRIES,
 ) -> QuantizedWeight:
     """Quantize ``weight`` [out, in] with GPTQ given its input Hessian ``hessian`` [in, in].
 
     Columns are processed in natural order (no act-order). ``damp * mean(diag(H))`` is added to the
-    diagonal of H; inputs with ``diag(H) == 0`` are dead: their weight column is set to 0 and H[i, i] to 1.
+    diagonal of H; when H is still not positive definite the damping is raised x10, up to ``retries`` more
+    times. Inputs with ``diag(H) == 0`` are dead: their weight column is set to 0 and H[i, i] to 1.
     Per channel (``group_size == -1``) the scale/zero of a row come from the whole row before the loop;
     with groups they come from the group's current (error-updated) columns when the algorithm reaches the
     group's first column, with plain min/max bounds. Scales are in ``weight.dtype``. ``dequantize()`` of the
-    result is exactly the quantized weight the algorithm used. Computes in float32 (float64 for the inverse
-    Hessian) on the weight's device.
+    result is exactly the quantized weight the algorithm used. Computes in float32 (float64 for the damped
+    Hessian and its Cholesky factors) on the weight's device.
 
-    Raises ``ValueError`` if the damped Hessian is not positive definite.
+    Raises ``ValueError`` if the Hessian is not positive definite at the largest damping tried.
     """
-    return _gptq(weight, hessian, scheme, damp, block_size)[0]
+    for attempt in range(retries + 1):
+        try:
+            return _gptq(weight, hessian, scheme, damp * 10**attempt, block_size)[0]
+        except _NotPositiveDefinite:
+            if attempt == retries:
+                raise
+    raise AssertionError("unreachable")

@@ -18,7 +18,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from qvlm.capture import UnitCall, call_unit, capture_linear_inputs
+from qvlm.capture import UnitCall, call_unit, capture_linear_inputs, shared_input_groups, valid_rows
 from qvlm.fakequant import FakeQuantLinear, swap_in_fake_quant
 from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, calibrate_act_range, quantize_weight
 
@@ -236,23 +236,45 @@ def search_learned(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResu
 
 
 def search_gptq(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
-    from qvlm.gptq import HessianAccumulator, gptq_quantize
+    """GPTQ unit by unit: each unit's Hessians come from its inputs with the units before it in the block already
+    quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input (q/k/v share one)."""
+    from qvlm.gptq import gptq_quantize
 
     ws, cand, wp, ap, before = _start(data, cfg)
     weights: dict[str, QuantizedWeight] = {}
     hidden = None
     for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
         calls = data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(data.calls[u], hidden)]
-        for r, x in capture_linear_inputs(module, rel, calls).items():
-            acc = HessianAccumulator(x.shape[-1], device=x.device)
-            acc.add(x)
+        for r, h in unit_hessians(module, rel, calls).items():
             n = f"{name}.{r}"
-            weights[n] = gptq_quantize(ws.fp_weight[n], acc.hessian, data.schemes[n])
+            weights[n] = gptq_quantize(ws.fp_weight[n], h, data.schemes[n])
             ws.fq[n].weight.data = weights[n].dequantize().to(ws.fq[n].weight.dtype)
         with torch.no_grad():
             hidden = [call_unit(ws.units[u], c) for c in calls]
     after = ws.refresh()
     return _results(ws, cand, wp, ap, weights), before, after, ws.evaluations
+
+
+@torch.no_grad()
+def unit_hessians(module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall]) -> dict[str, torch.Tensor]:
+    """``2/n X^T X`` of each named linear's input over the calls (valid token rows), accumulated batch by batch in
+    float32 by a forward hook on the first linear of each group that shares one input tensor."""
+    from qvlm.gptq import HessianAccumulator
+
+    groups = shared_input_groups(module, list(linears), calls[0])
+    accumulators = {g[0]: HessianAccumulator(module.get_submodule(g[0]).in_features) for g in groups}
+    mask: list = [None]
+    handles = [module.get_submodule(first).register_forward_pre_hook(
+        lambda _m, args, acc=acc: acc.add(valid_rows(args[0], mask[0])))
+        for first, acc in accumulators.items()]
+    try:
+        for call in calls:
+            mask[0] = call.mask
+            call_unit(module, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: h for g in groups for h in [accumulators[g[0]].hessian] for n in g}  # one matrix per group
 
 
 SEARCHERS: dict[str, Callable] = {"rtn": search_rtn, "clip": search_clip, "learned": search_learned, "gptq": search_gptq}

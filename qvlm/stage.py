@@ -55,6 +55,12 @@ def summary_of(index: int, result: BlockResult) -> BlockSummary:
     return BlockSummary(index, result.error_before, result.error_after, result.evaluations, result.seconds)
 
 
+def compute_device(assigned_gpus: Sequence) -> torch.device:
+    """Where a stage computes: the first GPU assigned to it (a Ray actor sees its own GPUs from cuda:0 on), else
+    the CPU, also when GPUs are assigned but this torch build cannot use them."""
+    return torch.device("cuda", 0) if assigned_gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
 def to_device(model: nn.Module, device: torch.device) -> None:
     """Move every real (non-meta) parameter and buffer of ``model`` to ``device``, in place."""
     for module in model.modules():

@@ -60,13 +60,16 @@ def spiky_llama_dir(tmp_path_factory):
     return path
 
 
-def _in_memory(model_dir, quant):
+def _in_memory(model_dir, quant, out=None):
+    """The one-process quantize of the same model; with ``out``, cut into the stages that job had (blocks stop at
+    stage boundaries, so entropy-guided blocks depend on them)."""
     from transformers import AutoModelForCausalLM
 
     model = (AutoModelForCausalLM.from_pretrained(model_dir).eval() if "llama" in str(model_dir)
              else load_llava(model_dir)[0])
     batches = calibration_batches(model_dir, CAL)
-    qmodel, result = quantize(model, batches, quant)
+    stages = json.loads((out / "qvlm_plan.json").read_text())["stages"] if out is not None else None
+    qmodel, result = quantize(model, batches, quant, stages=stages)
     return qmodel, result, batches
 
 
@@ -153,7 +156,7 @@ def test_w8a8_dynamic_token_checkpoint(outputs, tiny_llava_dir):
 
 def test_static_activation_ranges_go_to_the_sidecar(outputs, tiny_llava_dir):
     outcome, out = outputs["w4a4-static"]
-    qmodel, _, batches = _in_memory(tiny_llava_dir, CASES["w4a4-static"])
+    qmodel, _, batches = _in_memory(tiny_llava_dir, CASES["w4a4-static"], out)
     dense = LlavaForConditionalGeneration.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     apply_activation_ranges(dense, (out / ACTIVATIONS_FILE).read_bytes())
     with torch.no_grad():

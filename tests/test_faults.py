@@ -1,4 +1,4 @@
-"""Faults a long job must survive: killed block workers, killed stage actors, a killed driver, an object
+"""Faults a long job must survive: stage actors killed in capture and in search, a killed driver, an object
 store that fails transiently, a corrupted shard, and a second job on the same output.
 
 Everything is real: each job is ``qvlm-submit`` in its own process (and session) on an embedded local Ray,
@@ -182,20 +182,26 @@ def test_multipart_upload_is_safe_when_its_complete_response_is_lost(s3_server, 
         assert store.get_bytes("big.bin", sha) == big.read_bytes()
 
 
-def test_export_never_packs_a_shard_that_fails_its_checksum(tiny_llava_dir, tmp_path):
-    import hashlib
-
-    from qvlm.quant import ActScheme, WeightScheme
-    from workers.export_task import ExportRequest, write_checkpoint
+def test_a_block_file_that_fails_its_checksum_is_never_vouched_for(tmp_path):
+    """A block counts as finished (resumed, exported, listed in the manifest) only while its file verifies."""
+    from cluster.commit import load_finished_blocks
+    from qvlm.method import Block
+    from qvlm.structure import Unit
+    from workers.shard import BlockRecord
 
     out = LocalStorage(tmp_path / "out")
-    recorded = hashlib.sha256(b"the shard as the search wrote it").hexdigest()
-    out.put_bytes("_qvlm/blocks/block-00000.safetensors", b"the shard after a flipped byte")
-    request = ExportRequest(str(tiny_llava_dir), None, out.uri, None, (("_qvlm/blocks/block-00000.safetensors", recorded),),
-                            {"model.language_model.layers.0.mlp.up_proj": WeightScheme(4, 32)}, ActScheme(16))
-    with pytest.raises(StorageError, match="checksum mismatch"):
-        write_checkpoint(request)
-    assert not [k for k in out.list("") if k.endswith(".safetensors") and not k.startswith("_qvlm/")]
+    recorded = out.put_bytes("model-00001-of-00002.safetensors", b"the file as the search wrote it")
+    record = BlockRecord(0, "model-00001-of-00002.safetensors", recorded, 31, ("layers.0",), (), (), 0.0, 0.0, 1, 0.1)
+    out.put_bytes(record_key(0), record.to_json())
+    blocks, units = [Block(0, 0, (0,))], [Unit(0, "layers.0", "language", ("q",))]
+    assert load_finished_blocks(out, blocks, units) == {0: record}
+    out.put_bytes("model-00001-of-00002.safetensors", b"the file after a flipped byte!!")
+    heard = []
+    assert load_finished_blocks(out, blocks, units, lambda line, flush=True: heard.append(line)) == {}
+    assert heard and "block 0 is searched again" in heard[0] and "checksum mismatch" in heard[0]
+    out.put_bytes(record_key(0), b'{"index": 0, "shard_key": ')  # a half-written record: searched again too
+    assert load_finished_blocks(out, blocks, units, lambda line, flush=True: heard.append(line)) == {}
+    assert "not a block record" in heard[-1]
 
 
 # --- the output lock (no Ray) ----------------------------------------------------------------------
@@ -269,12 +275,13 @@ def test_a_run_that_lost_its_lock_stops_writing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_worker_killed_mid_search_is_retried_and_bytes_match(reference, tiny_llava_dir, tmp_path, faults):
+def test_stage_killed_mid_search_is_restarted_and_bytes_match(reference, tiny_llava_dir, tmp_path, faults):
     (faults / "kill-block-1").touch()
     code, output = _submit(_job(tmp_path, str(tiny_llava_dir), str(tmp_path / "out")), faults)
     assert code == 0, output[-3000:]
-    assert _fired(faults) == ["kill-block-1"]  # the worker did die mid-search, and Ray ran the task again
-    assert f"done: {reference['blocks']} blocks (0 resumed)" in output
+    assert _fired(faults) == ["kill-block-1"]  # the stage did die mid-search; new stages captured again
+    assert "a stage worker died during searching" in output and "(attempt 2 of 4); finished blocks are kept" in output
+    assert f"done: {reference['blocks']} blocks" in output
     assert _checkpoint(LocalStorage(tmp_path / "out")) == reference["files"]
 
 
@@ -299,7 +306,7 @@ def test_stage_killed_during_capture_recovers_or_fails_clearly(reference, tiny_l
     (faults / "kill-capture.3").touch()
     code, output = _submit(job, faults)
     assert code == 0, output[-3000:]
-    assert "starting the stages again and redoing the capture (attempt 2 of 2)" in output
+    assert "starting the stages again (attempt 2 of 2)" in output
     assert len(_fired(faults)) == 3
     assert _checkpoint(LocalStorage(out)) == reference["files"]
 

@@ -126,6 +126,20 @@ def test_not_positive_definite_raises():
         gptq_quantize(w, h, WeightScheme(4, 64, True), damp=0.0)
 
 
+def test_a_hessian_that_is_not_positive_definite_is_damped_more_before_giving_up():
+    w, _ = _data(8, inp=64)
+    eigen = torch.ones(64, dtype=torch.float64)
+    eigen[-1] = -0.05  # damping 0.01 * mean(diag) leaves it negative; 0.1 makes it positive
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    h = q @ torch.diag(eigen) @ q.T
+    scheme = WeightScheme(4, 64, True)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(w, h, scheme, damp=0.01, retries=0)
+    retried = gptq_quantize(w, h, scheme, damp=0.01)
+    direct = gptq_quantize(w, h, scheme, damp=0.1, retries=0)
+    assert torch.equal(retried.qweight, direct.qweight) and torch.equal(retried.scale, direct.scale)
+
+
 def test_bad_shapes_raise():
     w, x = _data(9)
     with pytest.raises(ValueError):
@@ -137,9 +151,10 @@ def test_bad_shapes_raise():
 def test_hessian_accumulator_chunks_equal_whole_and_formula():
     _, x = _data(10)
     x3 = x.reshape(4, TOKENS // 4, IN)  # leading dims are flattened into tokens
-    whole = HessianAccumulator(IN)
+    assert HessianAccumulator(IN).dtype == torch.float32  # the default: float64 only where Cholesky needs it
+    whole = HessianAccumulator(IN, dtype=torch.float64)
     whole.add(x3)
-    chunked = HessianAccumulator(IN)
+    chunked = HessianAccumulator(IN, dtype=torch.float64)
     chunked.add(x[:700])
     chunked.add(x[700:])
     assert whole.tokens == chunked.tokens == TOKENS
@@ -148,7 +163,7 @@ def test_hessian_accumulator_chunks_equal_whole_and_formula():
     x64 = x.double()
     assert torch.allclose(whole.hessian, 2.0 / TOKENS * x64.t() @ x64, rtol=1e-10, atol=1e-12)
     # deterministic: same chunks in the same order give identical bytes
-    again = HessianAccumulator(IN)
+    again = HessianAccumulator(IN, dtype=torch.float64)
     again.add(x[:700])
     again.add(x[700:])
     assert torch.equal(again.hessian, chunked.hessian)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from cluster.driver import run_job
@@ -15,10 +14,12 @@ from qvlm.batches import (CalibrationSettings, answer_masks, batches_for, calibr
 from qvlm.calibration import CalibrationRecord
 from qvlm.config import QuantConfig, VeoConfig
 from qvlm.dependency import channel_grid, conditional_entropy, conditional_entropy_tensor, joint_distribution
-from qvlm.driver import quantize, select_units, unit_bits
+from qvlm.driver import quantize
+from qvlm.method import select_units, unit_bits
 from qvlm.quant import ActScheme, WeightScheme
 from qvlm.veo import _next_token_loss, optimize_vision_encoder, vision_linear_names
 from tests.conftest import load_llava
+from tests.outputs import block_tensors
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -143,24 +144,22 @@ def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path)
     out = tmp_path / "job"
     run_job(JobSettings(name="t", spec_hash="v" * 64, model_uri=str(tiny_llava_dir), output_uri=str(out),
                         calibration=CAL, quant=config, workers=2))
-    plan = json.loads((out / "qvlm_plan.json").read_text())
-    tensors = {}
-    for block in plan["blocks"]:
-        tensors.update(load_safetensors((out / block["shard"]).read_bytes()))
+    plan, tensors = block_tensors(out)
     # VEO trains through matmuls whose float sums depend on the intra-op thread count: compare with the
     # one-process run at the thread count of the job's workers (resources.cpus_per_worker = 1).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         _, result = quantize(load_llava(tiny_llava_dir)[0], calibration_batches(tiny_llava_dir, CAL), config,
-                             calibration_answer_masks(tiny_llava_dir, CAL))
+                             calibration_answer_masks(tiny_llava_dir, CAL), stages=plan["stages"])
     finally:
         torch.set_num_threads(threads)
     expected = result.tensors()
     assert set(tensors) == set(expected)
     assert all(torch.equal(tensors[n], v) for n, v in expected.items())
     assert [b["units"] for b in plan["blocks"]] == [list(b.units) for b in result.blocks]
-    assert plan["blocks"][0]["shard"] == "_qvlm/veo.safetensors"
+    veo_file = (out / "_qvlm/veo.safetensors").read_bytes()
+    assert (out / plan["blocks"][0]["shard"]).read_bytes() == veo_file  # the tuned tower is the vision block
     veo = plan["veo"]
     assert len(veo["history"]) == 2 and not veo["reused"]
     assert [d["dependency"] for d in veo["dependency_before"]] == [list(d.dependency) for d in result.veo.dependency_before]

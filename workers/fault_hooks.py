@@ -9,7 +9,7 @@ the process looks in that folder for:
 - ``hold-<point>``: the process waits at the point while the file exists (and writes its pid into
   ``hold-<point>.held``), so a test can act while a job stands at a known place.
 
-Points: ``block-<index>`` in a block task after its search, before it writes anything; ``capture`` in a
+Points: ``block-<index>`` in a stage actor after a block's search, before it writes anything; ``capture`` in a
 stage actor at the start of each capture call.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -137,6 +138,7 @@ def _weight_map(storage: Storage, index_key: str, prefix: str) -> dict[str, str]
 
 
 MAX_REQUEST_BYTES = 64 * 2**20
+READ_PARALLELISM = 8  # ranged reads in flight at once: at most this many runs' raw bytes are held together
 
 
 def _coalesce(locs: list[TensorLocation], max_bytes: int = MAX_REQUEST_BYTES) -> list[tuple[int, int, list[TensorLocation]]]:
@@ -199,18 +201,24 @@ class CheckpointIndex:
         locs = self._locations.values() if names is None else (self.location(n) for n in names)
         return sum(loc.end - loc.start for loc in locs)
 
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named tensors with their exact dtype and shape; adjacent ranges in one file share a request."""
+    def read(self, names: Iterable[str], parallel: int = READ_PARALLELISM) -> dict[str, torch.Tensor]:
+        """The named tensors with their exact dtype and shape. Adjacent ranges in one file share a request and
+        up to ``parallel`` requests are in flight at once (object stores serve ranged GETs concurrently)."""
         if sys.byteorder != "little":
             raise RuntimeError("safetensors data is little-endian; big-endian hosts are not supported")
         wanted = {name: self.location(name) for name in dict.fromkeys(names)}
         by_file: dict[str, list[TensorLocation]] = {}
         for loc in wanted.values():
             by_file.setdefault(loc.file, []).append(loc)
+        runs = [(key, run) for key, locs in by_file.items()
+                for run in _coalesce(sorted(set(locs), key=lambda x: (x.start, x.end)))]
         tensors: dict[TensorLocation, torch.Tensor] = {}
-        for key, locs in by_file.items():
-            for start, end, members in _coalesce(sorted(set(locs), key=lambda x: (x.start, x.end))):
-                view = memoryview(self.storage.get_range(key, start, end))
-                for loc in members:
-                    tensors[loc] = _tensor(view[loc.start - start:loc.end - start], loc)
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            for part in pool.map(lambda item: self._read_run(*item), runs):
+                tensors.update(part)
         return {name: tensors[loc] for name, loc in wanted.items()}
+
+    def _read_run(self, key: str, run: tuple[int, int, list[TensorLocation]]) -> dict[TensorLocation, torch.Tensor]:
+        start, end, members = run
+        view = memoryview(self.storage.get_range(key, start, end))
+        return {loc: _tensor(view[loc.start - start:loc.end - start], loc) for loc in members}

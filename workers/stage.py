@@ -18,7 +18,7 @@ from qvlm.batches import CalibrationSettings, calibration_batches
 from qvlm.capture import UnitCall
 from qvlm.config import QuantConfig
 from qvlm.search import BlockResult
-from qvlm.stage import BlockJob, BlockSummary, Stage
+from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
 from qvlm.structure import Unit
 from workers.fault_hooks import fault_point
 from workers.locations import Locations
@@ -28,22 +28,15 @@ from workers.transport import nbytes, pack, unpack
 from workers.veo_task import run_veo
 
 
-def stage_device() -> torch.device:
-    """The GPU Ray assigned to this actor (it sees only its own as cuda:0), else the CPU."""
-    import ray
-
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
-
-
 class StageWorker(Stage):
     def __init__(self, where: Locations, units: Sequence[Unit], first: bool, all_unit_modules: Sequence[str],
                  threads: int = 1):
         torch.set_num_threads(max(1, threads))  # the arithmetic must not depend on how many cores the node has
         self.where = where
         self.shard = ModelShard(where.model(), [u.name for u in units], first, all_unit_modules)
-        super().__init__(self.shard.model, units, first, device=stage_device())
+        import ray
+
+        super().__init__(self.shard.model, units, first, device=compute_device(ray.get_gpu_ids()))
         self.batches: list[dict[str, torch.Tensor]] = []
         self.n_files = 0  # files of the final checkpoint; a block's file is number (block index)
         self.sent_bytes = 0

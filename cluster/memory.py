@@ -1,0 +1,111 @@
+"""What one stage worker holds, in bytes, at the job's calibration size, and whether it fits the worker.
+
+A stage holds its units' weights; the captures of its units (each unit's input for every calibration sample,
+plus the last unit's output: a unit's output is the next unit's input, kept once) and the extra arguments its
+layer list takes per batch (an attention mask of batch x tokens x tokens); and, while it searches a block, a
+workspace: a copy of the block's weights, the block's cached unit outputs for every sample, GPTQ's Hessians,
+and one batch's intermediate activations. Everything is in the model's dtype, as the stage computes.
+
+With a GPU the captures stay on the GPU when everything fits there, else in the worker's host memory (moved to
+the GPU one batch at a time); the weights and the workspace must fit the GPU. Without a GPU everything is in
+host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+HEADROOM = 0.9  # of a device's memory a stage plans to use: the CUDA context, allocator slack, fragmentation
+
+
+@dataclass(frozen=True)
+class CalibrationSize:
+    samples: int
+    batch_size: int
+    tokens: int  # text tokens per sample (calibration.max_length)
+    image_tokens: int  # tokens per image in the vision tower and projector (0 for a text model)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    weights: int
+    captures: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.captures + self.workspace
+
+
+def _unit_width(plan, unit) -> int:
+    """Width of a unit's hidden-state input: the input width of its first linear."""
+    return plan.linear_shapes[unit.linear_name(unit.linears[0])][1]
+
+
+def _unit_out_width(plan, unit) -> int:
+    return plan.linear_shapes[unit.linear_name(unit.linears[-1])][0]
+
+
+def unit_tokens(unit, size: CalibrationSize) -> int:
+    """Tokens a unit sees per sample: image tokens in the vision tower and the projector, text tokens after."""
+    return size.image_tokens if unit.segment in ("vision", "projector") and size.image_tokens else size.tokens
+
+
+def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
+    element = plan.weight_element_bytes
+    units = [plan.units[i] for i in plan.stages[stage]]
+    hidden = sum(size.samples * unit_tokens(u, size) * _unit_width(plan, u) * element for u in units)
+    last = units[-1]
+    hidden += size.samples * unit_tokens(last, size) * _unit_out_width(plan, last) * element
+    batches = -(-size.samples // size.batch_size)
+    masks = batches * size.batch_size * size.tokens**2 * element if any(u.segment == "language" for u in units) else 0
+    return hidden + masks
+
+
+def workspace_bytes(plan, stage: int, size: CalibrationSize, depth: int, gptq: bool) -> int:
+    """The largest block search of the stage: ``depth`` consecutive units with the most weights."""
+    element = plan.weight_element_bytes
+    own = list(plan.stages[stage])
+    windows = [own[k:k + depth] for k in range(max(1, len(own) - depth + 1))]
+    best = 0
+    for window in windows:
+        units = [plan.units[i] for i in window]
+        weights = 2 * sum(plan.unit_bytes[i] for i in window)  # the search's copy + the full-precision reference
+        outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
+        widest = max(out for u in units for n in u.linears for out, _ in [plan.linear_shapes[u.linear_name(n)]])
+        transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * element
+        hessians = 4 * sum(inp**2 for u in units for n in u.linears
+                           for _, inp in [plan.linear_shapes[u.linear_name(n)]]) if gptq else 0
+        best = max(best, weights + outputs + transient + hessians)
+    return best
+
+
+def stage_memory(plan, stage: int, size: CalibrationSize, depth: int, gptq: bool) -> StageMemory:
+    return StageMemory(plan.stage_bytes(stage), capture_bytes(plan, stage, size),
+                       workspace_bytes(plan, stage, size, depth, gptq))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Where a stage keeps its captures ("device" or "host"), or None when the stage does not fit."""
+
+    keep_captures: str | None
+    need_device: int  # bytes the stage needs on its device (GPU, or host memory without a GPU)
+    need_host: int
+
+
+def fit(memory: StageMemory, device_bytes: int | None, host_bytes: int | None, gpu: bool) -> Fit:
+    """Whether a stage fits a worker with ``device_bytes`` of GPU memory (``gpu``) or ``host_bytes`` of host memory;
+    None for either means unknown (assumed to fit)."""
+    def room(limit: int | None, need: int) -> bool:
+        return limit is None or need <= HEADROOM * limit
+
+    if not gpu:
+        return Fit("device" if room(host_bytes, memory.total) else None, memory.total, memory.total)
+    if room(device_bytes, memory.total):
+        return Fit("device", memory.total, 0)
+    on_device = memory.weights + memory.workspace
+    if room(device_bytes, on_device) and room(host_bytes, memory.captures):
+        return Fit("host", on_device, memory.captures)
+    return Fit(None, on_device, memory.captures)

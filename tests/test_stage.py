@@ -1,0 +1,97 @@
+"""A stage on its device: its weights, captures, searches and results live where the stage says, with the device
+chosen by the same code a job's actors use (the CPU here; the GPU too where the machine has one)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvlm.batches import CalibrationSettings, calibration_batches
+from qvlm.config import QuantConfig
+from qvlm.driver import layout_of
+from qvlm.method import block_jobs, Block
+from qvlm.stage import Stage, compute_device
+
+CAL = CalibrationSettings(samples=8, eval_samples=0, max_length=32, batch_size=4)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_stage_computes_on_its_first_assigned_gpu_else_the_cpu():
+    assert compute_device([]) == torch.device("cpu")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert compute_device(["3"]) == expected  # a Ray actor sees its own GPU as cuda:0
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    from qvlm.capture import UnitCall
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, UnitCall):
+        return value.tensors()
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_everything_a_stage_touches_is_on_its_device(tiny_llama_dir, device):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    config = QuantConfig(method="gptq", propagation="quantized")
+    layout = layout_of(model, config)
+    stage = Stage(model, layout.units, first=True, device=compute_device([0] if device == "cuda" else []))
+    assert stage.device.type == device
+    for batch in calibration_batches(tiny_llama_dir, CAL):
+        stage.capture(batch, hand_over=False)
+    assert {p.device for p in model.parameters()} == {stage.device}
+    captured = [t for c in stage.captures.values() for t in _tensors(c.calls) + _tensors(c.outputs)]
+    assert captured and {t.device for t in captured} == {stage.keep_on}
+    stage.statistics(config.weights)
+    blocks = [Block(i, 0, (u.index,)) for i, u in enumerate(layout.units)]
+    schemes = {u.linear_name(n): config.weights for u in layout.units for n in u.linears}
+    jobs = block_jobs(blocks, layout, schemes)
+    for k, job in enumerate(jobs):
+        stage.search_block(job, config, "carried" if k else "captured", None, needs_out=k + 1 < len(jobs))
+    result_tensors = [t for r in stage.results.values() for lin in r.linears for t in (lin.weight.qweight, lin.weight.scale)]
+    assert {t.device for t in result_tensors} == {stage.device}
+    assert {t.device for t in stage.carried() or []} <= {stage.keep_on}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.timeout(900)
+def test_bundled_example_on_the_gpu_matches_the_cpu_run(tmp_path):
+    """The bundled job with each of its two stage workers on half of one GPU, against the same job on the CPU:
+    the same blocks, at most 1% of the integer weights differ (float sums differ between devices, so a value
+    on a rounding edge may round the other way), and the checkpoints' logits agree (cosine > 0.999)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.outputs import block_tensors
+
+    bin_dir = Path(sys.executable).parent
+    model = tmp_path / "models/tiny-llava"
+    subprocess.run([sys.executable, "-m", "qvlm.tiny", "llava", str(model)], check=True, cwd=ROOT)
+    outs = {}
+    for name, gpus in (("cpu", 0), ("gpu", 0.5)):
+        out = tmp_path / name
+        subprocess.run([str(bin_dir / "qvlm-submit"), str(ROOT / "examples/tiny-llava.yaml"), "--set", f"model.path={model}",
+                        "--set", f"output.uri={out}", "--set", f"resources.gpus_per_worker={gpus}"], check=True, cwd=ROOT)
+        outs[name] = out
+    plan_cpu, cpu = block_tensors(outs["cpu"])
+    plan_gpu, gpu = block_tensors(outs["gpu"])
+    assert [b["units"] for b in plan_cpu["blocks"]] == [b["units"] for b in plan_gpu["blocks"]]
+    assert set(json.loads((outs["gpu"] / "qvlm_plan.json").read_text())["stage_devices"]) == {"cuda:0"}
+    ints = [k for k in cpu if k.endswith(".qweight")]
+    differing = sum(int((cpu[k] != gpu[k]).sum()) for k in ints) / sum(cpu[k].numel() for k in ints)
+    assert differing < 0.01
+    batch = calibration_batches(model, CAL)[0]
+    logits = [LlavaForConditionalGeneration.from_pretrained(outs[n]).eval()(**batch).logits.flatten() for n in ("cpu", "gpu")]
+    assert torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=0) > 0.999
