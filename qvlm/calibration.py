@@ -177,7 +177,8 @@ def _make_batch(chunk, processor, max_length: int, include_answer: bool, start: 
             f"calibration batch of records {start}..{start + len(chunk) - 1} mixes records with and without images; "
             f"fix: group image and text-only records apart in the file, or use batch_size=1"
         )
-    texts = [_with_image_placeholder(r, t, processor.image_token, start + i) for i, (r, t) in enumerate(zip(chunk, texts))]
+    placeholder = processor.image_token
+    texts = [_with_image_placeholder(r, t, placeholder, start + i) for i, (r, t) in enumerate(zip(chunk, texts))]
     if not any(with_image):
         enc = processor(text=texts)
         return _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, None, start)
@@ -197,9 +198,10 @@ def _with_image_placeholder(record: CalibrationRecord, text: str, placeholder: s
     images, found = int(record.image is not None), record.text.count(placeholder)
     if found > images:
         held = f"{found} image placeholder{'s' if found > 1 else ''} {placeholder}"
-        fix = (f"keep one {placeholder} where the image belongs (or none: it is then put in front of the text)" if images
-               else f"remove {placeholder} from the text or give the record an \"image\"")
-        raise CalibrationError(f"{where}: field \"text\" holds {held} but the record has {images or 'no'} image; fix: {fix}")
+        fix = (f"keep one {placeholder} where the image belongs (or none: it is then put in front of the text)"
+               if images else f"remove {placeholder} from the text or give the record an \"image\"")
+        raise CalibrationError(f"{where}: field \"text\" holds {held} but the record has {images or 'no'} image; "
+                               f"fix: {fix}")
     return text if found == images else f"{placeholder} {text}"
 
 
