@@ -192,11 +192,14 @@ class OutputLock:
                 return self._start_heartbeat()
             except AlreadyExists:
                 pass
-            found, now = find_lock(self.storage), time.time()
+            try:
+                found, now = find_lock(self.storage), time.time()
+            except StorageError as exc:  # there, but unreadable (permissions): this run cannot judge it
+                raise LockError(self._unusable(str(exc))) from None
             if found is None:  # released between our create and our read, or not a file at all
                 unreadable += 1
                 if unreadable >= ATTEMPTS:
-                    raise LockError(self._unusable())
+                    raise LockError(self._unusable("is it a folder?"))
                 continue
             reason = found.stale_reason(now, self.heartbeat_s, self.stale_after_s)
             if reason is None and found.holder is not None:
@@ -232,10 +235,11 @@ class OutputLock:
                 f"{self.stale_after_s / 60:.0f} minutes (at once on the same host). output.overwrite: true does not "
                 f"break a live lock.")
 
-    def _unusable(self) -> str:
+    def _unusable(self, why: str) -> str:
         where = lock_where(self.storage)
-        return (f"{where} exists but cannot be read as a lock file (is it a folder?), so no run can lock this "
-                f"output: remove it (rm -r '{where}') if no qvlm run is writing this output, then re-submit")
+        remove = f"aws s3 rm {where}" if where.startswith("s3://") else f"rm -r '{where}'"
+        return (f"{where} exists but cannot be read as a lock file ({why}), so no run can lock this output: "
+                f"remove it ({remove}) if no qvlm run is writing this output, then re-submit")
 
     def _wait_for_writer(self, found: FoundLock, now: float) -> None:
         """An invalid lock written moments ago may be a lock being written: wait out the heartbeat interval."""
