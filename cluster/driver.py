@@ -2,8 +2,9 @@
 
 Phases (written to the state file as they change): planning -> capturing -> statistics -> searching ->
 committing -> finished (or failed; or stopped, by SIGINT or SIGTERM: see cluster/stopping.py). A finished job
-submitted again is checked against its manifest and repaired (cluster/repair.py). The driver moves only small records and object references; tensors
-move between workers through Ray's object store, weights come straight from storage into each worker.
+submitted again is checked against its manifest and repaired (cluster/repair.py). The driver moves only small
+records and object references; tensors move between workers through Ray's object store, weights come straight
+from storage into each worker.
 """
 
 from __future__ import annotations

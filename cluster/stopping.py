@@ -5,7 +5,8 @@ Python runs signal handlers in the main thread, between bytecodes. Ray's blockin
 raised by a handler inside them comes out as a ``SystemError``. So under :func:`stop_on_signals` both signals
 raise ``KeyboardInterrupt`` and :func:`received` says which one arrived; the driver records the phase
 "stopped", stops its Ray work and releases the output lock on the way out, and the command exits 128 + the
-signal's number (130 for SIGINT, 143 for SIGTERM). A second signal during that clean-up is ignored.
+first signal's number (130 for SIGINT, 143 for SIGTERM). A second signal interrupts that clean-up (for a user
+who cannot wait for it); a lock it leaves behind is taken over like any lock whose holder is gone.
 
 ``ray.init`` installs a SIGTERM handler of its own (it exits the process at once, with Ray's threads still
 running, which ended in SIGABRT); :func:`keep_handlers` puts the process's handlers back after it.
@@ -23,8 +24,7 @@ _received: list[int] = []
 
 def _stop(signum, frame) -> None:
     _received.append(signum)
-    if len(_received) == 1:
-        raise KeyboardInterrupt
+    raise KeyboardInterrupt
 
 
 def _main_thread() -> bool:
