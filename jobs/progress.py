@@ -46,16 +46,14 @@ def line_by_line() -> None:
 
 
 def job_log_path(name: str) -> Path:
-    """A new log file for one run of job ``name``, under ~/.cache/qvlm/logs (or the temp folder)."""
+    """A new log file for one run of job ``name``: ~/.cache/qvlm/logs (XDG_CACHE_HOME), else the temp folder."""
     stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    for folder in (cache / "qvlm" / "logs", Path(tempfile.gettempdir()) / "qvlm-logs"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return folder / stamp
-        except OSError:
-            continue
-    return Path(tempfile.gettempdir()) / stamp
+    try:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qvlm" / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError):  # no home folder, or not writable
+        folder = Path(tempfile.gettempdir())
+    return folder / stamp
 
 
 @contextmanager
