@@ -1,5 +1,6 @@
-"""Faults a long job must survive: killed block workers, killed stage actors, a killed driver, an object
-store that fails transiently, a corrupted shard, and a second job on the same output.
+"""Faults a long job must survive: killed block workers, killed stage actors, a killed driver, SIGINT and
+SIGTERM, an object store that fails transiently, a corrupted shard, a corrupt block record, a corrupt, future or
+unreadable lock, a corrupt file in a finished output, and a second job on the same output.
 
 Everything is real: each job is ``qvlm-submit`` in its own process (and session) on an embedded local Ray,
 S3 is moto over HTTP on 127.0.0.1, and S3 faults come from a fault-injecting proxy on the wire
