@@ -185,8 +185,8 @@ class OutputLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        breaks = unreadable = 0
-        while breaks < ATTEMPTS:
+        breaks = unreadable = waits = 0
+        while breaks < ATTEMPTS and waits < ATTEMPTS:
             try:
                 self.storage.put_bytes(LOCK_KEY, self._encode(), if_absent=True)
                 return self._start_heartbeat()
@@ -206,12 +206,14 @@ class OutputLock:
                 raise LockError(self._refusal(found.holder, now))
             if reason is None:
                 self._wait_for_writer(found, now)
+                waits += 1
                 continue
             self.echo(f"[{self.info.job}] taking over the lock {lock_where(self.storage)} of {found.describe(now)}: "
                       f"{reason}", flush=True)
             self._break(found)
             breaks += 1
-        raise LockError(f"{lock_where(self.storage)}: another run took the lock at the same moment; try again")
+        raise LockError(f"{lock_where(self.storage)}: another run took the lock at the same moment, or keeps rewriting "
+                        "it; try again")
 
     def check(self) -> None:
         if self.lost:
