@@ -333,14 +333,20 @@ def test_a_lock_that_is_a_folder_exits_2_saying_what_to_remove(tmp_path, tiny_ll
 
 
 def test_a_malformed_lock_on_s3_is_judged_by_its_last_modified_time(s3_server, s3_bucket):
+    from cluster.lock import find_lock
+
     out = S3Storage(f"s3://{s3_bucket}/out", s3_server)
     out.put_bytes(LOCK_KEY, b'{"job": "old", "spec_ha')
-    assert abs(out.modified_at(LOCK_KEY) - time.time()) < 60  # S3's LastModified, by the server's clock
+    found, now = find_lock(out), time.time()
+    assert found.holder is None and "not valid JSON" in found.problem
+    assert abs(found.modified_at - now) < 60  # S3's LastModified, by the server's clock
+    assert found.stale_reason(now, heartbeat_s=120) is None  # young: a writer may be at work
+    assert "over the heartbeat interval (120s)" in found.stale_reason(now + 240, heartbeat_s=120)
     lines = []
     lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines), heartbeat_s=0.5)
     lock.acquire()
     lock.release()
-    assert "waiting" in lines[0] and f"taking over the lock s3://{s3_bucket}/out/{LOCK_KEY}" in lines[-1], lines
+    assert f"taking over the lock s3://{s3_bucket}/out/{LOCK_KEY} of an invalid lock" in lines[-1], lines
     assert not out.exists(LOCK_KEY)
 
 
