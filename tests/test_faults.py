@@ -280,22 +280,30 @@ def test_a_stale_or_dead_lock_is_taken_over(tmp_path):
     (b'{"job": "old"}', "missing spec_hash"),
 ])
 def test_a_malformed_lock_is_taken_over_once_the_heartbeat_interval_has_passed(tmp_path, data, problem):
-    """Written over a heartbeat interval ago: taken over at once, naming the file and what is wrong with it.
-    Written just now (a writer may be at work): the run waits out the interval first, then takes it over."""
-    out, where = LocalStorage(tmp_path / "out"), str(tmp_path / "out" / LOCK_KEY)
-    for written_ago in (60.0, 0.0):
-        lines = []
-        _write_lock(out, data, written_ago)
-        lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines), heartbeat_s=30.0 if written_ago else 0.5)
-        lock.acquire()
-        try:
-            assert read_lock(out).run_id == lock.info.run_id
-            assert f"taking over the lock {where}" in lines[-1] and problem in lines[-1], lines
-            assert "over the heartbeat interval" in lines[-1]
-            assert [line for line in lines if "waiting" in line] == ([] if written_ago else lines[:-1]), lines
-        finally:
-            lock.release()
-        assert not out.exists(LOCK_KEY)
+    """Last written over a heartbeat interval ago: taken over at once, naming the file and what is wrong."""
+    out, where, lines = LocalStorage(tmp_path / "out"), str(tmp_path / "out" / LOCK_KEY), []
+    _write_lock(out, data, written_ago=60.0)
+    lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines))
+    lock.acquire()
+    try:
+        assert read_lock(out).run_id == lock.info.run_id
+        assert len(lines) == 1 and f"taking over the lock {where}" in lines[0] and problem in lines[0], lines
+        assert re.search(r"was last written 6\d+s ago, over the heartbeat interval \(30s\)", lines[0]), lines
+    finally:
+        lock.release()
+    assert not out.exists(LOCK_KEY)
+
+
+def test_a_malformed_lock_written_just_now_is_waited_out_first(tmp_path):
+    """A half-written lock may be a lock being written: the run waits out the heartbeat interval, then takes
+    it over."""
+    out, lines = LocalStorage(tmp_path / "out"), []
+    _write_lock(out, b'{"job": "old", "spec_hash": "00')
+    lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines), heartbeat_s=5.0)
+    lock.acquire()
+    lock.release()
+    assert len(lines) == 2 and "is not a valid lock (not valid JSON" in lines[0] and "waiting" in lines[0], lines
+    assert "taking over the lock" in lines[1] and "over the heartbeat interval (5s)" in lines[1], lines
 
 
 def test_a_heartbeat_in_the_future_is_stale_once_the_file_is_old_by_this_hosts_clock(tmp_path):
