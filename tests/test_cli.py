@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_status_says_stopped_when_no_live_run_holds_the_output(tmp_path):
         running = runner.invoke(app, ["status", str(out.root)])
     finally:
         live.release()
-    assert running.exit_code == 0 and "[told] searching: blocks 2/5" in running.output and "heartbeat 0s ago" in running.output
+    assert running.exit_code == 0 and re.search(r"\[told\] searching: blocks 2/5 \(heartbeat \d+s ago\)", running.output)
     for phase, code in (("failed", 1), ("stopped", 1), ("finished", 0)):
         _state_at(out, phase=phase, blocks_total=5, blocks_done=5)
         told = runner.invoke(app, ["status", str(out.root)])
