@@ -35,7 +35,7 @@ class Progress:
 
     def eta_seconds(self) -> float | None:
         timed = self.done - self.skipped
-        if timed <= 0 or self.total <= 0:
+        if timed <= 0 or self.total <= 0 or self.seconds <= 0:  # nothing timed yet
             return None
         return self.seconds / timed * max(self.total - self.done, 0)
 
