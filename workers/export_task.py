@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from safetensors.torch import save as save_safetensors
 
@@ -54,6 +54,15 @@ def _chunks(keys: Sequence[str], sizes: dict[str, int], max_bytes: int) -> list[
 
 def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
     """Write every checkpoint file; returns {key: {"sha256", "size"}} for the manifest."""
+    written = {}
+    for files, _ in checkpoint_files(req):
+        written.update(files)
+    return written
+
+
+def checkpoint_files(req: ExportRequest) -> Iterator[tuple[dict[str, dict], int]]:
+    """Write the checkpoint one file at a time; after each step yield what it wrote ({key: {"sha256", "size"}})
+    and the number of steps in all (one per safetensors file, then one for the metadata files)."""
     from transformers import AutoConfig
 
     source, out = open_storage(req.model_uri, req.model_endpoint), open_storage(req.output_uri, req.output_endpoint)
@@ -66,7 +75,7 @@ def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
     rest_chunks = _chunks(rest, {k: index.total_bytes([k]) for k in rest}, req.max_file_bytes)
     n_files = len(req.shard_keys) + len(rest_chunks)
     groups = config_groups(_compressed_schemes(model, req.schemes), req.act)
-    written, weight_map, ranges = {}, {}, {}
+    weight_map, ranges = {}, {}
     for i, (shard_key, sha) in enumerate(req.shard_keys):
         blob = out.get_bytes(shard_key, sha)
         tensors = {}
@@ -76,11 +85,10 @@ def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
                 tensors[f"{prefix}.{suffix}"] = t
             if r.act_range is not None:
                 ranges[r.name] = r.act_range
-        written.update(_put_file(out, _file_name(i, n_files), tensors, weight_map))
+        yield _put_file(out, _file_name(i, n_files), tensors, weight_map), n_files + 1
     for j, chunk in enumerate(rest_chunks):
-        written.update(_put_file(out, _file_name(len(req.shard_keys) + j, n_files), index.read(chunk), weight_map))
-    written.update(_write_metadata(out, local, model, req, weight_map, ranges))
-    return written
+        yield _put_file(out, _file_name(len(req.shard_keys) + j, n_files), index.read(chunk), weight_map), n_files + 1
+    yield _write_metadata(out, local, model, req, weight_map, ranges), n_files + 1
 
 
 def _compressed_schemes(model, schemes: dict) -> dict:
