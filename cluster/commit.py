@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import asdict, dataclass
 
 from qvlm.method import MethodResult
-from workers.shard import BlockRecord, CorruptRecord, read_record
+from workers.shard import BlockRecord, CorruptRecord, read_record, record_key
 from workers.storage import StorageError
 
 PLAN_KEY = "qvlm_plan.json"
@@ -15,24 +16,39 @@ REPORT_KEY = "qvlm_report.json"
 HTML_KEY = "report.html"
 
 
-def load_finished_blocks(out, blocks, units, echo=None) -> dict[int, BlockRecord]:
-    """Blocks whose record exists, names the units the current plan gives the block, and whose files verify
-    (sha256); ``echo`` hears about each record or file that fails its check (that block is searched again)."""
+def load_finished_blocks(out, blocks, units, file_of, echo=None) -> dict[int, BlockRecord]:
+    """Blocks whose record exists, names the units the current plan gives the block and the block's file
+    (``file_of(index)``), and whose files verify (sha256). A record that cannot be read or a file that fails its
+    check means the block is searched again; ``echo`` hears why."""
     finished = {}
     for block in blocks:
-        try:
-            record = read_record(out, block.index)
-            if record is None or record.unit_names != tuple(units[i].name for i in block.units):
-                continue
-            out.get_bytes(record.shard_key, record.sha256)
-            if record.act_key:
-                out.get_bytes(record.act_key, record.act_sha256)
-        except (CorruptRecord, StorageError) as exc:
-            if echo is not None:
-                echo(f"block {block.index} is searched again: {exc}", flush=True)
-            continue
-        finished[block.index] = record
+        record, problem = _finished_record(out, block, tuple(units[i].name for i in block.units), file_of(block.index))
+        if problem is not None and echo is not None:
+            echo(f"block {block.index} is searched again: {problem}", flush=True)
+        if record is not None:
+            finished[block.index] = record
     return finished
+
+
+def _finished_record(out, block, unit_names: tuple, file_key: str) -> tuple[BlockRecord | None, str | None]:
+    key = record_key(block.index)
+    if not out.exists(key):
+        return None, None
+    try:
+        record = read_record(out, block.index)
+    except CorruptRecord as exc:
+        return None, f"its record {key} is unreadable ({exc})"
+    if record.unit_names != unit_names:
+        return None, None  # a record of another plan's block
+    if (record.index, record.shard_key) != (block.index, file_key):
+        return None, f"its record {key} names block {record.index} at {record.shard_key}"
+    try:
+        out.get_bytes(record.shard_key, record.sha256)
+        if record.sidecar_key:
+            out.get_bytes(record.sidecar_key, record.sidecar_sha256)
+    except StorageError as exc:
+        return None, str(exc)
+    return record, None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""The job driver: plan, start stage actors, capture, plan blocks, fan out block searches, commit.
+"""The job driver: plan, start the stage actors, run the method on them, export, evaluate, commit.
 
 Phases (written to the state file as they change): planning -> capturing -> statistics -> searching ->
-committing -> finished (or failed). The driver moves only small records and object references; tensors
-move between workers through Ray's object store, weights come straight from storage into each worker.
+committing -> finished (or failed; or stopped, by SIGINT or SIGTERM: see cluster/stopping.py). The method's
+sequence is qvlm.method.run_method, the one the one-process quantize runs; here its stages are Ray actors that
+load their own weights from storage, search their own blocks and write each finished block's checkpoint file.
+The driver moves only small records and object references. A finished job submitted again is checked against
+its manifest and repaired (cluster/repair.py).
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvlm.method import Hooks, run_method
+from cluster import stopping
 from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
+from cluster.export import export_checkpoint
 from cluster.lock import LOCK_KEY, LockError, OutputLock
 from cluster.pipeline import RayPipeline
 from cluster.plan import JobPlan, make_plan
+from cluster.repair import block_files, export_repairs, reexport
 from cluster.settings import JobSettings
 from cluster.state import JobState, StateFile, read_state
+from cluster.verify import check_output
 from cluster.veo import VeoOutcome, tune_vision_encoder
 from workers.model_shard import fetch_small_files
 from workers.safetensors_reader import CheckpointIndex
+from workers.shard import file_name
 from workers.storage import open_storage
 
 
@@ -44,7 +52,8 @@ class JobOutcome:
 
 @contextmanager
 def ray_session(address: str | None, settings: JobSettings):
-    """Connect to ``address``, or start an embedded local Ray sized for the job; reuse one already running."""
+    """Connect to ``address``, or start an embedded local Ray sized for the job; reuse one already running.
+    The process keeps its own SIGINT/SIGTERM handlers (cluster/stopping.py): ray.init would replace them."""
     import os
 
     import ray
@@ -52,16 +61,29 @@ def ray_session(address: str | None, settings: JobSettings):
     if ray.is_initialized():
         yield ray
         return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker) + 1)
-        ray.init(address="local", num_cpus=cpus, num_gpus=int(settings.workers * settings.gpus_per_worker) or None,
-                 include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
     try:
+        with stopping.keep_handlers():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker) + 1)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                         num_gpus=int(settings.workers * settings.gpus_per_worker) or None,
+                         object_store_memory=512 * 2**20)
+        _say_where_ray_logs(ray)
         yield ray
     finally:
         ray.shutdown()
+
+
+def _say_where_ray_logs(ray) -> None:
+    """Ray's own logs (raylet, GCS, every worker's output) stay in its session folder; name it on stderr, which
+    qvlm-submit sends to the job's log file."""
+    import sys
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        print(f"Ray's logs for this run (raylet, workers): {node.get_logs_dir_path()}", file=sys.stderr, flush=True)
 
 
 def _claim_output(out, settings: JobSettings) -> JobState | None:
@@ -111,17 +133,30 @@ def run_job(settings: JobSettings, address: str | None = None, echo=print) -> Jo
 def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: OutputLock) -> JobOutcome:
     previous = _claim_output(out, settings)
     if previous is not None and previous.phase == "finished" and out.exists(MANIFEST_KEY):
-        echo(f"[{settings.name}] already finished at {settings.output_uri}; nothing to do", flush=True)
-        return JobOutcome(settings.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
+        outcome = _finished_again(settings, address, echo, out, lock, previous)
+        if outcome is not None:
+            return outcome
     out.delete(MANIFEST_KEY)  # a manifest left by an interrupted commit must not vouch for files rewritten now
     state = StateFile(out, JobState(settings.name, settings.spec_hash), echo, guard=lock.check)
     state.update(phase="planning")
-    try:
+    with _recorded(state, lock):
         plan, _ = inspect_model(settings)
         with ray_session(address, settings) as ray:
             return _run_phases(ray, settings, plan, out, state)
+
+
+@contextmanager
+def _recorded(state: StateFile, lock: OutputLock):
+    """Record in the state file how a run that did not finish ended: stopped by a signal, or failed and why.
+    A run that lost its lock no longer owns the state file and records nothing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if lock.lost is None:
+            state.update(phase="stopped", error=f"stopped by {stopping.received()}; re-submit to resume")
+        raise
     except Exception as exc:
-        if lock.lost is None:  # a run that lost its lock no longer owns the state file
+        if lock.lost is None:
             cause = exc  # what a worker raised: Ray's wrapper repeats the remote traceback in its message
             while type(cause).__name__.startswith("RayTaskError") and isinstance(getattr(cause, "cause", None), Exception):
                 cause = cause.cause
@@ -129,17 +164,48 @@ def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: Out
         raise
 
 
+def _finished_again(settings: JobSettings, address: str | None, echo, out, lock: OutputLock,
+                    previous: JobState) -> JobOutcome | None:
+    """A finished job submitted again: check its output against the manifest and re-export the checkpoint
+    files that fail (cluster/repair.py); None when only running the job again can repair it."""
+    manifest, failed = check_output(out)
+    done = JobOutcome(settings.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
+    if not failed:
+        echo(f"[{settings.name}] already finished at {settings.output_uri}: its {len(manifest['files'])} files match "
+             "the manifest; nothing to do", flush=True)
+        return done
+    for problem in failed.values():
+        echo(f"[{settings.name}] finished, but {problem}", flush=True)
+    if not export_repairs(failed, block_files(out, manifest)):
+        echo(f"[{settings.name}] running the job again to repair it; finished blocks whose shards verify are not "
+             "searched again", flush=True)
+        return None
+    echo(f"[{settings.name}] exporting the checkpoint again around the blocks' files", flush=True)
+    state = StateFile(out, previous, echo, guard=lock.check)
+    with _recorded(state, lock):
+        state.update(phase="committing", error=None)
+        plan, _ = inspect_model(settings)
+        with ray_session(address, settings) as ray:
+            reexport(ray, settings, plan, out, manifest, state)
+        still = check_output(out)[1]
+        if still:
+            raise JobError(f"the output still fails its manifest after the re-export: {'; '.join(still.values())}")
+        state.update(phase="finished")
+    return done
+
+
 def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile) -> JobOutcome:
     t0 = time.perf_counter()
     method, stages_info, load_seconds = _quantize_on_stages(ray, settings, plan, out, state)
-    records = load_finished_blocks(out, method.blocks, plan.units, state.echo)
+    records = load_finished_blocks(out, method.blocks, plan.units, _files(plan, method.blocks), state.echo)
     missing = [b.index for b in method.blocks if b.index not in records]
     if missing:
         raise JobError(f"blocks {missing[:5]} have no verified record after the search; re-submit the job to search them")
     seconds = {"load": load_seconds, **vars(method.seconds)}
     state.update(phase="committing", seconds=dict(seconds))
     t_export = time.perf_counter()
-    checkpoint = _export_checkpoint(ray, settings, plan, method, records)
+    checkpoint = export_checkpoint(ray, settings, plan.rest_chunks, tuple(records[b.index] for b in method.blocks),
+                                   method.schemes, state)
     seconds["export"] = time.perf_counter() - t_export
     t_eval = time.perf_counter()
     evaluation = _evaluate(ray, settings, plan)
@@ -192,6 +258,7 @@ class JobHooks:
     def __init__(self, ray, pipe: RayPipeline, plan: JobPlan, settings: JobSettings, out, state: StateFile):
         self.ray, self.pipe, self.plan, self.settings, self.out, self.state = ray, pipe, plan, settings, out, state
         self.veo: VeoOutcome | None = None
+        self.phase, self.started, self.n_blocks, self.n_done = "", time.perf_counter(), 0, 0
 
     def hooks(self) -> Hooks:
         return Hooks(tune_vision=self.tune_vision, finished=self.finished, progress=self.progress)
@@ -209,14 +276,29 @@ class JobHooks:
             for b in blocks:
                 if self.plan.units[b.units[0]].segment == "vision":
                     self.ray.get(stages[0].adopt_block.remote(self.veo.record.block, b.index))
-        return set(load_finished_blocks(self.out, blocks, self.plan.units, self.state.echo))
+        self.n_blocks, done = len(blocks), load_finished_blocks(self.out, blocks, self.plan.units,
+                                                                 _files(self.plan, blocks), self.state.echo)
+        self.n_done = len(done)
+        return set(done)
 
     def progress(self, phase: str, done: int, total: int) -> None:
-        state = self.state
-        if phase == "searching":
-            state.update(phase=phase, blocks_done=done, blocks_total=max(total, state.state.blocks_total))
+        """The method's steps as the state file counts them (VEO is part of the statistics phase)."""
+        phase = "statistics" if phase == "veo" else phase
+        now, state = time.perf_counter(), self.state
+        if phase != self.phase:
+            self.phase, self.started = phase, now
+        if phase == "capturing":
+            state.update(phase=phase, steps_done=done, steps_total=total, steps_seconds=now - self.started)
+        elif phase == "searching":
+            state.update(phase=phase, blocks_total=self.n_blocks, blocks_resumed=self.n_done,
+                         blocks_done=self.n_done + done, seconds={**state.state.seconds, "search_elapsed": now - self.started})
         elif phase != state.state.phase:
             state.update(phase=phase)
+
+
+def _files(plan: JobPlan, blocks):
+    """The checkpoint file of each block, by block index."""
+    return lambda index: file_name(index, plan.n_files(len(blocks)))
 
 
 def _stage_died(exc: Exception, attempt: int, settings: JobSettings, state: StateFile) -> None:
@@ -230,16 +312,6 @@ def _stage_died(exc: Exception, attempt: int, settings: JobSettings, state: Stat
                        "or raise resources.max_retries") from exc
     state.echo(f"[{settings.name}] a stage worker died during {state.state.phase} ({cause}); starting the stages again "
                f"(attempt {attempt + 1} of {attempts}); finished blocks are kept", flush=True)
-
-
-def _export_checkpoint(ray, settings: JobSettings, plan: JobPlan, method, records: dict) -> dict:
-    """One worker task writes the rest of the checkpoint around the blocks' files."""
-    from workers.export_task import ExportRequest, write_checkpoint
-
-    request = ExportRequest(settings.locations, tuple(records[b.index] for b in method.blocks), plan.rest_chunks,
-                            dict(method.schemes), settings.quant.activations)
-    task = ray.remote(write_checkpoint).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_retries)
-    return ray.get(task.remote(request))
 
 
 def _evaluate(ray, settings: JobSettings, plan: JobPlan) -> dict:

@@ -7,6 +7,11 @@ dequantized weight with the same qparams gives back the same integers exactly). 
 per distinct scheme, targeting layers by module name as the loaded model names them; tensors keep the
 source checkpoint's key layout (transformers renames both on load).
 
+A multimodal model's image encoder (vision tower and projector) is written dense: its quantized weights
+dequantized in the checkpoint dtype, listed in ``ignore``. transformers' ``generate()`` runs the image
+encoder before the model's first forward, while compressed-tensors decompresses a loaded model only on that
+first forward, so compressed image-encoder linears would fail the first ``generate()`` with an image.
+
 Static activation ranges (Q-VLM's W4A4 / W6A6) have no compressed-tensors form: they go to a sidecar
 ``qvlm_activations.safetensors`` that qvlm loads for fake-quant evaluation; the checkpoint itself then
 serves as weight-only.
@@ -28,6 +33,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme
+from qvlm.structure import find_units
 
 ACTIVATIONS_FILE = "qvlm_activations.safetensors"
 
@@ -105,13 +111,31 @@ def config_groups(schemes: Mapping[str, WeightScheme], act: ActScheme) -> dict[s
     return groups
 
 
-def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ignore: Iterable[str]) -> dict:
-    """The ``quantization_config`` block of config.json."""
+def image_encoder_linears(model: nn.Module) -> set[str]:
+    """The linears of a multimodal model's vision tower and projector (what generate() runs before the first
+    forward); none for a model without both an image side and a language side."""
+    units = find_units(model)
+    if not {"vision", "language"} <= {u.segment for u in units}:
+        return set()
+    return {u.linear_name(n) for u in units if u.segment in ("vision", "projector") for n in u.linears}
+
+
+def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ignore: Iterable[str]) -> dict | None:
+    """The ``quantization_config`` block of config.json; None when no linear is left to compress."""
+    if not schemes:
+        return None
     groups = config_groups(schemes, act)
     formats = {g.format for g in groups.values()}
     config = QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
                                 quantization_status="compressed", ignore=sorted(ignore))
     return config.model_dump(exclude_none=True)
+
+
+def checkpoint_tensors(weight: QuantizedWeight, group: QuantizationScheme | None) -> dict[str, torch.Tensor]:
+    """The tensors of one linear: in its group's compressed format, or dense (``weight``) without a group."""
+    if group is None:
+        return {"weight": weight.dequantize().contiguous()}
+    return compressed_tensors(weight, group)
 
 
 def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
@@ -123,8 +147,9 @@ def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> di
     return {k: v.contiguous() for k, v in compressor.compress(state, group).items()}
 
 
-def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme:
-    return next(g for g in groups.values() if name in g.targets)
+def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme | None:
+    """The config group targeting linear ``name``; None for a linear written dense."""
+    return next((g for g in groups.values() if name in g.targets), None)
 
 
 def linear_group(scheme: WeightScheme, act: ActScheme) -> QuantizationScheme:

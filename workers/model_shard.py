@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from qvlm.export import image_encoder_linears
 from qvlm.loading import build_skeleton, checkpoint_key_map, glue_names, materialize, owned_names
 from workers.safetensors_reader import CheckpointIndex
 
@@ -56,6 +57,10 @@ class ModelShard:
         loaded = index.read(wanted.values())
         materialize(self.model, {n: loaded[k] for n, k in wanted.items()})
         self.tensor_names = sorted(wanted)
+
+    def dense_linears(self) -> set[str]:
+        """The linears the checkpoint holds dense (a multimodal model's image encoder: qvlm.export says why)."""
+        return image_encoder_linears(self.model)
 
     def prefix(self, linear: str) -> str:
         """The checkpoint's key prefix of a linear module (its weight's key without ``.weight``)."""

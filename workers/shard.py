@@ -1,7 +1,8 @@
 """A finished block in the output: its final checkpoint file, packed as compressed-tensors stores it and named
-as the checkpoint names it (``model-0000K-of-0000N.safetensors``), the static activation ranges beside it when
-the scheme has them (``_qvlm/blocks/block-NNNNN.act.safetensors``), and a JSON record written last
-(``_qvlm/blocks/block-NNNNN.json``) that proves both complete with their sha256 and says what the file holds.
+as the checkpoint names it (``model-0000K-of-0000N.safetensors``); a sidecar beside it when the block has
+something the checkpoint does not hold (``_qvlm/blocks/block-NNNNN.extra.safetensors``: static activation ranges,
+and the scales of linears written dense, see ``qvlm.export.image_encoder_linears``); and a JSON record written
+last (``_qvlm/blocks/block-NNNNN.json``) that proves both complete with their sha256 and says what the file holds.
 
 A resumed job trusts a block only through its record; the export only indexes the files the blocks wrote.
 """
@@ -9,14 +10,15 @@ A resumed job trusts a block only through its record; the export only indexes th
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import asdict, dataclass, replace
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from qvlm.export import compressed_tensors, decode_linear, encode_activation_ranges, linear_group
-from qvlm.quant import ActRange, ActScheme, WeightScheme
+from qvlm.quant import ActRange, ActScheme, WeightScheme, quantize_with_qparams
 from qvlm.search import BlockResult, LinearResult
 
 BLOCKS_PREFIX = "_qvlm/blocks"
@@ -32,6 +34,7 @@ class LinearEntry:
     name: str  # module name in the model
     key: str  # the checkpoint's key prefix of this linear (the source file's layout)
     scheme: WeightScheme
+    dense: bool  # written as its dequantized weight (scale and zero point in the sidecar)
     weight_percentile: float | None
     act_percentile: float | None
 
@@ -49,29 +52,46 @@ class BlockRecord:
     error_after: float
     evaluations: int
     seconds: float
-    act_key: str | None = None  # static activation ranges, when the scheme has them
-    act_sha256: str | None = None
+    sidecar_key: str | None = None  # what the checkpoint does not hold, when the block has any
+    sidecar_sha256: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "BlockRecord":
+        """The record in ``data``; CorruptRecord saying what is wrong (not JSON, a field missing or mistyped)."""
         try:
             raw = json.loads(data)
-            linears = tuple(LinearEntry(**{**e, "scheme": WeightScheme(**e["scheme"])}) for e in raw.pop("linears"))
+        except ValueError as exc:
+            raise CorruptRecord(f"not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise CorruptRecord(f"a JSON {type(raw).__name__}, not an object")
+        for name, kind in _RECORD_FIELDS.items():
+            value = raw.get(name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise CorruptRecord(f"{name} is {reprlib.repr(value)}, not {_KINDS[kind]}" if name in raw else f"no {name}")
+        try:
+            linears = tuple(LinearEntry(**{**e, "scheme": WeightScheme(**e["scheme"])}) for e in raw["linears"])
             return cls(**{**raw, "linears": linears, "unit_names": tuple(raw["unit_names"]),
                           "tensor_keys": tuple(raw["tensor_keys"])})
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CorruptRecord(f"not a block record ({type(exc).__name__}: {exc})") from None
+            raise CorruptRecord(f"its linears are not readable ({type(exc).__name__}: {exc})") from None
+
+
+_NUMBER = (int, float)
+_RECORD_FIELDS = {"index": int, "shard_key": str, "sha256": str, "size": int, "unit_names": list, "linears": list,
+                  "tensor_keys": list, "error_before": _NUMBER, "error_after": _NUMBER, "evaluations": int,
+                  "seconds": _NUMBER}
+_KINDS = {int: "an integer", str: "a string", list: "a list", _NUMBER: "a number"}
 
 
 def record_key(index: int) -> str:
     return f"{BLOCKS_PREFIX}/block-{index:05d}.json"
 
 
-def act_key(index: int) -> str:
-    return f"{BLOCKS_PREFIX}/block-{index:05d}.act.safetensors"
+def sidecar_key(index: int) -> str:
+    return f"{BLOCKS_PREFIX}/block-{index:05d}.extra.safetensors"
 
 
 def file_name(position: int, n_files: int) -> str:
@@ -79,39 +99,50 @@ def file_name(position: int, n_files: int) -> str:
     return f"model-{position + 1:05d}-of-{n_files:05d}.safetensors"
 
 
-def encode_block(result: BlockResult, prefixes: Mapping[str, str], act: ActScheme) -> tuple[bytes, bytes | None, tuple]:
-    """(checkpoint file bytes, activation ranges bytes or None, linear entries) of a searched block.
-    ``prefixes`` maps each linear's module name to its checkpoint key prefix."""
-    tensors, ranges, entries = {}, {}, []
+def encode_block(result: BlockResult, prefixes: Mapping[str, str], act: ActScheme,
+                 dense: Collection[str] = ()) -> tuple[bytes, bytes | None, tuple]:
+    """(checkpoint file bytes, sidecar bytes or None, linear entries) of a searched block. ``prefixes`` maps each
+    linear's module name to its checkpoint key prefix; the linears in ``dense`` are written dequantized."""
+    tensors, extra, ranges, entries = {}, {}, {}, []
     for r in result.linears:
-        for suffix, t in compressed_tensors(r.weight, linear_group(r.weight.scheme, act)).items():
-            tensors[f"{prefixes[r.name]}.{suffix}"] = t
+        is_dense = r.name in dense
+        if is_dense:
+            tensors[f"{prefixes[r.name]}.weight"] = r.weight.dequantize().contiguous()
+            extra[f"{r.name}.weight_scale"] = r.weight.scale.contiguous()
+            if r.weight.zero is not None:
+                extra[f"{r.name}.weight_zero_point"] = r.weight.zero.contiguous()
+        else:
+            for suffix, t in compressed_tensors(r.weight, linear_group(r.weight.scheme, act)).items():
+                tensors[f"{prefixes[r.name]}.{suffix}"] = t
         if r.act_range is not None:
             ranges[r.name] = r.act_range
-        entries.append(LinearEntry(r.name, prefixes[r.name], r.weight.scheme, r.weight_percentile, r.act_percentile))
-    blob = save_safetensors(tensors, FILE_METADATA)
-    return blob, (encode_activation_ranges(ranges, act) if ranges else None), tuple(entries)
+        entries.append(LinearEntry(r.name, prefixes[r.name], r.weight.scheme, is_dense, r.weight_percentile,
+                                   r.act_percentile))
+    if ranges:
+        extra.update(load_safetensors(encode_activation_ranges(ranges, act)))
+    sidecar = save_safetensors(extra, {"qvlm.act_scheme": json.dumps(asdict(act))}) if extra else None
+    return save_safetensors(tensors, FILE_METADATA), sidecar, tuple(entries)
 
 
 def write_block_files(storage, index: int, key: str, result: BlockResult, prefixes: Mapping[str, str],
-                      act: ActScheme, ranges_key: str | None = None) -> BlockRecord:
-    """Write the block's file (at ``key``) and its activation ranges (at ``ranges_key``, by default the block's
-    own); returns the record that vouches for them, not yet written."""
-    blob, ranges, entries = encode_block(result, prefixes, act)
+                      act: ActScheme, dense: Collection[str] = (), extra_key: str | None = None) -> BlockRecord:
+    """Write the block's file (at ``key``) and its sidecar (at ``extra_key``, by default the block's own);
+    returns the record that vouches for them, not yet written."""
+    blob, sidecar, entries = encode_block(result, prefixes, act, dense)
     sha = storage.put_bytes(key, blob)
-    range_key, range_sha = None, None
-    if ranges is not None:
-        range_key = ranges_key or act_key(index)
-        range_sha = storage.put_bytes(range_key, ranges)
+    side_key, side_sha = None, None
+    if sidecar is not None:
+        side_key = extra_key or sidecar_key(index)
+        side_sha = storage.put_bytes(side_key, sidecar)
     return BlockRecord(index, key, sha, len(blob), tuple(result.unit_names), entries,
                        tuple(sorted(load_safetensors(blob))), result.error_before, result.error_after,
-                       result.evaluations, result.seconds, range_key, range_sha)
+                       result.evaluations, result.seconds, side_key, side_sha)
 
 
 def write_block(storage, index: int, key: str, result: BlockResult, prefixes: Mapping[str, str],
-                act: ActScheme) -> BlockRecord:
-    """Write the block's file (and ranges), then its record, last; returns the record."""
-    record = write_block_files(storage, index, key, result, prefixes, act)
+                act: ActScheme, dense: Collection[str] = ()) -> BlockRecord:
+    """Write the block's file (and sidecar), then its record, last; returns the record."""
+    record = write_block_files(storage, index, key, result, prefixes, act, dense)
     storage.put_bytes(record_key(index), record.to_json())
     return record
 
@@ -134,15 +165,24 @@ def read_record(storage, index: int) -> BlockRecord | None:
     return BlockRecord.from_json(storage.get_bytes(key))
 
 
+def _sidecar(storage, record: BlockRecord) -> dict:
+    return load_safetensors(storage.get_bytes(record.sidecar_key, record.sidecar_sha256)) if record.sidecar_key else {}
+
+
 def read_block(storage, record: BlockRecord) -> BlockResult:
-    """The block's result as searched (integers, scales, ranges), from its verified file."""
+    """The block's result as searched (integers, scales, ranges), from its verified files."""
     tensors = load_safetensors(storage.get_bytes(record.shard_key, record.sha256))
-    ranges = load_safetensors(storage.get_bytes(record.act_key, record.act_sha256)) if record.act_key else {}
+    extra = _sidecar(storage, record)
     linears = []
     for e in record.linears:
         own = {k[len(e.key) + 1:]: v for k, v in tensors.items() if k.startswith(e.key + ".")}
-        act = ActRange(ranges[f"{e.name}.act_lo"], ranges[f"{e.name}.act_hi"]) if f"{e.name}.act_lo" in ranges else None
-        linears.append(LinearResult(e.name, decode_linear(own, e.scheme), act, e.weight_percentile, e.act_percentile))
+        if e.dense:
+            weight = quantize_with_qparams(own["weight"], extra[f"{e.name}.weight_scale"],
+                                           extra.get(f"{e.name}.weight_zero_point"), e.scheme)
+        else:
+            weight = decode_linear(own, e.scheme)
+        act = ActRange(extra[f"{e.name}.act_lo"], extra[f"{e.name}.act_hi"]) if f"{e.name}.act_lo" in extra else None
+        linears.append(LinearResult(e.name, weight, act, e.weight_percentile, e.act_percentile))
     return BlockResult(record.unit_names, tuple(linears), record.error_before, record.error_after, record.evaluations,
                        record.seconds)
 
@@ -151,10 +191,8 @@ def activation_ranges(storage, records: Sequence[BlockRecord]) -> dict[str, ActR
     """Every block's static activation ranges by linear name (for the checkpoint's sidecar)."""
     out = {}
     for r in records:
-        if r.act_key:
-            ranges = load_safetensors(storage.get_bytes(r.act_key, r.act_sha256))
-            for e in r.linears:
-                if f"{e.name}.act_lo" in ranges:
-                    out[e.name] = ActRange(ranges[f"{e.name}.act_lo"], ranges[f"{e.name}.act_hi"])
+        extra = _sidecar(storage, r)
+        for e in r.linears:
+            if f"{e.name}.act_lo" in extra:
+                out[e.name] = ActRange(extra[f"{e.name}.act_lo"], extra[f"{e.name}.act_hi"])
     return out
-

@@ -40,6 +40,7 @@ class StageWorker(Stage):
         self.batches: list[dict[str, torch.Tensor]] = []
         self.n_files = 0  # files of the final checkpoint; a block's file is number (block index)
         self.sent_bytes = 0
+        self.dense = self.shard.dense_linears()
 
     def ready(self) -> dict[str, Any]:
         """What this stage loaded and where it runs (the tests of "a stage reads only its own units")."""
@@ -89,7 +90,7 @@ class StageWorker(Stage):
             raise RuntimeError("set_files() must be called before a block is searched")
         prefixes = {r.name: self.shard.prefix(r.name) for r in result.linears}
         write_block(self.where.output(), job.index, file_name(job.index, self.n_files), result, prefixes,
-                    config.activations)
+                    config.activations, self.dense)
 
     def load_result(self, job: BlockJob) -> BlockResult:
         out = self.where.output()

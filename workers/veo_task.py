@@ -25,7 +25,7 @@ from workers.storage import StorageError
 VEO_MAX_BYTES = 4 * 2**30
 VEO_SHARD_KEY = "_qvlm/veo.safetensors"
 VEO_RECORD_KEY = "_qvlm/veo.json"
-VEO_RANGES_KEY = "_qvlm/veo.act.safetensors"
+VEO_EXTRA_KEY = "_qvlm/veo.extra.safetensors"
 VEO_INDEX = -1  # the tuned tower's record before the partition gives it a block index
 
 
@@ -58,7 +58,7 @@ def run_veo(where: Locations, units: Sequence[Unit], schemes: dict, bits: dict[i
     prefixes = {r.name: shard.prefix(r.name) for r in result.block.linears}
     out = where.output()
     block = write_block_files(out, VEO_INDEX, VEO_SHARD_KEY, result.block, prefixes, config.activations,
-                              ranges_key=VEO_RANGES_KEY)
+                              shard.dense_linears(), extra_key=VEO_EXTRA_KEY)
     record = VeoRecord(block, result.seconds, result.history)
     out.put_bytes(VEO_RECORD_KEY, record.to_json())
     return record

@@ -1,0 +1,26 @@
+"""The export: one worker task writes the rest of the checkpoint around the blocks' files (the unquantized
+tensors, the index, config.json, the processor files, the activation sidecar), file by file, and the driver
+counts the files as the committing phase's steps (for the progress line and its ETA)."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.settings import JobSettings
+
+
+def export_checkpoint(ray, settings: JobSettings, rest_chunks: tuple, blocks: tuple, schemes: dict, state) -> dict:
+    """Write every checkpoint file the blocks did not write; ``blocks`` are their records in block order. Returns
+    {key: {"sha256", "size"}} of every checkpoint file, the blocks' included, for the manifest."""
+    from workers.export_task import ExportRequest, checkpoint_files
+
+    request = ExportRequest(settings.locations, tuple(blocks), tuple(rest_chunks), dict(schemes),
+                            settings.quant.activations)
+    task = ray.remote(checkpoint_files).options(num_returns="streaming", num_cpus=settings.cpus_per_worker,
+                                                max_retries=settings.max_retries)
+    written, t0 = {}, time.perf_counter()
+    for step, ref in enumerate(task.remote(request), 1):
+        files, total = ray.get(ref)
+        written.update(files)
+        state.update(steps_done=min(step, total), steps_total=total, steps_seconds=time.perf_counter() - t0)
+    return written
