@@ -20,7 +20,7 @@ from qvlm.quant import ActScheme
 from workers.block_task import decode_shard, shard_linears_meta
 from workers.safetensors_reader import CheckpointIndex
 from workers.stage import fetch_small_files
-from workers.storage import open_storage
+from workers.storage import open_model, open_output
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -56,7 +56,7 @@ def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
     """Write every checkpoint file; returns {key: {"sha256", "size"}} for the manifest."""
     from transformers import AutoConfig
 
-    source, out = open_storage(req.model_uri, req.model_endpoint), open_storage(req.output_uri, req.output_endpoint)
+    source, out = open_model(req.model_uri, req.model_endpoint), open_output(req.output_uri, req.output_endpoint)
     local = fetch_small_files(source)
     model = build_skeleton(AutoConfig.from_pretrained(local))
     index = CheckpointIndex.open(source)
