@@ -24,7 +24,7 @@ from cluster.veo import record_vision_block, tune_vision_encoder
 from workers.block_task import BlockSpec
 from workers.safetensors_reader import CheckpointIndex
 from workers.stage import fetch_small_files
-from workers.storage import open_model, open_output
+from workers.storage import open_model, open_output, redact
 
 
 class JobError(Exception):
@@ -123,7 +123,7 @@ def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: Out
             cause = exc  # what a worker raised: Ray's wrapper repeats the remote traceback in its message
             while type(cause).__name__.startswith("RayTaskError") and isinstance(getattr(cause, "cause", None), Exception):
                 cause = cause.cause
-            state.update(phase="failed", error=f"{type(cause).__name__}: {cause}"[:500])
+            state.update(phase="failed", error=redact(f"{type(cause).__name__}: {cause}")[:500])
         raise
 
 

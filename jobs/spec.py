@@ -211,9 +211,10 @@ class QvlmSpec(Strict):
     @classmethod
     def _h0(cls, value: Any) -> Any:
         # One clear message instead of pydantic's two (one per member of the union).
-        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value == "auto" or (number and 0 <= value < math.inf):
             return value
-        raise ValueError('must be "auto" or a finite number >= 0')
+        raise ValueError('must be "auto" or a ' + ("finite " if number and not math.isfinite(value) else "") + "number >= 0")
 
     @field_validator("percentiles")
     @classmethod

@@ -86,13 +86,13 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_no_overlap(locations: dict[str, TensorLocation], where: str) -> None:
+def _check_no_overlap(locations: dict[str, TensorLocation], data_start: int, where: str) -> None:
     """No two tensors of one file share a byte (a crafted header could alias one tensor's bytes into another)."""
     spans = sorted((loc.start, loc.end, name) for name, loc in locations.items() if loc.end > loc.start)
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise CheckpointError(f"corrupt safetensors header in {where}: tensors {first!r} and {second!r} overlap "
-                                  f"(bytes {start}..{end} belong to both); {_REDOWNLOAD}")
+                                  f"(data bytes {start - data_start}..{end - data_start} belong to both); {_REDOWNLOAD}")
 
 
 def read_header(storage: Storage, key: str) -> dict[str, TensorLocation]:
@@ -114,7 +114,7 @@ def read_header(storage: Storage, key: str) -> dict[str, TensorLocation]:
         raise CheckpointError(f"corrupt safetensors header in {where}: the header is not a JSON object; {_REDOWNLOAD}")
     header.pop("__metadata__", None)
     locations = {name: _location(key, name, entry, 8 + length, size, where) for name, entry in header.items()}
-    _check_no_overlap(locations, where)
+    _check_no_overlap(locations, 8 + length, where)
     return locations
 
 
