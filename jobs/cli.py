@@ -96,6 +96,7 @@ def check_inputs(settings, local_run: bool = False):
     from cluster.driver import inspect_model
 
     _check_model_path(settings.model_uri)
+    _check_output_apart_from_images(settings)
     with _storage_problem("output.uri"):
         _check_output(settings)
     with _storage_problem("model.path"):
@@ -104,7 +105,6 @@ def check_inputs(settings, local_run: bool = False):
     _check_calibration_size(plan, settings.calibration, local_run)
     records = _calibration_records(settings)
     _check_records_reach_units(plan, records)
-    _check_output_apart_from_images(settings)
     _check_veo(plan, settings.quant)
     _check_batches(config_dir, records, settings)
     return plan

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from tests.job_files import set_fields
+from workers.storage import LEDGER_PREFIX
 
 runner = CliRunner()
 
@@ -725,8 +726,34 @@ def test_failure_found_mid_job_leaves_only_the_state_file(tmp_path, tiny_llava_d
     c.edit_config(lambda cfg: cfg.update(image_token_index=3))
     line = error_line(runner.invoke(app, ["submit", str(c.write())]), 1)
     assert line == "error: Image features and image tokens do not match, tokens: 0, features: 8192"
-    assert sorted(str(p.relative_to(c.out)) for p in c.out.rglob("*") if p.is_file()) == ["_qvlm/state.json"]
+    assert_only_the_failed_state(c.out)
     state = json.loads((c.out / "_qvlm/state.json").read_text())
     assert state["phase"] == "failed" and "Image features and image tokens do not match" in state["error"]
     status = runner.invoke(app, ["status", str(c.out)])
     assert status.exit_code == 1 and "failed" in status.output
+
+
+def assert_only_the_failed_state(out: Path) -> None:
+    """A job that failed mid-run left its state file, and the driver's ledger that vouches for it, nothing else."""
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert len(files) == 2 and files[0].startswith("_qvlm/state.json") and files[1].startswith(LEDGER_PREFIX), files
+    assert json.loads((out / files[1]).read_text())["keys"] == ["_qvlm/state.json"]
+
+
+@pytest.mark.slow
+def test_non_finite_weights_stop_the_job_before_anything_is_exported(tmp_path, tiny_llava_dir, local_ray):
+    from safetensors.torch import load_file, save_file
+
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    path = shard(c.copy_model(), 2)
+    tensors = load_file(path)
+    name = next(n for n, t in sorted(tensors.items()) if t.is_floating_point() and t.numel() > 1)
+    tensors[name].view(-1)[1] = math.nan
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    model = digests(c.model)
+    line = error_line(runner.invoke(app, ["submit", str(c.write())]), 2)  # found by the stage that loads it
+    assert f"non-finite weights in {path}: tensor '{name}' holds 1 NaN and 0 infinite values" in line
+    assert_only_the_failed_state(c.out)  # no block shard, no checkpoint file, no manifest
+    state = json.loads((c.out / "_qvlm/state.json").read_text())
+    assert state["phase"] == "failed" and f"tensor '{name}'" in state["error"]
+    assert digests(c.model) == model

@@ -275,18 +275,23 @@ class LocalStorage(Storage):
             raise UnsafePath(f"{given}: cannot resolve the path ({exc}); remove the symbolic link loop or "
                              "choose another folder") from None
 
-    def _refusal(self, dir_fd: int, name: str, where: str) -> StorageError:
-        """Why ``name`` in the open folder could not be opened as a folder or file without following links."""
+    def _refusal(self, dir_fd: int, name: str, where: str, exc: OSError) -> StorageError:
+        """Why ``name`` in the open folder could not be opened without following links: a link (refused), a
+        missing entry or a file where a folder is needed (not found), or the system's own reason."""
         try:
-            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-        except FileNotFoundError:
+            if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                return self._link_refused_at(where)
+        except OSError:
+            pass
+        if isinstance(exc, FileNotFoundError):
             return NotFound(f"{where} does not exist")
-        if stat.S_ISLNK(mode):
-            return UnsafePath(f"{where} is a symbolic link; qvlm never follows links inside {self.uri}: "
-                              "remove the link or choose another folder")
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file or folder"
-        return StorageError(f"{where} is {kind} where qvlm expects "
-                            f"{'a file' if stat.S_ISDIR(mode) else 'a file or folder'}")
+        if isinstance(exc, NotADirectoryError):
+            return NotFound(f"{where} is not a folder")
+        return StorageError(f"cannot open {where}: {exc.strerror or exc}")
+
+    def _link_refused_at(self, where: str) -> UnsafePath:
+        return UnsafePath(f"{where} is a symbolic link; qvlm never follows links inside {self.uri}: "
+                          "remove the link or choose another folder")
 
     @contextmanager
     def _folder(self, key: str, create: bool) -> Iterator[tuple[int, str]]:
@@ -301,20 +306,30 @@ class LocalStorage(Storage):
             raise NotFound(f"{self._where(key)} does not exist") from None
         try:
             for i, folder in enumerate(folders):
-                if create:
-                    try:
-                        os.mkdir(folder, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                try:
-                    child = os.open(folder, _DIR_FLAGS, dir_fd=fd)
-                except OSError:
-                    raise self._refusal(fd, folder, self._where("/".join(folders[:i + 1]))) from None
+                child = self._enter(fd, folder, create, self._where("/".join(folders[:i + 1])))
                 os.close(fd)
                 fd = child
             yield fd, name
         finally:
             os.close(fd)
+
+    def _enter(self, dir_fd: int, folder: str, create: bool, where: str) -> int:
+        """A descriptor of ``folder`` in the open folder, never through a link; made first when ``create`` (twice
+        at most: another writer may remove a folder it emptied between our mkdir and our open)."""
+        for attempt in range(2):
+            if create:
+                try:
+                    os.mkdir(folder, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+            try:
+                return os.open(folder, _DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError as exc:
+                if not create or attempt:
+                    raise self._refusal(dir_fd, folder, where, exc) from None
+            except OSError as exc:
+                raise self._refusal(dir_fd, folder, where, exc) from None
+        raise AssertionError("unreachable")
 
     def _put(self, key: str, fill: Callable[[BinaryIO], str], if_absent: bool) -> str:
         try:
@@ -370,8 +385,8 @@ class LocalStorage(Storage):
             with self._folder(key, create=False) as (dir_fd, name):
                 try:
                     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                except OSError:
-                    raise self._refusal(dir_fd, name, self._where(key)) from None
+                except OSError as exc:
+                    raise self._refusal(dir_fd, name, self._where(key), exc) from None
         except NotFound:
             raise NotFound(f"{self._where(key)} does not exist") from None
         except OSError as exc:
@@ -451,17 +466,27 @@ class LocalStorage(Storage):
         return sorted(keys)
 
     def _link_refused(self, key: str) -> UnsafePath:
-        return UnsafePath(f"{self._where(key)} is a symbolic link; qvlm never follows links inside {self.uri}: "
-                          "remove the link or choose another folder")
+        return self._link_refused_at(self._where(key))
 
     def _delete(self, key: str) -> None:
         try:
             with self._folder(key, create=False) as (dir_fd, name):
                 os.unlink(name, dir_fd=dir_fd)  # a link is removed itself, never its target
         except (NotFound, FileNotFoundError):
-            pass
+            return
         except OSError as exc:
             raise StorageError(f"cannot delete {self._where(key)}: {exc.strerror or exc}") from None
+        self._prune(key.split("/")[:-1])
+
+    def _prune(self, folders: list[str]) -> None:
+        """Remove the folders above a deleted key that it left empty, deepest first, never the root: like S3,
+        an output holds folders only while they hold files."""
+        for depth in range(len(folders), 0, -1):
+            try:
+                with self._folder("/".join([*folders[:depth - 1], "_"]), create=False) as (dir_fd, _):
+                    os.rmdir(folders[depth - 1], dir_fd=dir_fd)
+            except (OSError, StorageError):
+                return
 
 
 # --- S3 --------------------------------------------------------------------------------------------
