@@ -19,7 +19,7 @@ from cluster.lock import LOCK_KEY
 from cluster.state import STATE_KEY, JobState, read_state
 from cluster.verify import MANIFEST_KEY
 from workers.block_task import BLOCKS_PREFIX
-from workers.storage import LEDGER_PREFIX, StorageError
+from workers.storage import LEDGER_PREFIX, PROBE_PREFIX, StorageError
 from workers.veo_task import VEO_RECORD_KEY
 
 _RECORD = re.compile(re.escape(BLOCKS_PREFIX) + r"/block-\d+\.json")
@@ -52,9 +52,11 @@ def _strings(values) -> set[str]:
 
 
 def is_bookkeeping(key: str) -> bool:
-    """A key qvlm owns by its place: a ledger, a block or VEO record, the state file, the lock."""
+    """A key qvlm owns by its place: a ledger, a block or VEO record, the state file, the lock, or a probe of
+    the S3 server's conditional writes that a crash left behind."""
     ledger = key.startswith(LEDGER_PREFIX) and key.endswith(".json") and "/" not in key[len(LEDGER_PREFIX):]
-    return ledger or key in (STATE_KEY, LOCK_KEY, VEO_RECORD_KEY) or bool(_RECORD.fullmatch(key))
+    return (ledger or key in (STATE_KEY, LOCK_KEY, VEO_RECORD_KEY) or bool(_RECORD.fullmatch(key))
+            or key.startswith(PROBE_PREFIX))
 
 
 def qvlm_keys(out, keys: Iterable[str]) -> set[str]:

@@ -659,6 +659,25 @@ def test_bad_override_on_the_command_line(tmp_path, tiny_llava_dir):
     assert not c.out.exists()
 
 
+def test_plan_bounds_the_calibration_records_it_would_build(tmp_path, tiny_llava_dir):
+    # qvlm plan (and a cluster submission) cannot know the workers' memory, but it builds every record and batch
+    # on this host, so those must fit here; the message counts only them.
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    c.set(**{"calibration.samples": 10_000_000})
+    line = error_line(runner.invoke(app, ["plan", str(c.write())]), 2)
+    assert "calibration.samples: 10000000 samples of up to 64 tokens (plus 0 held out) need about" in line
+    assert "for the records and their batches, more than this host's" in line and "samples fit" in line
+
+
+def test_an_alias_bomb_in_an_override_is_refused(tmp_path, tiny_llava_dir):
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + ["*a"] * 9) + "]"
+    bomb = "{" + ", ".join(f"k{i}: &b{i} " + (bomb if i == 0 else "[" + ", ".join([f"*b{i - 1}"] * 10) + "]")
+                           for i in range(5)) + "}"
+    line = error_line(runner.invoke(app, ["plan", str(c.write()), "--set", f"quantization.ignore={bomb}"]), 2)
+    assert line.startswith("error: --set quantization.ignore=") and "expands to more than 10000 YAML values" in line
+
+
 def test_missing_job_file(tmp_path):
     line = error_line(runner.invoke(app, ["submit", str(tmp_path / "nope.yaml")]), 2)
     assert line.startswith(f"error: {tmp_path}/nope.yaml: job file not found (working directory: ")

@@ -126,6 +126,20 @@ def test_output_holding_an_image_the_records_use_is_refused(tmp_path, model):
              model=model)
 
 
+def test_a_model_folder_made_of_links_still_works(tmp_path, tiny_llava_dir):
+    # A Hugging Face cache snapshot is a folder of links into the cache's blobs: qvlm follows links in the model
+    # (it only reads there), never in the output.
+    blobs, snapshot_dir = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot_dir.mkdir()
+    for path in Path(tiny_llava_dir).iterdir():
+        (blobs / path.name).write_bytes(path.read_bytes())
+        (snapshot_dir / path.name).symlink_to(blobs / path.name)
+    result = runner.invoke(app, ["plan", str(_job(tmp_path, snapshot_dir, tmp_path / "out"))])
+    assert result.exit_code == 0, result.output
+    assert "model: LlavaForConditionalGeneration" in result.output and not (tmp_path / "out").exists()
+
+
 # ---- overwrite deletes only what qvlm wrote ------------------------------------------------------------
 
 
