@@ -240,7 +240,7 @@ def _check_local_output(path: Path) -> None:
     if not existing.is_dir():
         raise InputError(f"output.uri: {existing} is a file, so {path} cannot be created below it; give a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "not writable by this user"
+        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "this user may not write there"
         raise InputError(f"output.uri: cannot write in {existing} ({why}); choose an output.uri where this user can "
                          "write")
 

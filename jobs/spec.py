@@ -140,7 +140,7 @@ class CalibrationSpec(Strict):
     eval_samples: Annotated[StrictInt, Field(ge=0)] = 16
     max_length: Annotated[StrictInt, Field(ge=8)] = 512
     batch_size: Annotated[StrictInt, Field(ge=1)] = 8
-    seed: StrictInt = 0
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] = 0
 
     @field_validator("data")
     @classmethod
@@ -151,12 +151,14 @@ class CalibrationSpec(Strict):
             return value
         raise ValueError("must be builtin:<name> (e.g. builtin:shapes) or a path to a local .jsonl file")
 
-    @field_validator("seed")
+    @field_validator("seed", mode="before")
     @classmethod
-    def _seed(cls, value: int) -> int:
-        if 0 <= value <= MAX_SEED:
-            return value
-        raise ValueError(f"must be between 0 and {MAX_SEED} (2**32 - 1), the seeds random, numpy and torch all accept")
+    def _seed(cls, value: Any) -> Any:
+        # before the bounds, for a message that says why (other types are left to the field's own check)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED} (2**32 - 1), the seeds random, numpy and torch all "
+                             "accept")
+        return value
 
 
 class WeightsSpec(Strict):
