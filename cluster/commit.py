@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import asdict, dataclass
 
-from workers.block_task import BlockRecord, BlockSpec, record_key
+from workers.block_task import BlockRecord, BlockSpec, record_key, shard_key
 from workers.storage import StorageError
 
 PLAN_KEY = "qvlm_plan.json"
@@ -15,25 +16,58 @@ HTML_KEY = "report.html"
 
 
 def load_finished_blocks(out, specs: list[BlockSpec], echo=None) -> dict[int, BlockRecord]:
-    """Blocks whose record exists, matches the current plan and whose shard's sha256 verifies; ``echo``
-    hears about each shard that fails its check."""
+    """Blocks whose record exists, matches the current plan and whose shard's sha256 verifies. A record that
+    cannot be read or a shard that fails its check means the block is searched again; ``echo`` hears why."""
     finished = {}
     for spec in specs:
-        key = record_key(spec.index)
-        if not out.exists(key):
-            continue
-        data = json.loads(out.get_bytes(key))
-        record = BlockRecord(**{**data, "unit_names": tuple(data["unit_names"])})
-        if record.unit_names != spec.unit_names:
-            continue
-        try:
-            out.get_bytes(record.shard_key, record.sha256)
-        except StorageError as exc:
-            if echo is not None:
-                echo(f"block {spec.index} is searched again: {exc}", flush=True)
-            continue
-        finished[spec.index] = record
+        record, problem = _finished_record(out, spec)
+        if problem is not None and echo is not None:
+            echo(f"block {spec.index} is searched again: {problem}", flush=True)
+        if record is not None:
+            finished[spec.index] = record
     return finished
+
+
+def _finished_record(out, spec: BlockSpec) -> tuple[BlockRecord | None, str | None]:
+    key = record_key(spec.index)
+    if not out.exists(key):
+        return None, None
+    try:
+        record = parse_record(out.get_bytes(key))
+    except ValueError as exc:
+        return None, f"its record {key} is unreadable ({exc})"
+    if record.unit_names != spec.unit_names:
+        return None, None  # a record of another plan's block
+    if (record.index, record.shard_key) != (spec.index, shard_key(spec.index)):
+        return None, f"its record {key} names block {record.index} at {record.shard_key}"
+    try:
+        out.get_bytes(record.shard_key, record.sha256)
+    except StorageError as exc:
+        return None, str(exc)
+    return record, None
+
+
+_NUMBER = (int, float)
+_RECORD_FIELDS = {"index": int, "shard_key": str, "sha256": str, "size": int, "unit_names": list,
+                  "error_before": _NUMBER, "error_after": _NUMBER, "evaluations": int, "seconds": _NUMBER}
+_KINDS = {int: "an integer", str: "a string", list: "a list", _NUMBER: "a number"}
+
+
+def parse_record(data: bytes) -> BlockRecord:
+    """A block's ledger record; ValueError saying what is wrong (not JSON, a field missing or mistyped)."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+    for name, kind in _RECORD_FIELDS.items():
+        value = doc.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{name} is {reprlib.repr(value)}, not {_KINDS[kind]}" if name in doc else f"no {name}")
+    if not all(isinstance(n, str) for n in doc["unit_names"]):
+        raise ValueError(f"unit_names is {reprlib.repr(doc['unit_names'])}, not a list of names")
+    return BlockRecord(**{**{k: doc[k] for k in _RECORD_FIELDS}, "unit_names": tuple(doc["unit_names"])})
 
 
 @dataclass(frozen=True)
@@ -89,18 +123,18 @@ def _method_label(quant) -> str:
 
 def _record_fields(record: BlockRecord) -> dict:
     return {"shard": record.shard_key, "sha256": record.sha256, "error_before": record.error_before,
-            "error_after": record.error_after, "evaluations": record.evaluations}
+            "error_after": record.error_after, "evaluations": record.evaluations, "seconds": record.seconds}
 
 
 def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: dict | None) -> None:
     """Write the plan document and the report, then the manifest (every file with size and sha256) last."""
-    from qvlm.report import build_report, render_html
+    from cluster.report import render_html, report_document, report_from_plan
 
     plan_doc = _plan_document(result)
-    report = build_report(plan_doc, evaluation)
+    report = report_from_plan(plan_doc, evaluation)
     documents = {
         PLAN_KEY: json.dumps(plan_doc, indent=1, sort_keys=True).encode(),
-        REPORT_KEY: json.dumps(report, indent=1, sort_keys=True).encode(),
+        REPORT_KEY: json.dumps(report_document(report), indent=1, sort_keys=True).encode(),
         HTML_KEY: render_html(report).encode(),
     }
     files = dict(checkpoint_files)

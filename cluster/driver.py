@@ -1,8 +1,10 @@
 """The job driver: plan, start stage actors, capture, plan blocks, fan out block searches, commit.
 
 Phases (written to the state file as they change): planning -> capturing -> statistics -> searching ->
-committing -> finished (or failed). The driver moves only small records and object references; tensors
-move between workers through Ray's object store, weights come straight from storage into each worker.
+committing -> finished (or failed; or stopped, by SIGINT or SIGTERM: see cluster/stopping.py). A finished job
+submitted again is checked against its manifest and repaired (cluster/repair.py). The driver moves only small
+records and object references; tensors move between workers through Ray's object store, weights come straight
+from storage into each worker.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from pathlib import Path
 
 from qvlm.driver import plan_blocks, plan_precision, unit_bits, vision_streams
 from qvlm.dependency import DependencySeries
+from cluster import stopping
 from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
+from cluster.export import export_checkpoint
 from cluster.lock import LockError, OutputLock
 from cluster.output import OutputRefused, claim_output, clear_output
 from cluster.plan import JobPlan, make_plan
+from cluster.repair import export_repairs, reexport
 from cluster.settings import JobSettings
 from cluster.state import JobState, StateFile
+from cluster.verify import check_output
 from cluster.veo import record_vision_block, tune_vision_encoder
 from workers.block_task import BlockSpec
 from workers.safetensors_reader import CheckpointIndex
@@ -46,7 +52,8 @@ class JobOutcome:
 
 @contextmanager
 def ray_session(address: str | None, settings: JobSettings):
-    """Connect to ``address``, or start an embedded local Ray sized for the job; reuse one already running."""
+    """Connect to ``address``, or start an embedded local Ray sized for the job; reuse one already running.
+    The process keeps its own SIGINT/SIGTERM handlers (cluster/stopping.py): ray.init would replace them."""
     import os
 
     import ray
@@ -54,16 +61,29 @@ def ray_session(address: str | None, settings: JobSettings):
     if ray.is_initialized():
         yield ray
         return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker) + 1)
-        ray.init(address="local", num_cpus=cpus, num_gpus=int(settings.workers * settings.gpus_per_worker) or None,
-                 include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
     try:
+        with stopping.keep_handlers():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker) + 1)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                         num_gpus=int(settings.workers * settings.gpus_per_worker) or None,
+                         object_store_memory=512 * 2**20)
+        _say_where_ray_logs(ray)
         yield ray
     finally:
         ray.shutdown()
+
+
+def _say_where_ray_logs(ray) -> None:
+    """Ray's own logs (raylet, GCS, every worker's output) stay in its session folder; name it on stderr, which
+    qvlm-submit sends to the job's log file."""
+    import sys
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        print(f"Ray's logs for this run (raylet, workers): {node.get_logs_dir_path()}", file=sys.stderr, flush=True)
 
 
 def _claim_output(out, settings: JobSettings) -> JobState | None:
@@ -109,22 +129,64 @@ def run_job(settings: JobSettings, address: str | None = None, echo=print) -> Jo
 def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: OutputLock) -> JobOutcome:
     previous = _claim_output(out, settings)
     if previous is not None and previous.phase == "finished" and out.exists(MANIFEST_KEY):
-        echo(f"[{settings.name}] already finished at {settings.output_uri}; nothing to do", flush=True)
-        return JobOutcome(settings.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
+        outcome = _finished_again(settings, address, echo, out, lock, previous)
+        if outcome is not None:
+            return outcome
     out.delete(MANIFEST_KEY)  # a manifest left by an interrupted commit must not vouch for files rewritten now
     state = StateFile(out, JobState(settings.name, settings.spec_hash), echo, guard=lock.check)
     state.update(phase="planning")
-    try:
+    with _recorded(state, lock):
         plan, _ = inspect_model(settings)
         with ray_session(address, settings) as ray:
             return _run_phases(ray, settings, plan, out, state)
+
+
+@contextmanager
+def _recorded(state: StateFile, lock: OutputLock):
+    """Record in the state file how a run that did not finish ended: stopped by a signal, or failed and why.
+    A run that lost its lock no longer owns the state file and records nothing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if lock.lost is None:
+            state.update(phase="stopped", error=f"stopped by {stopping.received()}; re-submit to resume")
+        raise
     except Exception as exc:
-        if lock.lost is None:  # a run that lost its lock no longer owns the state file
+        if lock.lost is None:
             cause = exc  # what a worker raised: Ray's wrapper repeats the remote traceback in its message
             while type(cause).__name__.startswith("RayTaskError") and isinstance(getattr(cause, "cause", None), Exception):
                 cause = cause.cause
             state.update(phase="failed", error=redact(f"{type(cause).__name__}: {cause}")[:500])
         raise
+
+
+def _finished_again(settings: JobSettings, address: str | None, echo, out, lock: OutputLock,
+                    previous: JobState) -> JobOutcome | None:
+    """A finished job submitted again: check its output against the manifest and re-export the checkpoint
+    files that fail (cluster/repair.py); None when only running the job again can repair it."""
+    manifest, failed = check_output(out)
+    done = JobOutcome(settings.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
+    if not failed:
+        echo(f"[{settings.name}] already finished at {settings.output_uri}: its {len(manifest['files'])} files match "
+             "the manifest; nothing to do", flush=True)
+        return done
+    for problem in failed.values():
+        echo(f"[{settings.name}] finished, but {problem}", flush=True)
+    if not export_repairs(failed):
+        echo(f"[{settings.name}] running the job again to repair it; finished blocks whose shards verify are not "
+             "searched again", flush=True)
+        return None
+    echo(f"[{settings.name}] re-exporting the checkpoint from the block shards", flush=True)
+    state = StateFile(out, previous, echo, guard=lock.check)
+    with _recorded(state, lock):
+        state.update(phase="committing", error=None)
+        with ray_session(address, settings) as ray:
+            reexport(ray, settings, out, manifest, state)
+        still = check_output(out)[1]
+        if still:
+            raise JobError(f"the output still fails its manifest after the re-export: {'; '.join(still.values())}")
+        state.update(phase="finished")
+    return done
 
 
 def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile) -> JobOutcome:
@@ -155,7 +217,8 @@ def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile
     state.update(phase="committing", seconds=dict(seconds))
     stages_info = [{**info, "peak_rss_bytes": rss, "weight_bytes": plan.stage_bytes(i)}
                    for i, (info, rss) in enumerate(zip(stage_info, stage_rss))]
-    checkpoint = _export_checkpoint(ray, settings, blocks, records, schemes)
+    shards = tuple((records[b.index].shard_key, records[b.index].sha256) for b in blocks)
+    checkpoint = export_checkpoint(ray, settings, shards, schemes, state)
     seconds["export"] = time.perf_counter() - t_search - seconds["search"]
     t_eval = time.perf_counter()
     evaluation = _evaluate(ray, settings, plan)
@@ -177,7 +240,7 @@ def _stage_phase(ray, settings: JobSettings, plan: JobPlan, out, state: StateFil
     seconds["load"] = time.perf_counter() - t0  # stage actors started, each holding its weights
     try:
         state.update(phase="capturing")
-        _capture(ray, stages, settings)
+        _capture(ray, stages, settings, state)
         seconds["capture"] = time.perf_counter() - t0 - seconds["load"]
         state.update(phase="statistics", seconds=dict(seconds))
         t_stats = time.perf_counter()
@@ -207,17 +270,6 @@ def _stage_died(exc: Exception, attempt: int, settings: JobSettings, state: Stat
                f"and redoing the capture (attempt {attempt + 1} of {attempts})", flush=True)
 
 
-def _export_checkpoint(ray, settings: JobSettings, blocks, records, schemes) -> dict:
-    """One worker task writes the compressed-tensors checkpoint from the block shards."""
-    from workers.export_task import ExportRequest, write_checkpoint
-
-    request = ExportRequest(settings.model_uri, settings.model_endpoint, settings.output_uri, settings.output_endpoint,
-                            tuple((records[b.index].shard_key, records[b.index].sha256) for b in blocks), dict(schemes),
-                            settings.quant.activations)
-    task = ray.remote(write_checkpoint).options(num_cpus=settings.cpus_per_worker, max_retries=settings.max_retries)
-    return ray.get(task.remote(request))
-
-
 def _evaluate(ray, settings: JobSettings, plan: JobPlan) -> dict:
     """Held-out comparison with full precision, in one worker, for models small enough to load whole."""
     from workers.eval_task import EVAL_MAX_BYTES, evaluate_checkpoint
@@ -230,8 +282,9 @@ def _evaluate(ray, settings: JobSettings, plan: JobPlan) -> dict:
                                settings.calibration))
 
 
-def _capture(ray, stages, settings: JobSettings) -> None:
-    """Pipeline every calibration batch through the stages; Ray overlaps stages on different batches."""
+def _capture(ray, stages, settings: JobSettings, state: StateFile | None = None) -> None:
+    """Pipeline every calibration batch through the stages; Ray overlaps stages on different batches. With a
+    state, each batch out of the last stage counts as a step of the capturing phase."""
     batches = ray.get(stages[0].calibration_batches.remote(settings.calibration))
     if not batches:
         raise JobError("calibration produced no batches (calibration.samples is 0?)", exit_code=2)
@@ -241,7 +294,15 @@ def _capture(ray, stages, settings: JobSettings) -> None:
         for stage in stages[1:]:
             ref = stage.capture.remote(ref)
         tails.append(ref)
-    ray.get(tails)
+    if state is None:
+        ray.get(tails)
+        return
+    t0, pending = time.perf_counter(), list(tails)
+    state.update(steps_done=0, steps_total=len(tails))
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # a stage's error, raised here
+        state.update(steps_done=len(tails) - len(pending), steps_seconds=time.perf_counter() - t0)
 
 
 def _plan_blocks(ray, stages, plan: JobPlan, settings: JobSettings, out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 
 from workers.storage import CHUNK, NotFound, Storage, StorageError
 
@@ -20,6 +21,8 @@ def _sha256(storage: Storage, key: str, size: int) -> str:
 
 def _check_file(storage: Storage, key: str, entry: dict) -> str | None:
     where = f"{storage.uri.rstrip('/')}/{key}"
+    if not isinstance(entry, dict):
+        return f"{key}: the manifest's entry for it is {reprlib.repr(entry)}, not an object with size and sha256"
     try:
         if not storage.exists(key):
             return f"{key}: missing ({where} does not exist)"
@@ -30,6 +33,8 @@ def _check_file(storage: Storage, key: str, entry: dict) -> str | None:
             return f"{key}: sha256 mismatch (the file is corrupt or was changed after the job)"
     except StorageError as exc:
         return f"{key}: cannot read it ({exc})"
+    except ValueError as exc:  # a key no qvlm output holds (absolute, '..')
+        return f"{key}: not a file of this output ({exc})"
     return None
 
 
@@ -45,10 +50,16 @@ def _load_manifest(storage: Storage) -> tuple[dict | None, str | None]:
     return manifest, None
 
 
-def verify_output(storage: Storage) -> list[str]:
-    """Problems with the output in ``storage`` (each names the file key); empty when complete and intact."""
+def check_output(storage: Storage) -> tuple[dict | None, dict[str, str]]:
+    """The manifest (None when it is missing or unreadable) and, for each file that fails, its problem (keyed
+    by the file's key; the manifest's own problem is keyed by MANIFEST_KEY)."""
     manifest, problem = _load_manifest(storage)
     if manifest is None:
-        return [problem]
-    problems = [_check_file(storage, key, entry) for key, entry in sorted(manifest["files"].items())]
-    return [p for p in problems if p is not None]
+        return None, {MANIFEST_KEY: problem}
+    problems = {key: _check_file(storage, key, entry) for key, entry in sorted(manifest["files"].items())}
+    return manifest, {key: p for key, p in problems.items() if p is not None}
+
+
+def verify_output(storage: Storage) -> list[str]:
+    """Problems with the output in ``storage`` (each names the file key); empty when complete and intact."""
+    return list(check_output(storage)[1].values())

@@ -1,7 +1,8 @@
 """Command line: ``qvlm-submit JOB.yaml`` and ``qvlm plan|status|logs|cancel|list|submit``.
 
 Commands parse, then call library functions. Exit codes: 0 done, 1 job failed, 2 invalid job file or
-input, 3 cluster unreachable, 4 storage error, 130 interrupted. Tracebacks only with ``--debug``.
+input, 3 cluster unreachable, 4 storage error, 130 stopped by SIGINT, 143 by SIGTERM. Tracebacks only with
+``--debug``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, List, Optional
 import typer
 
 from jobs.errors import InputError, QvlmError, StorageError
+from jobs.progress import job_log_path, line_by_line, progress_printer, stderr_to
 from jobs.spec import JobSpec, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qvlm: quantize vision-language models on Ray.")
@@ -24,6 +26,8 @@ SetOption = typer.Option(None, "--set", help="Override a job field: dotted.path=
 AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray dashboard address, e.g. http://head:8265 (submit through the Jobs API); "
                                    "with a Ray address (auto, HOST:6379) qvlm-submit drives the job from this process.")
 DebugOption = typer.Option(False, "--debug", help="Print full tracebacks.")
+EndpointOption = typer.Option(None, "--endpoint-url", help="S3 endpoint of an s3:// TARGET (default: AWS_ENDPOINT_URL_S3, "
+                              "AWS_ENDPOINT_URL, else AWS).")
 
 
 def _fail(message: str, code: int) -> None:
@@ -38,7 +42,9 @@ def guarded(fn: Callable, debug: bool):
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        from cluster import stopping
+
+        _fail(f"stopped by {stopping.received()}", stopping.exit_code())
     except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         if debug:
             traceback.print_exc()
@@ -57,13 +63,14 @@ def _cause(exc: Exception) -> BaseException:
 
 def _exit_code(exc: BaseException) -> int:
     from cluster.driver import JobError
+    from cluster.state import StateError
     from qvlm.calibration import CalibrationError
     from qvlm.loading import ModelError
     from workers.safetensors_reader import CheckpointError
     from workers.storage import StorageError as WorkerStorageError
     from workers.storage import UnsafePath
 
-    if isinstance(exc, (QvlmError, JobError)):
+    if isinstance(exc, (QvlmError, JobError, StateError)):
         return exc.exit_code
     if isinstance(exc, (CalibrationError, ModelError, CheckpointError, UnsafePath)):
         return InputError.exit_code
@@ -270,19 +277,6 @@ def warn_remote_code(spec: JobSpec) -> None:
                     fg="yellow", bold=True, err=True)
 
 
-def progress_printer(live: bool):
-    """On a terminal, one status line rewritten in place; otherwise one plain line per update."""
-
-    def echo(line: str, flush: bool = True) -> None:
-        if not live:
-            print(line, flush=flush)
-            return
-        end = "\n" if any(word in line for word in ("finished", "failed", "already finished")) else ""
-        print(f"\r\x1b[K{line}", end=end, flush=True)
-
-    return echo
-
-
 @app.command()
 def plan(job: Path, set_: Optional[List[str]] = SetOption, debug: bool = DebugOption):
     """Print the plan of a job without running it: units, stages, memory per worker, bytes."""
@@ -307,59 +301,86 @@ def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = ty
            debug: bool = DebugOption):
     """Run a job: on the cluster at --address / RAY_ADDRESS, else on an embedded local Ray."""
     if dry_run:
-        return plan(job, set_, debug)
+        plan(job, set_, debug)
+        typer.echo("dry run: nothing was submitted")
+        return
 
     def body():
+        from cluster.stopping import stop_on_signals
+        from jobs.remote import is_jobs_api, submit_remote
+
+        line_by_line()
         spec = load_job(job, set_ or [])
         warn_remote_code(spec)
         settings = settings_from_spec(spec)
         check_inputs(settings, local_run=not address)
-        from jobs.remote import is_jobs_api, submit_remote
-
-        if address and is_jobs_api(address):
-            return submit_remote(address, spec, settings, wait=not no_wait)
-        from cluster.driver import run_job
-
-        # No address: an embedded local Ray. A Ray address (auto, HOST:6379; what RAY_ADDRESS holds inside a
-        # KubeRay RayJob or `ray job submit`): this process is the driver, connected to that cluster.
-        outcome = run_job(settings, address=address or None, echo=progress_printer(sys.stdout.isatty()))
-        typer.echo(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}")
-        typer.echo(evaluation_line(outcome.evaluation))
+        with stop_on_signals():
+            if address and is_jobs_api(address):
+                return submit_remote(address, spec, settings, wait=not no_wait)
+            run_here(settings, address or None)
 
     guarded(body, debug)
 
 
+def run_here(settings, address: str | None) -> None:
+    """This process is the driver: of an embedded local Ray (no address), or connected to the cluster at a Ray
+    address (auto, HOST:6379; what RAY_ADDRESS holds inside a KubeRay RayJob or `ray job submit`). Ray's own
+    output goes to the job's log file, named first."""
+    from cluster.driver import run_job
+
+    echo = progress_printer(sys.stdout.isatty())
+    log = job_log_path(settings.name)
+    echo(f"[{settings.name}] log of this run (Ray's own messages): {log}")
+    with stderr_to(log):
+        outcome = run_job(settings, address=address, echo=echo)
+    typer.echo(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}")
+    typer.echo(evaluation_line(outcome.evaluation))
+
+
+def _is_output(target: str) -> bool:
+    return "://" in target or Path(target).exists() or target.startswith(("/", "."))
+
+
 @app.command()
-def status(target: str, address: Optional[str] = AddressOption, debug: bool = DebugOption):
-    """Where a job stands: TARGET is an output URI (works with no cluster) or a Ray job id."""
+def status(target: str, address: Optional[str] = AddressOption, endpoint_url: Optional[str] = EndpointOption,
+           debug: bool = DebugOption):
+    """Where a job stands: TARGET is an output URI (works with no cluster) or a Ray job id. Exits 1 when the
+    job failed or stopped (a run killed or cancelled)."""
 
     def body():
-        if "://" in target or Path(target).exists() or target.startswith(("/", ".")):
-            from cluster.state import read_state
+        if _is_output(target):
+            from cluster.status import output_status
             from workers.storage import open_storage
 
-            state = read_state(open_storage(target))
-            if state is None:
+            found = output_status(open_storage(target, endpoint_url))
+            if found is None:
                 raise InputError(f"{target} holds no qvlm job state (_qvlm/state.json)")
-            typer.echo(state.line())
-            if state.phase == "failed":
-                raise typer.Exit(1)
-            return
-        from jobs.remote import remote_status
+            lines, code = [found.line], found.exit_code
+        else:
+            from jobs.remote import remote_status
 
-        typer.echo(remote_status(address, target))
+            lines, code = remote_status(address, target, endpoint_url)
+        for line in lines:
+            typer.echo(line)
+        if code:
+            raise typer.Exit(code)
 
     guarded(body, debug)
 
 
 @app.command()
-def logs(job_id: str, address: Optional[str] = AddressOption, debug: bool = DebugOption):
+def logs(job_id: str, address: Optional[str] = AddressOption,
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing the log as it grows until the job "
+                                     "ends; exit 1 unless it succeeded."),
+         debug: bool = DebugOption):
     """Print a submitted job's driver log."""
 
     def body():
         from jobs.remote import remote_logs
 
-        typer.echo(remote_logs(address, job_id))
+        text = remote_logs(address, job_id, follow_job=follow)
+        if text:
+            typer.echo(text)
 
     guarded(body, debug)
 
@@ -402,7 +423,7 @@ def evaluation_line(evaluation: dict | None) -> str:
 
 
 @app.command()
-def verify(target: str, endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url"), debug: bool = DebugOption):
+def verify(target: str, endpoint_url: Optional[str] = EndpointOption, debug: bool = DebugOption):
     """Check an output against its manifest (every file's size and sha256); exit 1 on any problem."""
 
     def body():

@@ -8,12 +8,20 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    """Exit 0 done; 128 + the signal's number when stopped (``ray job stop`` sends SIGTERM): the driver then
+    records "stopped" and releases the output's lock (cluster/stopping.py)."""
+    from cluster import stopping
     from cluster.driver import run_job
     from jobs.cli import evaluation_line, settings_from_spec
     from jobs.spec import JobSpec
 
     spec = JobSpec.model_validate(json.loads(base64.b64decode(argv[0])))
-    outcome = run_job(settings_from_spec(spec), address="auto")
+    with stopping.stop_on_signals():
+        try:
+            outcome = run_job(settings_from_spec(spec), address="auto")
+        except KeyboardInterrupt:
+            print(f"stopped by {stopping.received()}", flush=True)
+            return stopping.exit_code()
     print(f"done: {outcome.blocks} blocks ({outcome.blocks_resumed} resumed) -> {outcome.output_uri}", flush=True)
     print(evaluation_line(outcome.evaluation), flush=True)
     return 0

@@ -405,8 +405,8 @@ def _resolve_paths(data: dict, base: Path) -> None:
 def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Read, override and validate a job file; raise :class:`JobSpecError` listing every problem found.
 
-    Relative paths in the file resolve against the file's folder; relative paths given with ``--set``
-    resolve against the working directory (where the user typed them).
+    Relative paths resolve against the job file's folder, whether they are written in the file or given with
+    ``--set`` (so ``--set model.path=...`` means what the same line in the file would).
     """
     path = Path(path)
     data, root = _parse(path, _read(path))
@@ -414,8 +414,6 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     overridden = {}
     for item in overrides:
         dotted, value = _parse_override(item)
-        if dotted in _PATH_FIELDS:
-            value = resolve_location(value, Path.cwd(), _PATH_FIELDS[dotted])
         _set_dotted(data, dotted, value, item)
         overridden[dotted] = item
     _resolve_paths(data, path.parent.resolve())

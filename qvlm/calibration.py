@@ -1,15 +1,21 @@
 """Calibration data: records from a built-in generator or a JSONL file, and model-input batches from records.
 
 A JSONL file holds one object per line, ``{"image": <path or null>, "text": <str>, "answer": <optional str>}``;
-image paths are relative to the file's folder. Batches are right-padded; a LLaVA-style processor expands
-the image token into one token per image feature, and truncation never cuts those away.
+image paths are relative to the file's folder; blank lines are skipped. ``builtin:shapes`` and
+``builtin:shapes-hard`` generate records instead (``qvlm.shapes``).
+
+For a multimodal model each record's text gets exactly one image placeholder (the processor's own
+``image_token``, ``<image>`` for LLaVA) per image: one already in the text stays where it stands, a
+missing one is put in front, and a record with more placeholders than images is refused, naming its file
+and line. Records with and without an image cannot share a batch. Batches are right-padded; the processor
+expands the placeholder into one token per image feature, and truncation never cuts those away.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +31,7 @@ class CalibrationRecord:
     text: str  # the prompt (question) text, without the answer
     image: "Image.Image | None" = None
     answer: str | None = None  # expected answer for QA data, else None
+    origin: str | None = field(default=None, compare=False)  # "calibration file F, line N" for JSONL records
 
 
 class CalibrationError(ValueError):
@@ -146,7 +153,8 @@ def _materialise(path: Path, lineno: int, row: dict[str, Any]) -> CalibrationRec
                 f"calibration file {path}, line {lineno}: field \"image\": cannot read {image_path} ({e}); "
                 f"fix: point it at a valid image file (PNG, JPEG, ...)"
             ) from None
-    return CalibrationRecord(text=row["text"], image=image, answer=row.get("answer"))
+    return CalibrationRecord(text=row["text"], image=image, answer=row.get("answer"),
+                             origin=f"calibration file {path}, line {lineno}")
 
 
 def record_text(record: CalibrationRecord, include_answer: bool = True) -> str:
@@ -186,14 +194,32 @@ def _make_batch(chunk, processor, max_length: int, include_answer: bool, start: 
             f"calibration batch of records {start}..{start + len(chunk) - 1} mixes records with and without images; "
             f"fix: group image and text-only records apart in the file, or use batch_size=1"
         )
+    placeholder = processor.image_token
+    texts = [_with_image_placeholder(r, t, placeholder, start + i) for i, (r, t) in enumerate(zip(chunk, texts))]
     if not any(with_image):
         enc = processor(text=texts)
         return _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, None, start)
-    texts = [f"{processor.image_token} {t}" for t in texts]
     enc = processor(text=texts, images=[r.image for r in chunk])
     batch = _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, _image_token_id(processor), start)
     batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(p)) for p in enc["pixel_values"]])
     return batch
+
+
+def _with_image_placeholder(record: CalibrationRecord, text: str, placeholder: str, index: int) -> str:
+    """``text`` (the record's prompt, perhaps with its answer) holding one ``placeholder`` per image of the record:
+    a placeholder the prompt already has stays where it stands; a missing one is put in front."""
+    where = record.origin or f"calibration record {index}"
+    if record.answer is not None and placeholder in record.answer:
+        raise CalibrationError(f"{where}: field \"answer\" holds the image placeholder {placeholder}; "
+                               f"fix: put the placeholder in \"text\", where the image belongs")
+    images, found = int(record.image is not None), record.text.count(placeholder)
+    if found > images:
+        held = f"{found} image placeholder{'s' if found > 1 else ''} {placeholder}"
+        fix = (f"keep one {placeholder} where the image belongs (or none: it is then put in front of the text)"
+               if images else f"remove {placeholder} from the text or give the record an \"image\"")
+        raise CalibrationError(f"{where}: field \"text\" holds {held} but the record has {images or 'no'} image; "
+                               f"fix: {fix}")
+    return text if found == images else f"{placeholder} {text}"
 
 
 def _image_token_id(processor: Any) -> int:

@@ -7,6 +7,11 @@ dequantized weight with the same qparams gives back the same integers exactly). 
 per distinct scheme, targeting layers by module name as the loaded model names them; tensors keep the
 source checkpoint's key layout (transformers renames both on load).
 
+A multimodal model's image encoder (vision tower and projector) is written dense: its quantized weights
+dequantized in the checkpoint dtype, listed in ``ignore``. transformers' ``generate()`` runs the image
+encoder before the model's first forward, while compressed-tensors decompresses a loaded model only on that
+first forward, so compressed image-encoder linears would fail the first ``generate()`` with an image.
+
 Static activation ranges (Q-VLM's W4A4 / W6A6) have no compressed-tensors form: they go to a sidecar
 ``qvlm_activations.safetensors`` that qvlm loads for fake-quant evaluation; the checkpoint itself then
 serves as weight-only.
@@ -15,7 +20,7 @@ serves as weight-only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
 import torch
@@ -27,13 +32,55 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme
+from qvlm.structure import find_units
 
 ACTIVATIONS_FILE = "qvlm_activations.safetensors"
+
+
+# The compressed-tensors formats with vLLM and transformers kernels, and the weight bits each serves.
+SERVED_WEIGHT_BITS = {"pack-quantized": (4, 8), "int-quantized": (8,)}
 
 
 def servable_activations(act: ActScheme) -> bool:
     """Whether compressed-tensors (and so vLLM) can express the activation scheme."""
     return not act.enabled or (act.granularity == "token" and act.bits == 8)
+
+
+@dataclass(frozen=True)
+class Servability:
+    """Whether a checkpoint runs in vLLM / transformers as written, or only with qvlm's activation sidecar."""
+
+    servable: bool
+    format: str  # the compressed-tensors format config.json names ("mixed-precision" when groups differ)
+    sidecar: bool  # static or low-bit activation ranges kept in ACTIVATIONS_FILE
+    note: str
+
+
+def servability(schemes: Mapping[str, WeightScheme], act: ActScheme) -> Servability:
+    """What the export of ``schemes`` with ``act`` gives a user: the format it is written in and whether
+    a serving kernel exists for every (format, weight bits) of it."""
+    groups = config_groups(schemes, act)
+    formats = {g.format for g in groups.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision" if formats else "unquantized"
+    if act.enabled and not servable_activations(act):
+        return Servability(False, fmt, True, f"{_act_label(act)} activations with W{_bits_label(schemes)} weights "
+                           "(Q-VLM static or low-bit activation ranges): research-only, the ranges are kept in a "
+                           f"qvlm sidecar file ({ACTIVATIONS_FILE})")
+    unserved = sorted({f"W{g.weights.num_bits} {g.format}" for g in groups.values()
+                       if g.weights.num_bits not in SERVED_WEIGHT_BITS.get(g.format, ())})
+    kind = "weight-only" if not act.enabled else f"{_act_label(act)} activations"
+    if unserved:
+        return Servability(False, fmt, False, f"{kind} with {', '.join(unserved)} layers: no vLLM/transformers "
+                           "kernel for them; research-only")
+    return Servability(True, fmt, False, f"{kind}, W{_bits_label(schemes)} {fmt}: servable by vLLM and transformers")
+
+
+def _act_label(act: ActScheme) -> str:
+    return f"A{act.bits} per-{act.granularity} {'sym' if act.symmetric else 'asym'}"
+
+
+def _bits_label(schemes: Mapping[str, WeightScheme]) -> str:
+    return "/".join(str(b) for b in sorted({s.bits for s in schemes.values()}))
 
 
 def weight_args(scheme: WeightScheme) -> QuantizationArgs:
@@ -63,13 +110,31 @@ def config_groups(schemes: Mapping[str, WeightScheme], act: ActScheme) -> dict[s
     return groups
 
 
-def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ignore: Iterable[str]) -> dict:
-    """The ``quantization_config`` block of config.json."""
+def image_encoder_linears(model: nn.Module) -> set[str]:
+    """The linears of a multimodal model's vision tower and projector (what generate() runs before the first
+    forward); none for a model without both an image side and a language side."""
+    units = find_units(model)
+    if not {"vision", "language"} <= {u.segment for u in units}:
+        return set()
+    return {u.linear_name(n) for u in units if u.segment in ("vision", "projector") for n in u.linears}
+
+
+def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ignore: Iterable[str]) -> dict | None:
+    """The ``quantization_config`` block of config.json; None when no linear is left to compress."""
+    if not schemes:
+        return None
     groups = config_groups(schemes, act)
     formats = {g.format for g in groups.values()}
     config = QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
                                 quantization_status="compressed", ignore=sorted(ignore))
     return config.model_dump(exclude_none=True)
+
+
+def checkpoint_tensors(weight: QuantizedWeight, group: QuantizationScheme | None) -> dict[str, torch.Tensor]:
+    """The tensors of one linear: in its group's compressed format, or dense (``weight``) without a group."""
+    if group is None:
+        return {"weight": weight.dequantize().contiguous()}
+    return compressed_tensors(weight, group)
 
 
 def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
@@ -81,8 +146,9 @@ def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> di
     return {k: v.contiguous() for k, v in compressor.compress(state, group).items()}
 
 
-def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme:
-    return next(g for g in groups.values() if name in g.targets)
+def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme | None:
+    """The config group targeting linear ``name``; None for a linear written dense."""
+    return next((g for g in groups.values() if name in g.targets), None)
 
 
 def encode_activation_ranges(ranges: Mapping[str, ActRange], act: ActScheme) -> bytes:

@@ -228,3 +228,91 @@ def test_pixel_batches():
     assert set(batches[0]) == {"pixel_values"}
     with pytest.raises(CalibrationError, match="no image"):
         make_pixel_batches([CalibrationRecord(text="x")], build_shapes_image_processor(), batch_size=1)
+
+
+# --- the image placeholder ----------------------------------------------------------------------
+
+PLACED = {  # record text -> words before the image tokens
+    "<image>\nwhat color is the shape ?": 0,
+    "what color is <image> the shape ?": 3,
+    "what color is the shape ?": 0,  # no placeholder: one goes in front
+}
+
+
+def _placeholder_file(tmp_path, texts):
+    make_shapes_records(1, seed=0)[0].image.save(tmp_path / "shape.png")
+    return _write_jsonl(tmp_path / "placed.jsonl", [{"image": "shape.png", "text": t, "answer": "red"} for t in texts])
+
+
+def _image_span(row, image_id):
+    at = (row == image_id).nonzero().flatten().tolist()
+    return at[0], len(at)
+
+
+def test_placeholder_is_used_where_it_stands_and_added_where_missing(tmp_path, llava_processor):
+    records = load_records(str(_placeholder_file(tmp_path, list(PLACED))), samples=3, seed=0)
+    batch = make_batches(records, llava_processor, max_length=64, batch_size=3)[0]
+    word_ids = make_batches([CalibrationRecord(text="what color is the shape ?", answer="red")], llava_processor,
+                            max_length=64, batch_size=1)[0]["input_ids"][0]
+    for row, mask, before in zip(batch["input_ids"], batch["attention_mask"], PLACED.values()):
+        first, count = _image_span(row, llava_processor.image_token_id)
+        assert count == IMAGE_TOKENS  # exactly one image's worth, wherever the placeholder was
+        assert first == 1 + before  # after <s> and the words written before the placeholder
+        words = row[mask.bool()][row[mask.bool()] != llava_processor.image_token_id]
+        assert torch.equal(words, word_ids)  # the text around the placeholder is kept, in order
+
+
+def test_placed_records_quantize_on_the_tiny_llava(tmp_path, llava, llava_processor):
+    from qvlm.config import QuantConfig
+    from qvlm.driver import quantize
+
+    model, _ = llava
+    records = load_records(str(_placeholder_file(tmp_path, list(PLACED) * 2)), samples=6, seed=0)
+    batches = make_batches(records, llava_processor, max_length=64, batch_size=3)
+    assert all(((b["input_ids"] == llava_processor.image_token_id).sum(1) == IMAGE_TOKENS).all() for b in batches)
+    qmodel, result = quantize(model, batches, QuantConfig(method="rtn"))
+    assert {u.segment for u in result.units} == {"vision", "projector", "language"}
+    with torch.no_grad():
+        assert all(torch.isfinite(qmodel(**b).logits).all() for b in batches)
+
+
+def _refused(records, processor, needle):
+    with pytest.raises(CalibrationError) as info:
+        make_batches(records, processor, max_length=64, batch_size=len(records))
+    assert needle in str(info.value) and "fix:" in str(info.value)
+    return str(info.value)
+
+
+def test_more_placeholders_than_images_is_refused_naming_file_and_line(tmp_path, llava_processor):
+    path = _placeholder_file(tmp_path, ["what color is the shape ?", "<image> what <image> color ?"])
+    message = _refused(load_records(str(path), samples=2, seed=0), llava_processor,
+                       'field "text" holds 2 image placeholders <image> but the record has 1 image')
+    assert message.startswith(f"calibration file {path}, line 2: ")
+    text_only = _write_jsonl(tmp_path / "text.jsonl", [{"text": "what <image> is it ?"}])
+    message = _refused(load_records(str(text_only), samples=1, seed=0), llava_processor,
+                       "holds 1 image placeholder <image> but the record has no image")
+    assert message.startswith(f"calibration file {text_only}, line 1: ")
+    builtin = make_shapes_records(2, seed=0)
+    builtin[1] = CalibrationRecord(text="<image> " + builtin[1].text, image=builtin[1].image, answer="<image>")
+    assert _refused(builtin, llava_processor, 'field "answer" holds the image placeholder <image>').startswith(
+        "calibration record 1: ")
+
+
+def test_a_text_only_model_keeps_the_placeholder_as_text(tokenizer):
+    batch = make_batches([CalibrationRecord(text="<image> <image> what ?")], tokenizer, max_length=16, batch_size=1)[0]
+    assert batch["input_ids"].shape == (1, 5)  # <s> + the two placeholders as plain tokens + two words
+
+
+def test_two_placeholders_through_the_cli_exit_2_naming_file_and_line(tmp_path, tiny_llava_dir):
+    from pathlib import Path
+
+    from jobs.cli import app
+    from tests.test_bad_input import Case, error_line, runner
+
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    make_shapes_records(1, seed=0)[0].image.save(tmp_path / "shape.png")
+    cal = c.calibration(['{"image": "shape.png", "text": "what color is the shape ?"}',
+                         '{"image": "shape.png", "text": "<image> what color <image> is it ?"}'] * 2)
+    line = error_line(runner.invoke(app, ["plan", str(c.write())]), 2)
+    assert f"calibration file {cal}, line 2: field \"text\" holds 2 image placeholders <image>" in line
+    assert not c.out.exists()

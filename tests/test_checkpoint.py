@@ -14,7 +14,9 @@ from qvlm.batches import CalibrationSettings, calibration_batches
 from qvlm.config import MixedPrecisionConfig, QuantConfig
 from qvlm.driver import quantize
 from qvlm.export import ACTIVATIONS_FILE, apply_activation_ranges
+from qvlm.fakequant import FakeQuantLinear
 from qvlm.quant import ActScheme, WeightScheme
+from qvlm.shapes import make_shapes_records
 from tests.conftest import load_llava
 
 pytestmark = pytest.mark.timeout(600)
@@ -38,6 +40,7 @@ def _run(local_ray, model_dir, out, quant):
 MIXED = QuantConfig(method="rtn", weights=WeightScheme(4, 64, True),
                     mixed_precision=MixedPrecisionConfig("kurtosis", extra_budget=0.05, stop=3))
 SPIKE = "model.layers.12.mlp.down_proj"
+IMAGE_ENCODER = ("model.vision_tower.", "model.multi_modal_projector.")  # written dense (qvlm.export)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,15 @@ def spiky_llama_dir(tmp_path_factory):
     model.save_pretrained(path, max_shard_size="2MB")
     tokenizer.save_pretrained(path)
     return path
+
+
+def _as_served(qmodel):
+    """The in-memory model as its checkpoint serves it: the image encoder is written dense (qvlm.export), so its
+    weights are the quantized ones but its inputs are not quantized (this matters for W8A8 only)."""
+    for name, module in qmodel.named_modules():
+        if name.startswith(IMAGE_ENCODER) and isinstance(module, FakeQuantLinear):
+            module.act_scheme = ActScheme()
+    return qmodel
 
 
 def _in_memory(model_dir, quant):
@@ -84,8 +96,9 @@ def _check_weight_only(out, qmodel, result, batches, loader):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     targets = [t for g in config["config_groups"].values() for t in g["targets"]]
-    assert sorted(targets) == sorted(result.schemes)
-    assert "lm_head" in config["ignore"]
+    image_encoder = {n for n in result.schemes if n.startswith(IMAGE_ENCODER)}
+    assert sorted(targets) == sorted(set(result.schemes) - image_encoder)
+    assert "lm_head" in config["ignore"] and image_encoder <= set(config["ignore"])
     return config
 
 
@@ -108,6 +121,45 @@ def test_mixed_precision_checkpoint_of_an_llm(local_ray, spiky_llama_dir, tmp_pa
     assert len(config["config_groups"]) >= 2
     boosted_group = next(g for g in config["config_groups"].values() if SPIKE in g["targets"])
     assert (boosted_group["weights"]["num_bits"], boosted_group["weights"].get("group_size")) != (4, 64)
+
+
+def _generate(model, inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("case", ["w4-g128", "w8a8"])
+def test_first_generate_with_an_image_matches_in_memory_model(outputs, tiny_llava_dir, case):
+    """transformers' generate() runs the image encoder before the model's first forward, which is when
+    compressed-tensors decompresses a loaded checkpoint: the image encoder must not need decompressing."""
+    _, out = outputs[case]
+    processor = AutoProcessor.from_pretrained(out)
+    records = make_shapes_records(6, seed=3)
+    records = [r for r in records if r.text == records[0].text][:2]  # same length: no padding
+    inputs = processor(text=[f"{processor.image_token} {r.text}" for r in records], images=[r.image for r in records],
+                       return_tensors="pt")
+    loaded = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    decoder_linear = loaded.get_submodule("model.language_model.layers.0.mlp.up_proj")
+    compressed = getattr(decoder_linear, "weight", torch.empty(0, dtype=torch.int8))  # packed, or int8
+    assert not compressed.is_floating_point()  # not decompressed yet
+    tokens = _generate(loaded, inputs)  # the first call on the loaded model
+    assert tokens.shape == (2, inputs["input_ids"].shape[1] + 4)
+    qmodel, _, _ = _in_memory(tiny_llava_dir, CASES[case])
+    assert torch.equal(tokens, _generate(_as_served(qmodel), inputs))
+
+
+def test_image_encoder_is_written_dense(outputs, tiny_llava_dir):
+    from safetensors.torch import load_file
+
+    _, out = outputs["w4-g128"]
+    _, result, _ = _in_memory(tiny_llava_dir, CASES["w4-g128"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    dense = [r for r in result.linear_results() if r.name.startswith(IMAGE_ENCODER)]
+    assert len(dense) == 2 * 6 + 2  # two CLIP layers of six linears, the projector's two
+    for r in dense:
+        key = r.name.removeprefix("model.") + ".weight"  # the file keeps the source layout (vision_tower.encoder...)
+        assert torch.equal(load_file(out / index[key])[key], r.weight.dequantize()), r.name
+        assert f"{key[:-len('.weight')]}.weight_packed" not in index
 
 
 def test_asymmetric_checkpoint_decompresses_exactly(outputs, tiny_llava_dir):
@@ -146,7 +198,7 @@ def test_w8a8_dynamic_token_checkpoint(outputs, tiny_llava_dir):
     assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
     loaded = LlavaForConditionalGeneration.from_pretrained(out).eval()
     with torch.no_grad():
-        a, b = loaded(**batches[0]).logits, qmodel(**batches[0]).logits
+        a, b = loaded(**batches[0]).logits, _as_served(qmodel)(**batches[0]).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not (out / ACTIVATIONS_FILE).exists()
 
@@ -190,3 +242,13 @@ def test_verify_names_a_corrupted_file(outputs, tmp_path):
     victim.write_bytes(bytes(data))
     bad = runner.invoke(app, ["verify", str(out)])
     assert bad.exit_code == 1 and victim.name in bad.output
+
+
+def test_only_a_multimodal_models_image_encoder_is_written_dense():
+    from qvlm.export import image_encoder_linears
+    from qvlm.tiny import make_tiny_clip_vision, make_tiny_llama, make_tiny_llava
+
+    llava = image_encoder_linears(make_tiny_llava()[0])
+    assert len(llava) == 2 * 6 + 2 and all(n.startswith(IMAGE_ENCODER) for n in llava)
+    assert image_encoder_linears(make_tiny_llama()[0]) == set()
+    assert image_encoder_linears(make_tiny_clip_vision()[0]) == set()  # a lone vision encoder: nothing runs ahead

@@ -2,8 +2,12 @@
 
 import hashlib
 import json
+import re
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,106 @@ def test_model_and_output_in_s3(tmp_path, tiny_llava_dir, s3_server, s3_bucket):
     for key, entry in manifest["files"].items():
         body = s3.get_object(Bucket=s3_bucket, Key=f"out/job/{key}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+
+
+# --- what the commands tell (no Ray) ------------------------------------------------------------------
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _state_at(out, **changes):
+    from cluster.state import JobState, StateFile
+
+    return StateFile(out, JobState("told", "7" * 64), echo=_quiet).update(**changes)
+
+
+def test_status_says_stopped_when_no_live_run_holds_the_output(tmp_path):
+    """A phase that is not final is only believed while a live run holds the lock: with no lock, or the lock of a
+    process that is gone, the job is stopped (exit 1), with the heartbeat's age; a live holder is running."""
+    from cluster.lock import LOCK_KEY, OutputLock
+    from workers.storage import LocalStorage
+
+    out = LocalStorage(tmp_path / "out")
+    _state_at(out, phase="searching", blocks_total=5, blocks_done=2)
+    gone = runner.invoke(app, ["status", str(out.root)])
+    assert gone.exit_code == 1 and "[told] stopped during searching: blocks 2/5 - no run holds the output's lock" in gone.output
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    beat = time.time() - 42
+    out.put_bytes(LOCK_KEY, json.dumps({"job": "told", "spec_hash": "7" * 64, "run_id": "r" * 32, "pid": int(dead.stdout),
+                                        "host": socket.gethostname(), "created_at": beat, "heartbeat_at": beat}).encode())
+    killed = runner.invoke(app, ["status", str(out.root)])
+    assert killed.exit_code == 1, killed.output
+    assert "stopped during searching" in killed.output and "its process is gone (last heartbeat 4" in killed.output
+    out.delete(LOCK_KEY)
+    live = OutputLock(out, "told", "7" * 64)
+    live.acquire()
+    try:
+        running = runner.invoke(app, ["status", str(out.root)])
+    finally:
+        live.release()
+    assert running.exit_code == 0 and re.search(r"\[told\] searching: blocks 2/5 \(heartbeat \d+s ago\)", running.output)
+    for phase, code in (("failed", 1), ("stopped", 1), ("finished", 0)):
+        _state_at(out, phase=phase, blocks_total=5, blocks_done=5)
+        told = runner.invoke(app, ["status", str(out.root)])
+        assert told.exit_code == code and f"[told] {phase}: blocks 5/5" in told.output, (phase, told.output)
+    assert "Traceback" not in gone.output + killed.output + running.output
+
+
+def test_status_and_verify_take_the_s3_endpoint(s3_server, s3_bucket):
+    from cluster.verify import MANIFEST_KEY
+    from workers.storage import S3Storage
+
+    uri = f"s3://{s3_bucket}/out"
+    out = S3Storage(uri, s3_server)
+    _state_at(out, phase="finished", blocks_total=3, blocks_done=3)
+    files = {"model.bin": {"sha256": out.put_bytes("model.bin", b"weights"), "size": 7}}
+    out.put_bytes(MANIFEST_KEY, json.dumps({"job": "told", "spec_hash": "7" * 64, "files": files}).encode())
+    for args, env in ((["--endpoint-url", s3_server], {}), ([], {"AWS_ENDPOINT_URL_S3": s3_server}),
+                      ([], {"AWS_ENDPOINT_URL": s3_server})):
+        status = runner.invoke(app, ["status", uri, *args], env=env)
+        assert status.exit_code == 0 and "[told] finished: blocks 3/3" in status.output, status.output
+        verify = runner.invoke(app, ["verify", uri, *args], env=env)
+        assert verify.exit_code == 0 and f"{uri}: every file matches its manifest" in verify.output, verify.output
+    out.put_bytes("model.bin", b"weightz")
+    broken = runner.invoke(app, ["verify", uri, "--endpoint-url", s3_server])
+    assert broken.exit_code == 1 and "model.bin: sha256 mismatch" in broken.output
+
+
+def test_dry_run_says_nothing_was_submitted(tmp_path, tiny_llava_dir):
+    result = runner.invoke(app, ["submit", "--dry-run", str(_job(tmp_path, tiny_llava_dir))])
+    assert result.exit_code == 0, result.output
+    assert "stage 0:" in result.output and result.output.rstrip().endswith("dry run: nothing was submitted")
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_paths_resolve_against_the_job_files_folder(tmp_path, tiny_llava_dir, monkeypatch):
+    """--set model.path=... means what the same line in the job file would: relative to the file's folder."""
+    import shutil
+
+    shutil.copytree(tiny_llava_dir, tmp_path / "project/models/tiny")
+    (tmp_path / "project/jobs").mkdir()
+    job = write_job(tmp_path / "project/jobs/job.yaml", "cli-set", "/nonexistent", "../out")
+    monkeypatch.chdir(tmp_path)  # elsewhere: from here ../models/tiny does not exist
+    result = runner.invoke(app, ["submit", "--dry-run", str(job), "--set", "model.path=../models/tiny",
+                                 "--set", "output.uri=../out-set"])
+    assert result.exit_code == 0, result.output  # resolved against the working directory, model.path would not exist
+    from jobs.spec import load_job
+
+    spec = load_job(job, ["model.path=../models/tiny", "output.uri=../out-set"])
+    assert spec.model.path == str(tmp_path / "project/models/tiny")
+    assert spec.output.uri == str(tmp_path / "project/out-set")
+
+
+def test_progress_lines_count_each_phase_in_its_own_unit_with_an_eta():
+    from cluster.state import JobState
+
+    base = JobState("told", "7" * 64)
+    assert base.line() == "[told] planning"
+    capture = replace(base, phase="capturing", steps_done=1, steps_total=4, steps_seconds=2.0)
+    assert capture.line() == "[told] capturing: batches 1/4, ETA 6s"
+    search = replace(base, phase="searching", blocks_total=10, blocks_done=6, blocks_resumed=4, seconds={"search_elapsed": 8.0})
+    assert search.line() == "[told] searching: blocks 6/10, ETA 16s"  # resumed blocks are not timed
+    export = replace(base, phase="committing", blocks_total=10, blocks_done=10, steps_done=3, steps_total=7, steps_seconds=1.5)
+    assert export.line() == "[told] committing: files 3/7, ETA 2s"
+    assert replace(export, phase="finished").line() == "[told] finished: blocks 10/10"

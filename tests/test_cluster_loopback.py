@@ -216,11 +216,16 @@ def test_job_submitted_with_the_cli_finishes_on_two_nodes(cluster, finished_job)
     status = cluster.qvlm("status", str(out))
     assert status.returncode == 0 and "finished" in status.stdout, status.stdout + status.stderr
     remote = cluster.qvlm("status", job_id, "--address", cluster.dashboard)
-    assert remote.returncode == 0 and f"{job_id}: SUCCEEDED" in remote.stdout, remote.stdout + remote.stderr
+    assert remote.returncode == 0, remote.stdout + remote.stderr
+    told = remote.stdout.splitlines()
+    assert told[0].startswith(f"{job_id}: SUCCEEDED") and re.fullmatch(r"\[loopback\] finished: blocks (\d+)/\1", told[1]), told
     logs = cluster.qvlm("logs", job_id, "--address", cluster.dashboard)
     assert logs.returncode == 0 and "done:" in logs.stdout and "finished" in logs.stdout, logs.stderr
-    listed = cluster.qvlm("list", "--address", cluster.dashboard)
-    assert any(line.startswith(f"{job_id}\tSUCCEEDED") for line in listed.stdout.splitlines()), listed.stdout
+    followed = cluster.qvlm("logs", "--follow", job_id, "--address", cluster.dashboard)
+    assert followed.returncode == 0 and "done:" in followed.stdout, followed.stdout + followed.stderr
+    listed = cluster.qvlm("list", "--address", cluster.dashboard).stdout.splitlines()
+    assert listed[0].split("\t") == ["JOB ID", "STATUS", "NAME", "OUTPUT"]
+    assert f"{job_id}\tSUCCEEDED\tloopback\t{out}" in listed[1:], listed
     plan = json.loads((out / "qvlm_plan.json").read_text())
     assert len(plan["stages"]) == 2
     nodes = plan["stage_nodes"]
@@ -274,22 +279,72 @@ def test_each_stage_read_only_its_own_tensors_from_s3(finished_job, s3_model, s3
     assert not [k for k, s in owners.items() if len(s) > 1], "a tensor was loaded by two stages"
 
 
+def _state(out: Path) -> dict:
+    path = out / "_qvlm/state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 @pytest.mark.timeout(900)
-def test_no_wait_then_cancel_stops_the_job(cluster, s3_model, s3_server, tmp_path):
-    job = _job_file(tmp_path, "loopback-cancel", s3_model[0], s3_server, tmp_path / "out", epochs=50)
-    result = cluster.qvlm("submit", "--address", cluster.dashboard, "--no-wait", str(job))
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    job_id = _job_id(result.stdout)
-    assert cluster.status(job_id) in ("PENDING", "RUNNING")
-    deadline = time.monotonic() + 120
-    while cluster.status(job_id) != "RUNNING" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert cluster.status(job_id) == "RUNNING"
-    cancel = cluster.qvlm("cancel", job_id, "--address", cluster.dashboard)
-    assert cancel.returncode == 0 and f"{job_id}: stop requested" in cancel.stdout, cancel.stdout + cancel.stderr
-    deadline = time.monotonic() + 60
-    while cluster.status(job_id) != "STOPPED" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert cluster.status(job_id) == "STOPPED"
+def test_sigterm_to_a_following_submit_stops_the_job_on_the_cluster(cluster, s3_model, s3_server, tmp_path):
+    """qvlm-submit follows the job; SIGTERM to it stops the job through the Jobs API (143). The driver on the
+    cluster, sent SIGTERM by Ray, records "stopped" and releases the output's lock; a second follower
+    (`qvlm logs --follow`) ends with it (1), and `qvlm status JOB_ID` says STOPPED with the job's phase (1)."""
+    out = tmp_path / "out"
+    job = _job_file(tmp_path, "loopback-cancel", s3_model[0], s3_server, out, epochs=50)
+    submit = subprocess.Popen([str(BIN / "qvlm-submit"), "--address", cluster.dashboard, str(job)], env=cluster.env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    follower = None
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while _state(out).get("phase") not in ("capturing", "statistics", "searching"):
+            assert submit.poll() is None and time.monotonic() < deadline, "the job did not reach the capture"
+            time.sleep(0.5)
+        job_id = f"qvlm-loopback-cancel-{_state(out)['spec_hash'][:8]}"
+        follower = subprocess.Popen([str(BIN / "qvlm"), "logs", "--follow", job_id, "--address", cluster.dashboard],
+                                    env=cluster.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = follower.stdout.readline()  # following: it has printed the log so far
+        os.kill(submit.pid, signal.SIGTERM)
+        output, _ = submit.communicate(timeout=120)
+        follower.wait(120)  # its output is small: the pipe cannot fill up
+        followed = first + follower.stdout.read()  # communicate() would skip what readline() buffered
+    finally:
+        for proc in (submit, follower):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert submit.returncode == 143, output
+    assert f"stopping {job_id} on the cluster" in output and f"{job_id}: STOPPED" in output
+    assert "error: stopped by SIGTERM" in output and "Traceback" not in output
+    assert follower.returncode == 1 and "[loopback-cancel] capturing" in followed, followed
+    assert f"job {job_id} ended STOPPED" in followed
     remote = cluster.qvlm("status", job_id, "--address", cluster.dashboard)
-    assert f"{job_id}: STOPPED" in remote.stdout, remote.stdout + remote.stderr
+    assert remote.returncode == 1 and f"{job_id}: STOPPED" in remote.stdout, remote.stdout + remote.stderr
+    assert "[loopback-cancel] stopped" in remote.stdout and "stopped by SIGTERM" in remote.stdout, remote.stdout
+    assert _state(out)["phase"] == "stopped" and not (out / "_qvlm/lock.json").exists()
+    again = cluster.qvlm("cancel", job_id, "--address", cluster.dashboard)
+    assert again.returncode == 0 and f"{job_id}: not running" in again.stdout
+
+
+@pytest.mark.timeout(900)
+def test_no_wait_then_a_failed_job_exits_1_in_logs_and_status(cluster, s3_model, s3_server, tmp_path):
+    """The driver on the cluster fails at once (the output is locked by a live run here): the submission
+    with --no-wait returns 0, `qvlm logs --follow` prints the driver's refusal and exits 1, and `qvlm status
+    JOB_ID` exits 1 with FAILED."""
+    from cluster.lock import OutputLock
+    from workers.storage import LocalStorage
+
+    out = tmp_path / "out"
+    job = _job_file(tmp_path, "loopback-failed", s3_model[0], s3_server, out)
+    holder = OutputLock(LocalStorage(out), "holder", "h" * 64)
+    holder.acquire()
+    try:
+        result = cluster.qvlm("submit", "--address", cluster.dashboard, "--no-wait", str(job))
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        job_id = _job_id(result.stdout)
+        assert f"qvlm logs --follow {job_id}" in result.stdout
+        followed = cluster.qvlm("logs", "--follow", job_id, "--address", cluster.dashboard, timeout=300)
+    finally:
+        holder.release()
+    assert followed.returncode == 1, followed.stdout + followed.stderr
+    assert "is locked by job 'holder'" in followed.stdout and f"job {job_id} ended FAILED" in followed.stderr
+    remote = cluster.qvlm("status", job_id, "--address", cluster.dashboard)
+    assert remote.returncode == 1 and f"{job_id}: FAILED" in remote.stdout, remote.stdout + remote.stderr

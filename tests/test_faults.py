@@ -1,5 +1,6 @@
-"""Faults a long job must survive: killed block workers, killed stage actors, a killed driver, an object
-store that fails transiently, a corrupted shard, and a second job on the same output.
+"""Faults a long job must survive: killed block workers, killed stage actors, a killed driver, SIGINT and
+SIGTERM, an object store that fails transiently, a corrupted shard, a corrupt block record, a corrupt, future or
+unreadable lock, a corrupt file in a finished output, and a second job on the same output.
 
 Everything is real: each job is ``qvlm-submit`` in its own process (and session) on an embedded local Ray,
 S3 is moto over HTTP on 127.0.0.1, and S3 faults come from a fault-injecting proxy on the wire
@@ -12,17 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cluster.lock import LOCK_KEY, LockError, OutputLock, read_lock
+from cluster.lock import HEARTBEAT_S, LOCK_KEY, LockError, OutputLock, read_lock
 from cluster.verify import verify_output
 from tests.fault_proxy import KINDS, FaultProxy
 from tests.job_files import write_job
@@ -120,12 +123,14 @@ def _state(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llava_dir, tmp_path_factory):
-    """An unfaulted run: its checkpoint's sha256 per file and its number of blocks."""
+    """An unfaulted run: its checkpoint's sha256 per file, its number of blocks, its job file and output."""
     tmp = tmp_path_factory.mktemp("reference")
-    code, output = _submit(_job(tmp, str(tiny_llava_dir), str(tmp / "out"), name="reference"))
+    job = _job(tmp, str(tiny_llava_dir), str(tmp / "out"), name="reference")
+    code, output = _submit(job)
     assert code == 0, output[-3000:]
     plan = json.loads((tmp / "out/qvlm_plan.json").read_text())
-    return {"files": _checkpoint(LocalStorage(tmp / "out")), "blocks": len(plan["blocks"])}
+    return {"files": _checkpoint(LocalStorage(tmp / "out")), "blocks": len(plan["blocks"]), "job": job,
+            "out": tmp / "out"}
 
 
 @pytest.fixture
@@ -227,16 +232,31 @@ def test_a_live_lock_refuses_any_second_run_even_with_overwrite(tiny_llava_dir, 
     assert out.list("") == []
 
 
+def _write_lock(out: LocalStorage, data: bytes, written_ago: float = 0.0) -> None:
+    """A lock file as another run left it, last modified ``written_ago`` seconds ago (by the file's mtime)."""
+    out.put_bytes(LOCK_KEY, data)
+    then = time.time() - written_ago
+    os.utime(out.root / LOCK_KEY, (then, then))
+
+
+def _lock_doc(host: str, pid: int, beat: float) -> bytes:
+    return json.dumps({"job": "old", "spec_hash": "0" * 64, "run_id": "r" * 32, "host": host, "pid": pid,
+                       "created_at": beat, "heartbeat_at": beat}).encode()
+
+
+def _recorder(lines: list):
+    return lambda line, **k: lines.append(line)
+
+
 def test_a_stale_or_dead_lock_is_taken_over(tmp_path):
     out = LocalStorage(tmp_path / "out")
     lines = []
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = [("far-away-host", 12345, time.time() - 3600, "no heartbeat for over 10 minutes"),
-             (socket.gethostname(), int(dead.stdout), time.time(), "its process is gone")]
-    for host, pid, beat, reason in stale:
-        out.put_bytes(LOCK_KEY, json.dumps({"job": "old", "spec_hash": "0" * 64, "run_id": "r" * 32, "host": host,
-                                            "pid": pid, "created_at": beat, "heartbeat_at": beat}).encode())
-        lock = OutputLock(out, "new", "1" * 64, echo=lambda line, **k: lines.append(line))
+    stale = [("far-away-host", 12345, time.time() - 3600, 3600, "no heartbeat for over 10 minutes"),
+             (socket.gethostname(), int(dead.stdout), time.time(), 0, "its process is gone")]
+    for host, pid, beat, written_ago, reason in stale:
+        _write_lock(out, _lock_doc(host, pid, beat), written_ago)
+        lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines))
         lock.acquire()
         assert read_lock(out).run_id == lock.info.run_id
         assert reason in lines[-1] and "job 'old'" in lines[-1]
@@ -248,6 +268,94 @@ def test_a_stale_or_dead_lock_is_taken_over(tmp_path):
             OutputLock(out, "new", "1" * 64).acquire()
     finally:
         alive.release()
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b'{"job": "old", "spec_hash": "00', "not valid JSON"),  # half-written
+    (b"\x00\xff garbage", "not valid JSON"),
+    (b'["job", "old"]', "a JSON list, not an object"),
+    (_lock_doc("far-away-host", 1, 0.0).replace(b'"pid": 1', b'"pid": "1"'), "pid is '1', not an integer"),
+    (_lock_doc("far-away-host", 1, 0.0).replace(b'"heartbeat_at": 0.0', b'"heartbeat_at": null'),
+     "heartbeat_at is None, not a finite number"),
+    (b'{"job": "old"}', "missing spec_hash"),
+])
+def test_a_malformed_lock_is_taken_over_once_the_heartbeat_interval_has_passed(tmp_path, data, problem):
+    """Last written over a heartbeat interval ago: taken over at once, naming the file and what is wrong."""
+    out, where, lines = LocalStorage(tmp_path / "out"), str(tmp_path / "out" / LOCK_KEY), []
+    _write_lock(out, data, written_ago=60.0)
+    lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines))
+    lock.acquire()
+    try:
+        assert read_lock(out).run_id == lock.info.run_id
+        assert len(lines) == 1 and f"taking over the lock {where}" in lines[0] and problem in lines[0], lines
+        assert re.search(r"was last written 6\d+s ago, over the heartbeat interval \(30s\)", lines[0]), lines
+    finally:
+        lock.release()
+    assert not out.exists(LOCK_KEY)
+
+
+def test_a_malformed_lock_written_just_now_is_waited_out_first(tmp_path):
+    """A half-written lock may be a lock being written: the run waits out the heartbeat interval, then takes
+    it over."""
+    out, lines = LocalStorage(tmp_path / "out"), []
+    _write_lock(out, b'{"job": "old", "spec_hash": "00')
+    lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines), heartbeat_s=5.0)
+    lock.acquire()
+    lock.release()
+    assert len(lines) == 2 and "is not a valid lock (not valid JSON" in lines[0] and "waiting" in lines[0], lines
+    assert "taking over the lock" in lines[1] and "over the heartbeat interval (5s)" in lines[1], lines
+
+
+def test_a_heartbeat_in_the_future_is_stale_once_the_file_is_old_by_this_hosts_clock(tmp_path):
+    """A holder whose clock runs a day ahead: its lock protects it while the file keeps being rewritten, and is
+    taken over once the file is over 10 minutes old by this host's clock. A holder whose clock runs behind (its
+    heartbeat looks an hour old) is protected by the file's fresh last-modified time."""
+    out = LocalStorage(tmp_path / "out")
+    ahead = _lock_doc("far-away-host", 12345, time.time() + 86400)
+    behind = _lock_doc("far-away-host", 12345, time.time() - 3600)
+    for data in (ahead, behind):
+        _write_lock(out, data, written_ago=5)
+        with pytest.raises(LockError, match="locked by job 'old'.*still running"):
+            OutputLock(out, "new", "1" * 64).acquire()
+    lines = []
+    _write_lock(out, ahead, written_ago=11 * 60)
+    lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines))
+    lock.acquire()
+    lock.release()
+    assert "its heartbeat is 86" in lines[-1] and "in the future (the holder's clock is ahead)" in lines[-1], lines
+    assert "the lock was last written 66" in lines[-1], lines  # 660 or 661 s
+
+
+def test_a_lock_that_is_a_folder_exits_2_saying_what_to_remove(tmp_path, tiny_llava_dir):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    (tmp_path / "out" / LOCK_KEY).mkdir(parents=True)
+    result = CliRunner().invoke(app, ["submit", str(_job(tmp_path, str(tiny_llava_dir), str(tmp_path / "out")))])
+    assert result.exit_code == 2, result.output
+    where = tmp_path / "out" / LOCK_KEY
+    assert f"{where} exists but cannot be read as a lock file (is it a folder?)" in result.output
+    assert f"remove it (rm -r '{where}')" in result.output and "Traceback" not in result.output
+    assert where.is_dir() and not (tmp_path / "out/_qvlm/state.json").exists()  # nothing removed, nothing written
+
+
+def test_a_malformed_lock_on_s3_is_judged_by_its_last_modified_time(s3_server, s3_bucket):
+    from cluster.lock import find_lock
+
+    out = S3Storage(f"s3://{s3_bucket}/out", s3_server)
+    out.put_bytes(LOCK_KEY, b'{"job": "old", "spec_ha')
+    found, now = find_lock(out), time.time()
+    assert found.holder is None and "not valid JSON" in found.problem
+    assert abs(found.modified_at - now) < 60  # S3's LastModified, by the server's clock
+    assert found.stale_reason(now, heartbeat_s=120) is None  # young: a writer may be at work
+    assert "over the heartbeat interval (120s)" in found.stale_reason(now + 240, heartbeat_s=120)
+    lines = []
+    lock = OutputLock(out, "new", "1" * 64, echo=_recorder(lines), heartbeat_s=0.5)
+    lock.acquire()
+    lock.release()
+    assert f"taking over the lock s3://{s3_bucket}/out/{LOCK_KEY} of an invalid lock" in lines[-1], lines
+    assert not out.exists(LOCK_KEY)
 
 
 def test_a_run_that_lost_its_lock_stops_writing(tmp_path):
@@ -263,6 +371,33 @@ def test_a_run_that_lost_its_lock_stops_writing(tmp_path):
         lock.check()
     lock.release()
     assert read_lock(out).run_id == "t" * 32  # the other run's lock is left alone
+
+
+# --- resume from the ledger (no Ray) -----------------------------------------------------------------
+
+def test_a_corrupt_block_record_means_that_block_is_searched_again(tmp_path):
+    import hashlib
+
+    from cluster.commit import load_finished_blocks
+    from workers.block_task import BlockSpec, shard_key
+
+    out = LocalStorage(tmp_path / "out")
+    specs = [BlockSpec(i, (f"unit{i}",), (("q",),), {}) for i in range(4)]
+    for spec in specs:
+        blob = f"shard {spec.index}".encode()
+        out.put_bytes(shard_key(spec.index), blob)
+        record = {"index": spec.index, "shard_key": shard_key(spec.index), "sha256": hashlib.sha256(blob).hexdigest(),
+                  "size": len(blob), "unit_names": list(spec.unit_names), "error_before": 1.0, "error_after": 0.5,
+                  "evaluations": 3, "seconds": 0.1}
+        out.put_bytes(record_key(spec.index), json.dumps(record).encode())
+    out.put_bytes(record_key(1), b'{"index": 1, "shard_key": "_qvlm/bl')  # cut off mid-write
+    out.put_bytes(record_key(2), out.get_bytes(record_key(2)).replace(b'"size": 7', b'"size": "7"'))
+    lines = []
+    finished = load_finished_blocks(out, specs, _recorder(lines))
+    assert sorted(finished) == [0, 3] and finished[3].unit_names == ("unit3",)
+    assert len(lines) == 2
+    assert lines[0].startswith(f"block 1 is searched again: its record {record_key(1)} is unreadable (not valid JSON")
+    assert lines[1] == f"block 2 is searched again: its record {record_key(2)} is unreadable (size is '7', not an integer)"
 
 
 # --- real jobs under faults (local Ray in subprocesses) ------------------------------------------------
@@ -328,7 +463,7 @@ def test_killed_driver_resumes_without_redoing_blocks_and_redoes_a_corrupt_shard
 
     code, output = _submit(job)
     assert code == 0, output[-3000:]
-    assert "taking over the lock of job 'faults'" in output and "its process is gone" in output
+    assert f"taking over the lock {out / LOCK_KEY} of job 'faults'" in output and "its process is gone" in output
     assert "block 0 is searched again: checksum mismatch" in output
     assert f"done: {reference['blocks']} blocks ({last - 1} resumed)" in output
     for i in range(1, last):  # finished and intact: not searched again, their records untouched
@@ -380,3 +515,135 @@ def test_second_job_on_the_same_output_is_refused_while_the_first_runs(reference
     assert json.loads((out / "qvlm_manifest.json").read_text())["job"] == "first" and _state(out)["name"] == "first"
     assert _checkpoint(LocalStorage(out)) == reference["files"]
     assert not (out / LOCK_KEY).exists()
+
+
+# --- stopped by signals, resumed, repaired (local Ray in subprocesses) -----------------------------------
+
+class _Run:
+    """qvlm-submit in its own session, its stdout read line by line as it arrives. PYTHONUNBUFFERED is not set:
+    the command itself must flush every line when its output is not a terminal."""
+
+    def __init__(self, job: Path, faults: Path | None = None):
+        env = {k: v for k, v in _env(faults).items() if k != "PYTHONUNBUFFERED"}
+        self.proc = subprocess.Popen([str(BIN / "qvlm-submit"), str(job)], cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the job ended (exit {self.proc.returncode}) before {what}:\n" + "\n".join(self.lines))
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    def stop(self, sig: int) -> tuple[int, str]:
+        """Send ``sig`` to qvlm-submit alone (as ``kill`` or a supervisor would); its exit code and output, once it
+        and every process it started are gone."""
+        os.kill(self.proc.pid, sig)
+        try:
+            code = self.proc.wait(120)
+            self._reader.join(30)
+            deadline = time.monotonic() + 60
+            while _session_members(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            left = _session_members(self.proc.pid)
+        finally:
+            _kill_session(self.proc)
+        assert not left, f"processes of the stopped run are left: {left}"
+        return code, "\n".join(self.lines)
+
+
+def _assert_stopped(out: Path, name: str, output: str) -> None:
+    assert f"stopped by {name}; re-submit to resume" in output and f"error: stopped by {name}" in output, output[-3000:]
+    assert "Traceback" not in output and "SIGABRT" not in output
+    state = _state(out)
+    assert state["phase"] == "stopped" and name in state["error"]
+    assert not (out / LOCK_KEY).exists()  # released on the way out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * JOB_TIMEOUT_S)
+def test_signals_stop_the_run_cleanly_and_a_resubmit_resumes_past_a_corrupt_lock_and_record(
+        reference, tiny_llava_dir, tmp_path, faults):
+    out = tmp_path / "out"
+    job = _job(tmp_path, str(tiny_llava_dir), str(out))
+    blocks, last = reference["blocks"], reference["blocks"] - 1
+    # SIGINT while the stage actors capture (one holds at the start of a capture call)
+    (faults / "hold-capture").touch()
+    run = _Run(job, faults)
+    run.wait_for(lambda: (faults / "hold-capture.held").exists() and _state(out)["phase"] == "capturing", "the capture")
+    code, output = run.stop(signal.SIGINT)
+    assert code == 130, output[-3000:]
+    _assert_stopped(out, "SIGINT", output)
+    (faults / "hold-capture").unlink()
+
+    # SIGTERM with every block but the last searched, once its progress line has arrived
+    (faults / f"hold-block-{last}").touch()
+    run = _Run(job, faults)
+    run.wait_for(lambda: any(f"searching: blocks {last}/{blocks}" in line for line in run.lines), f"{last} blocks done")
+    code, output = run.stop(signal.SIGTERM)
+    assert code == 143, output[-3000:]
+    _assert_stopped(out, "SIGTERM", output)
+    assert _state(out)["blocks_done"] == last
+    (faults / f"hold-block-{last}").unlink()
+
+    # re-submit over a half-written lock written over a heartbeat interval ago, with block 0's record cut off
+    (out / record_key(0)).write_bytes(b'{"index": 0, "shard_key": "_qvlm/blo')
+    _write_lock(LocalStorage(out), b'{"job": "faults", "spec_hash": "0', written_ago=HEARTBEAT_S + 30)
+    code, output = _submit(job)
+    assert code == 0, output[-3000:]
+    assert f"taking over the lock {out / LOCK_KEY} of an invalid lock (not valid JSON" in output
+    assert f"block 0 is searched again: its record {record_key(0)} is unreadable (not valid JSON" in output
+    assert f"done: {blocks} blocks ({last - 1} resumed)" in output
+    assert _checkpoint(LocalStorage(out)) == reference["files"] and verify_output(LocalStorage(out)) == []
+    # one progress line per update, each phase counted with an ETA; Ray's own lines are in the job's log file
+    for phase in (r"capturing: batches \d+/\d+, ETA \d+s", rf"searching: blocks \d+/{blocks}, ETA \d+s",
+                  r"committing: files \d+/\d+, ETA \d+s"):
+        assert re.search(phase, output), phase
+    log = Path(re.search(r"log of this run \(Ray's own messages\): (\S+)", output.splitlines()[0]).group(1))
+    assert "Started a local Ray instance" in log.read_text() and "Ray's logs for this run" in log.read_text()
+    assert "Started a local Ray instance" not in output and "Token authentication" not in output
+    status = subprocess.run([str(BIN / "qvlm"), "status", str(out)], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and f"[faults] finished: blocks {blocks}/{blocks}" in status.stdout
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_a_resubmitted_finished_job_verifies_its_output_and_repairs_what_fails(reference):
+    """Repairs the reference output in place: it must end byte-identical to what it was."""
+    job, out = reference["job"], reference["out"]
+    code, output = _submit(job)
+    assert code == 0 and "already finished" in output and "files match the manifest; nothing to do" in output, output
+    # a corrupt checkpoint file: re-exported from the block shards, manifest rewritten last
+    model_file = sorted(out.glob("model-0000*-of-*.safetensors"))[1]
+    _flip_byte(model_file)
+    code, output = _submit(job)
+    assert code == 0, output[-3000:]
+    assert f"finished, but {model_file.name}: sha256 mismatch" in output
+    assert "re-exporting the checkpoint from the block shards" in output and "committing: files" in output
+    assert "searching" not in output  # no block searched again
+    assert verify_output(LocalStorage(out)) == [] and _checkpoint(LocalStorage(out)) == reference["files"]
+    # a corrupt block shard as well: the export cannot repair it, so that block is searched again
+    shard = json.loads((out / record_key(1)).read_text())["shard_key"]
+    _flip_byte(out / shard)
+    _flip_byte(model_file)
+    code, output = _submit(job)
+    assert code == 0, output[-3000:]
+    assert f"finished, but {shard}: sha256 mismatch" in output and "running the job again to repair it" in output
+    assert "block 1 is searched again: checksum mismatch" in output
+    assert f"done: {reference['blocks']} blocks ({reference['blocks'] - 1} resumed)" in output
+    assert verify_output(LocalStorage(out)) == [] and _checkpoint(LocalStorage(out)) == reference["files"]
+    assert _state(out)["phase"] == "finished" and not (out / LOCK_KEY).exists()

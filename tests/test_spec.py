@@ -160,7 +160,7 @@ def test_overrides_apply(tmp_path, monkeypatch):
     ])
     assert spec.quantization.weights.bits == 8 and spec.quantization.targets == ("language",)
     assert spec.quantization.qvlm.h0 == 0.5 and spec.model.revision is None
-    assert spec.output.uri == str(tmp_path / "elsewhere")  # --set paths are relative to the working directory
+    assert spec.output.uri == str(tmp_path / "jobs/elsewhere")  # --set paths resolve like the file's: its folder
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from safetensors.torch import save as save_safetensors
 
-from qvlm.export import (ACTIVATIONS_FILE, compressed_tensors, config_groups, encode_activation_ranges,
-                         group_of, quantization_config, servable_activations)
+from qvlm.export import (ACTIVATIONS_FILE, checkpoint_tensors, config_groups, encode_activation_ranges, group_of,
+                         image_encoder_linears, quantization_config, servable_activations)
 from qvlm.loading import build_skeleton, checkpoint_key_map
 from qvlm.quant import ActScheme
 from workers.block_task import decode_shard, shard_linears_meta
@@ -54,6 +54,15 @@ def _chunks(keys: Sequence[str], sizes: dict[str, int], max_bytes: int) -> list[
 
 def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
     """Write every checkpoint file; returns {key: {"sha256", "size"}} for the manifest."""
+    written = {}
+    for files, _ in checkpoint_files(req):
+        written.update(files)
+    return written
+
+
+def checkpoint_files(req: ExportRequest) -> Iterator[tuple[dict[str, dict], int]]:
+    """Write the checkpoint one file at a time; after each step yield what it wrote ({key: {"sha256", "size"}})
+    and the number of steps in all (one per safetensors file, then one for the metadata files)."""
     from transformers import AutoConfig
 
     source, out = open_model(req.model_uri, req.model_endpoint), open_output(req.output_uri, req.output_endpoint)
@@ -65,22 +74,27 @@ def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
     rest = [k for k in index.names if k not in quantized_keys]
     rest_chunks = _chunks(rest, {k: index.total_bytes([k]) for k in rest}, req.max_file_bytes)
     n_files = len(req.shard_keys) + len(rest_chunks)
-    groups = config_groups(req.schemes, req.act)
-    written, weight_map, ranges = {}, {}, {}
+    groups = config_groups(_compressed_schemes(model, req.schemes), req.act)
+    weight_map, ranges = {}, {}
     for i, (shard_key, sha) in enumerate(req.shard_keys):
         blob = out.get_bytes(shard_key, sha)
         tensors = {}
         for r in decode_shard(blob, shard_linears_meta(blob)):
             prefix = keymap[f"{r.name}.weight"][: -len(".weight")]
-            for suffix, t in compressed_tensors(r.weight, group_of(groups, r.name)).items():
+            for suffix, t in checkpoint_tensors(r.weight, group_of(groups, r.name)).items():
                 tensors[f"{prefix}.{suffix}"] = t
             if r.act_range is not None:
                 ranges[r.name] = r.act_range
-        written.update(_put_file(out, _file_name(i, n_files), tensors, weight_map))
+        yield _put_file(out, _file_name(i, n_files), tensors, weight_map), n_files + 1
     for j, chunk in enumerate(rest_chunks):
-        written.update(_put_file(out, _file_name(len(req.shard_keys) + j, n_files), index.read(chunk), weight_map))
-    written.update(_write_metadata(out, local, model, req, weight_map, ranges))
-    return written
+        yield _put_file(out, _file_name(len(req.shard_keys) + j, n_files), index.read(chunk), weight_map), n_files + 1
+    yield _write_metadata(out, local, model, req, weight_map, ranges), n_files + 1
+
+
+def _compressed_schemes(model, schemes: dict) -> dict:
+    """The schemes of the linears written compressed: all but a multimodal model's image encoder (qvlm.export)."""
+    dense = image_encoder_linears(model)
+    return {name: scheme for name, scheme in schemes.items() if name not in dense}
 
 
 def _put_file(out, name: str, tensors: dict, weight_map: dict) -> dict[str, dict]:
@@ -96,7 +110,10 @@ def _write_metadata(out, local, model, req: ExportRequest, weight_map: dict, ran
 
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = json.loads((local / "config.json").read_text())
-    config["quantization_config"] = quantization_config(req.schemes, req.act, [n for n in linears if n not in req.schemes])
+    compressed = _compressed_schemes(model, req.schemes)
+    quant_config = quantization_config(compressed, req.act, [n for n in linears if n not in compressed])
+    if quant_config is not None:
+        config["quantization_config"] = quant_config
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
     total = sum(out.size(name) for name in set(weight_map.values()))
     files[INDEX_FILE] = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},

@@ -230,6 +230,11 @@ class Storage:
     def size(self, key: str) -> int:
         raise NotImplementedError
 
+    def modified_at(self, key: str) -> float:
+        """When ``key`` was last written, in seconds since the epoch, as the storage reports it (the file's
+        mtime; S3's LastModified, by the server's clock)."""
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> list[str]:
         raise NotImplementedError
 
@@ -442,6 +447,12 @@ class LocalStorage(Storage):
         if found is None or not stat.S_ISREG(found.st_mode):
             raise NotFound(f"{self._where(key)} does not exist")
         return found.st_size
+
+    def modified_at(self, key: str) -> float:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound(f"{self._where(key)} does not exist")
+        return path.stat().st_mtime
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` like S3 lists them (a plain string prefix). Unless ``follow_links``, a symbolic
@@ -740,6 +751,9 @@ class S3Storage(Storage):
 
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
+
+    def modified_at(self, key: str) -> float:
+        return self._head(key)["LastModified"].timestamp()
 
     def list(self, prefix: str = "") -> list[str]:
         root = self._root()
