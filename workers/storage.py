@@ -443,16 +443,16 @@ class LocalStorage(Storage):
         return found is not None and stat.S_ISREG(found.st_mode)
 
     def size(self, key: str) -> int:
+        return self._file_stat(key).st_size
+
+    def modified_at(self, key: str) -> float:
+        return self._file_stat(key).st_mtime
+
+    def _file_stat(self, key: str) -> os.stat_result:
         found = self._stat(key)
         if found is None or not stat.S_ISREG(found.st_mode):
             raise NotFound(f"{self._where(key)} does not exist")
-        return found.st_size
-
-    def modified_at(self, key: str) -> float:
-        path = self._path(key)
-        if not path.is_file():
-            raise NotFound(f"{self._where(key)} does not exist")
-        return path.stat().st_mtime
+        return found
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` like S3 lists them (a plain string prefix). Unless ``follow_links``, a symbolic
