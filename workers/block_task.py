@@ -20,7 +20,7 @@ from qvlm.quant import ActRange, QuantizedWeight, WeightScheme
 from qvlm.search import BlockData, BlockResult, LinearResult, linear_tensors, quantized_block_outputs, search_block
 from workers.fault_hooks import fault_point
 from workers.stage import ModelShard
-from workers.storage import open_storage
+from workers.storage import open_output, open_storage
 
 BLOCKS_PREFIX = "_qvlm/blocks"
 
@@ -100,7 +100,7 @@ def run_block(model_uri: str, model_endpoint: str | None, output_uri: str, outpu
     data = block_data(shard, spec, first_calls, targets, config, inputs)
     result = search_block(data, config.search_config())
     fault_point(f"block-{spec.index}")  # a test hook; off unless QVLM_TEST_FAULTS is set
-    storage = open_storage(output_uri, output_endpoint)
+    storage = open_output(output_uri, output_endpoint)
     blob = encode_shard(result)
     sha = storage.put_bytes(shard_key(spec.index), blob)
     record = BlockRecord(spec.index, shard_key(spec.index), sha, len(blob), spec.unit_names, result.error_before,

@@ -20,7 +20,7 @@ from qvlm.quant import ActScheme
 from workers.block_task import decode_shard, shard_linears_meta
 from workers.safetensors_reader import CheckpointIndex
 from workers.stage import fetch_small_files
-from workers.storage import open_storage
+from workers.storage import open_model, open_output
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -65,7 +65,7 @@ def checkpoint_files(req: ExportRequest) -> Iterator[tuple[dict[str, dict], int]
     and the number of steps in all (one per safetensors file, then one for the metadata files)."""
     from transformers import AutoConfig
 
-    source, out = open_storage(req.model_uri, req.model_endpoint), open_storage(req.output_uri, req.output_endpoint)
+    source, out = open_model(req.model_uri, req.model_endpoint), open_output(req.output_uri, req.output_endpoint)
     local = fetch_small_files(source)
     model = build_skeleton(AutoConfig.from_pretrained(local))
     index = CheckpointIndex.open(source)

@@ -25,8 +25,8 @@ from qvlm.search import apply_linear_results
 from qvlm.stats import UnitStats, unit_statistics
 from qvlm.structure import Unit
 from workers.fault_hooks import fault_point
-from workers.safetensors_reader import CheckpointIndex
-from workers.storage import open_storage
+from workers.safetensors_reader import CheckpointError, CheckpointIndex
+from workers.storage import open_model, open_storage
 
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 
@@ -62,7 +62,7 @@ class ModelShard:
                  all_unit_modules: Sequence[str] = ()):
         from transformers import AutoConfig
 
-        self.storage = open_storage(uri, endpoint_url)
+        self.storage = open_model(uri, endpoint_url)
         self.local_dir = fetch_small_files(self.storage)
         self.model = build_skeleton(AutoConfig.from_pretrained(self.local_dir))
         index = CheckpointIndex.open(self.storage)
@@ -84,13 +84,22 @@ class StageWorker:
                  all_unit_modules: Sequence[str]):
         self.units = list(units)
         self.first = first
-        self.shard = ModelShard(uri, endpoint_url, [u.name for u in units], first, all_unit_modules)
         self.model_uri, self.endpoint_url = uri, endpoint_url
         self.captures = [UnitCapture(u) for u in self.units]
+        # A bad checkpoint (corrupt header, non-finite weights) is the job's input, not a crash: ready() raises
+        # it, so the driver stops with its message instead of restarting stages that would fail the same way.
+        self.load_error: CheckpointError | None = None
+        try:
+            self.shard = ModelShard(uri, endpoint_url, [u.name for u in units], first, all_unit_modules)
+        except CheckpointError as exc:
+            self.load_error = exc
 
     def ready(self) -> dict[str, Any]:
         """What this stage loaded and where it runs (the tests of "a stage reads only its own units")."""
         import ray
+
+        if self.load_error is not None:
+            raise self.load_error
 
         return {"tensors": self.shard.tensor_names, "reads": [list(r) for r in self.shard.storage.reads],
                 "node_id": ray.get_runtime_context().get_node_id()}

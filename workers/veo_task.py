@@ -18,7 +18,7 @@ from qvlm.structure import Unit
 from qvlm.veo import optimize_vision_encoder
 from workers.block_task import encode_shard
 from workers.stage import ModelShard
-from workers.storage import StorageError, open_storage
+from workers.storage import StorageError, open_output
 
 VEO_MAX_BYTES = 4 * 2**30
 VEO_SHARD_KEY = "_qvlm/veo.safetensors"
@@ -47,7 +47,7 @@ def run_veo(model_uri: str, model_endpoint: str | None, output_uri: str, output_
     answers = calibration_answer_masks(shard.local_dir, calibration)
     result = optimize_vision_encoder(shard.model, batches, units, schemes, config, bits, answers)
     blob = encode_shard(result.block)
-    storage = open_storage(output_uri, output_endpoint)
+    storage = open_output(output_uri, output_endpoint)
     sha = storage.put_bytes(VEO_SHARD_KEY, blob)
     block = result.block
     record = VeoRecord(VEO_SHARD_KEY, sha, len(blob), block.unit_names, block.error_before, block.error_after,
