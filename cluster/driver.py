@@ -19,18 +19,19 @@ from qvlm.method import Hooks, run_method
 from cluster import stopping
 from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
 from cluster.export import export_checkpoint
-from cluster.lock import LOCK_KEY, LockError, OutputLock
+from cluster.lock import LockError, OutputLock
+from cluster.output import OutputRefused, claim_output, clear_output
 from cluster.pipeline import RayPipeline
 from cluster.plan import JobPlan, make_plan
 from cluster.repair import block_files, export_repairs, reexport
 from cluster.settings import JobSettings
-from cluster.state import JobState, StateFile, read_state
+from cluster.state import JobState, StateFile
 from cluster.verify import check_output
 from cluster.veo import VeoOutcome, tune_vision_encoder
 from workers.model_shard import fetch_small_files
 from workers.safetensors_reader import CheckpointIndex
 from workers.shard import file_name
-from workers.storage import open_storage
+from workers.storage import open_model, open_output, redact
 
 
 class JobError(Exception):
@@ -87,30 +88,26 @@ def _say_where_ray_logs(ray) -> None:
 
 
 def _claim_output(out, settings: JobSettings) -> JobState | None:
-    """Refuse an output that holds another job's files unless ``overwrite``; return the state to resume."""
-    previous = read_state(out)
-    if previous is not None and previous.spec_hash != settings.spec_hash:
-        if not settings.overwrite:
-            raise JobError(
-                f"output {settings.output_uri} already holds job '{previous.name}' (spec {previous.spec_hash[:8]}); "
-                "set output.overwrite: true to replace it, or choose another output.uri", exit_code=2)
+    """Refuse an output holding files qvlm did not write, or another job's files unless ``overwrite`` (the rule
+    of cluster/output.py, which qvlm-submit also checks before starting); return the state to resume."""
+    try:
+        claim = claim_output(out, settings.output_uri, settings.spec_hash, settings.overwrite)
+    except OutputRefused as exc:
+        raise JobError(str(exc), exit_code=2) from None
+    if claim.clear:
         _clear_output(out)
         return None
-    if previous is None and [k for k in out.list("") if k != LOCK_KEY] and not settings.overwrite:
-        raise JobError(f"output {settings.output_uri} is not empty and holds no qvlm job; "
-                       "set output.overwrite: true or choose an empty output.uri", exit_code=2)
-    return previous
+    return claim.previous
 
 
 def _clear_output(out) -> None:
-    """Delete another job's files, its manifest first so that nothing looks complete halfway; keep our lock."""
-    keys = [k for k in out.list("") if k != LOCK_KEY]
-    for key in sorted(keys, key=lambda k: k != MANIFEST_KEY):
-        out.delete(key)
+    """Delete what an earlier qvlm run wrote (only what its ledgers, manifest and records list), the manifest
+    first so that nothing looks complete halfway; keep our lock."""
+    clear_output(out)
 
 
 def inspect_model(settings: JobSettings) -> tuple[JobPlan, Path]:
-    model_store = open_storage(settings.model_uri, settings.model_endpoint)
+    model_store = open_model(settings.model_uri, settings.model_endpoint)
     config_dir = fetch_small_files(model_store)
     index = CheckpointIndex.open(model_store)
     return make_plan(str(config_dir), index, settings.quant, settings.workers), config_dir
@@ -118,7 +115,7 @@ def inspect_model(settings: JobSettings) -> tuple[JobPlan, Path]:
 
 def run_job(settings: JobSettings, address: str | None = None, echo=print) -> JobOutcome:
     """Run the job under the output's lock (see cluster/lock.py); resume what a previous run finished."""
-    out = open_storage(settings.output_uri, settings.output_endpoint)
+    out = open_output(settings.output_uri, settings.output_endpoint)
     lock = OutputLock(out, settings.name, settings.spec_hash, echo)
     try:
         lock.acquire()
@@ -160,7 +157,7 @@ def _recorded(state: StateFile, lock: OutputLock):
             cause = exc  # what a worker raised: Ray's wrapper repeats the remote traceback in its message
             while type(cause).__name__.startswith("RayTaskError") and isinstance(getattr(cause, "cause", None), Exception):
                 cause = cause.cause
-            state.update(phase="failed", error=f"{type(cause).__name__}: {cause}"[:500])
+            state.update(phase="failed", error=redact(f"{type(cause).__name__}: {cause}")[:500])
         raise
 
 

@@ -45,7 +45,11 @@ def start_stages(ray, settings: JobSettings, plan: JobPlan):
                                         max(1, int(settings.cpus_per_worker)))
         for rank, stage in enumerate(plan.stages)
     ]
-    return stages, pg, ray.get([s.ready.remote() for s in stages])
+    try:
+        return stages, pg, ray.get([s.ready.remote() for s in stages])
+    except Exception:
+        stop_stages(ray, stages, pg)  # a stage that cannot load its weights must not hold the cluster
+        raise
 
 
 def stop_stages(ray, stages, pg) -> None:

@@ -8,11 +8,12 @@ stream. Stage boundaries are chosen to balance parameter bytes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from qvlm.method import Layout, linear_shapes, select_units
 from qvlm.loading import ModelError, build_skeleton, checkpoint_key_map, glue_names, load_config, owned_names
-from qvlm.structure import SEGMENTS, Unit, find_units, segments_of
+from qvlm.structure import SEGMENTS, Unit, check_supported, closest_module_names, find_units, segments_of
 from workers.safetensors_reader import CheckpointIndex
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -30,6 +31,7 @@ class JobPlan:
     linear_shapes: dict = field(default_factory=dict)
     weight_element_bytes: int = 2  # bytes per element of the source linears' weights
     rest_chunks: tuple[tuple[str, ...], ...] = ()  # checkpoint keys of the unquantized tensors, per output file
+    pixel_bytes: int = 0  # one image's pixel values as the model takes them (fp32), 0 for a text model
 
     def stage_bytes(self, s: int) -> int:
         return sum(self.unit_bytes[i] for i in self.stages[s]) + (self.glue_bytes if s == 0 else 0)
@@ -88,12 +90,27 @@ def check_weights(model, index: CheckpointIndex, source: str) -> None:
                              f"implies {list(expected[name].shape)}; use the config.json saved with these weights")
 
 
+def check_ignore(model, quant) -> None:
+    """Every ``quantization.ignore`` entry names a module of the model (a typo would ignore nothing, silently)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in quant.unmatched_ignore(names):
+        if pattern.startswith("re:"):
+            hint = "fix the pattern (it is matched from the start of full module names, e.g. re:model\\.vision_tower\\..*)"
+        else:
+            close = closest_module_names(model, pattern)
+            hint = f"closest module names: {', '.join(close)}" if close else "no module name is close"
+        raise ModelError(f"quantization.ignore: {pattern!r} matches no module of this {type(model).__name__} ({hint}); "
+                         "fix the entry or remove it")
+
+
 def units_to_quantize(model, quant, source: str) -> list[Unit]:
     """``select_units``, with errors that name the config (no units at all) or the job fields (none selected)."""
     try:
+        check_supported(model)
         found = find_units(model)
     except ValueError as exc:
         raise ModelError(f"{source}/config.json: unsupported architecture: {exc}") from None
+    check_ignore(model, quant)
     try:
         return select_units(model, quant)
     except ValueError:
@@ -116,7 +133,7 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> J
     element = model.get_submodule(first.linear_name(first.linears[0])).weight.element_size()
     shapes = linear_shapes(model, units)
     return JobPlan(type(model).__name__, tuple(units), tuple(streams), tuple(stages), tuple(unit_bytes), glue,
-                   index.total_bytes(), shapes, element, rest_chunks(model, index, shapes))
+                   index.total_bytes(), shapes, element, rest_chunks(model, index, shapes), _pixel_bytes(model.config))
 
 
 MAX_FILE_BYTES = 5 * 10**9  # the checkpoint's unquantized tensors go into files of at most this size
@@ -138,6 +155,14 @@ def rest_chunks(model, index: CheckpointIndex, quantized: dict, max_bytes: int =
     return tuple(chunks) + ((tuple(current),) if current else ())
 
 
+def _pixel_bytes(config) -> int:
+    """fp32 pixel values of one image at the vision tower's resolution (3 channels), 0 for a text model."""
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 0) or 0
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    return 3 * height * width * 4
+
+
 _PLACEMENT_WORDS = {"pack": "PACK (stage workers share as few nodes as possible)",
                     "spread": "SPREAD (each stage worker on a different node where the cluster has enough)"}
 
@@ -154,6 +179,44 @@ def activation_bytes(plan: JobPlan, stage: int, samples: int, tokens: int) -> in
     widths = [max(inp for name, (_, inp) in plan.linear_shapes.items() if name.startswith(plan.units[i].name + "."))
               for i in plan.stages[stage]]
     return sum(2 * samples * tokens * w * 4 for w in widths)
+
+
+def image_units(plan: JobPlan) -> list[Unit]:
+    """The units that only images reach: the vision tower's layers and the projector."""
+    return [u for u in plan.units if u.segment in ("vision", "projector")]
+
+
+# ---- memory of the calibration data ----------------------------------------------------------------------
+
+
+def host_memory() -> int:
+    """This host's physical memory, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def record_bytes(plan: JobPlan, tokens: int) -> int:
+    """Memory one calibration record takes on the host that builds its batch: token ids and attention mask
+    (int64) and the image's pixel values, counted twice (the record and its batch are held together)."""
+    return 2 * (tokens * 16 + plan.pixel_bytes)
+
+
+def capture_bytes_per_sample(plan: JobPlan, tokens: int) -> int:
+    """Captured activations of one sample summed over every stage worker (what one host holds in a local run)."""
+    return sum(activation_bytes(plan, s, 1, tokens) for s in range(len(plan.stages)))
+
+
+def calibration_bytes(plan: JobPlan, samples: int, eval_samples: int, tokens: int, capture: bool) -> int:
+    """Memory the calibration data takes on this host: every record and batch, and with ``capture`` (a local
+    run, whose stage workers all live here) the model's weights and every stage's captured activations."""
+    need = (samples + eval_samples) * record_bytes(plan, tokens)
+    return need + (plan.total_bytes + samples * capture_bytes_per_sample(plan, tokens) if capture else 0)
+
+
+def samples_that_fit(plan: JobPlan, eval_samples: int, tokens: int, memory: int, capture: bool) -> int:
+    """The most calibration samples whose ``calibration_bytes`` fit in ``memory``."""
+    fixed = calibration_bytes(plan, 0, eval_samples, tokens, capture)
+    per_sample = calibration_bytes(plan, 1, 0, tokens, capture) - calibration_bytes(plan, 0, 0, tokens, capture)
+    return max(0, (memory - fixed) // per_sample)
 
 
 def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, tokens: int = 0) -> list[str]:

@@ -8,6 +8,7 @@ input, 3 cluster unreachable, 4 storage error, 130 stopped by SIGINT, 143 by SIG
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from contextlib import contextmanager
@@ -47,8 +48,10 @@ def guarded(fn: Callable, debug: bool):
     except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         if debug:
             traceback.print_exc()
+        from workers.storage import redact
+
         cause = _cause(exc)
-        _fail(str(cause) or type(cause).__name__, _exit_code(cause))
+        _fail(redact(str(cause) or type(cause).__name__), _exit_code(cause))  # no secret reaches the terminal
 
 
 def _cause(exc: Exception) -> BaseException:
@@ -65,10 +68,11 @@ def _exit_code(exc: BaseException) -> int:
     from qvlm.loading import ModelError
     from workers.safetensors_reader import CheckpointError
     from workers.storage import StorageError as WorkerStorageError
+    from workers.storage import UnsafePath
 
     if isinstance(exc, (QvlmError, JobError, StateError)):
         return exc.exit_code
-    if isinstance(exc, (CalibrationError, ModelError, CheckpointError)):
+    if isinstance(exc, (CalibrationError, ModelError, CheckpointError, UnsafePath)):
         return InputError.exit_code
     if isinstance(exc, WorkerStorageError):
         return StorageError.exit_code
@@ -90,32 +94,90 @@ def settings_from_spec(spec: JobSpec):
     )
 
 
-def check_inputs(settings):
+def check_inputs(settings, local_run: bool = False):
     """Everything about the inputs that can be checked before any cluster work, without loading weights:
-    the model folder, its config and safetensors headers, the output location, the calibration records and
-    their batches, and group sizes against the layers. Each problem is one line naming the field or file;
-    nothing is written. Returns the job's plan."""
+    the model folder, its config and safetensors headers, the output location, the calibration size against
+    memory, the calibration records and their batches, and group sizes against the layers. Each problem is
+    one line naming the field or file; nothing is written. ``local_run``: the stage workers will run on this
+    host (an embedded local Ray), so the captured activations must fit in its memory. Returns the job's plan."""
     from cluster.driver import inspect_model
-    from qvlm.batches import records_for
-    from qvlm.calibration import CalibrationError
 
     _check_model_path(settings.model_uri)
+    _check_output_apart_from_images(settings)
     with _storage_problem("output.uri"):
         _check_output(settings)
-    try:
-        records = records_for(settings.calibration)
-    except CalibrationError as exc:
-        raise InputError(f"calibration.data: {exc}") from exc
     with _storage_problem("model.path"):
         plan, config_dir = inspect_model(settings)
-    for name, (_, in_features) in plan.linear_shapes.items():
-        try:
-            settings.quant.weights.groups(in_features)
-        except ValueError as exc:
-            raise InputError(f"quantization.weights.group_size: {exc} (layer {name})") from None
+    _check_group_sizes(plan, settings.quant)
+    _check_calibration_size(plan, settings.calibration, local_run)
+    records = _calibration_records(settings)
+    _check_records_reach_units(plan, records)
     _check_veo(plan, settings.quant)
     _check_batches(config_dir, records, settings)
     return plan
+
+
+def _check_group_sizes(plan, quant) -> None:
+    for name, (_, in_features) in plan.linear_shapes.items():
+        try:
+            quant.weights.groups(in_features)
+        except ValueError as exc:
+            raise InputError(f"quantization.weights.group_size: {exc} (layer {name})") from None
+
+
+def _check_calibration_size(plan, cal, local_run: bool) -> None:
+    """The calibration data must fit in memory before a single record is built: every record and batch is
+    built on this host, and in a local run the stage workers capture every unit's activations here too."""
+    from cluster.plan import calibration_bytes, host_memory, samples_that_fit
+
+    memory = host_memory()
+    need = calibration_bytes(plan, cal.samples, cal.eval_samples, cal.max_length, local_run)
+    if need <= memory:
+        return
+    fit = samples_that_fit(plan, cal.eval_samples, cal.max_length, memory, local_run)
+    what = ("the records, their batches and the captured activations of every stage worker (fp32, each unit's "
+            "input and output)" if local_run else "the records and their batches")
+    raise InputError(f"calibration.samples: {cal.samples} samples of up to {cal.max_length} tokens (plus "
+                     f"{cal.eval_samples} held out) need about {need / 2**30:.1f} GiB for {what}, more than this "
+                     f"host's {memory / 2**30:.1f} GiB; at most {fit} samples fit: lower calibration.samples "
+                     "(or calibration.max_length)")
+
+
+def _calibration_records(settings):
+    from qvlm.batches import records_for
+    from qvlm.calibration import CalibrationError
+
+    try:
+        return records_for(settings.calibration)
+    except CalibrationError as exc:
+        raise InputError(f"calibration.data: {exc}") from exc
+
+
+def _check_records_reach_units(plan, records) -> None:
+    """Units of the vision tower and the projector see only images: text-only records leave them uncaptured."""
+    from cluster.plan import image_units
+
+    needing = image_units(plan)
+    calibration = records[0]
+    if needing and not any(r.image is not None for r in calibration):
+        segments = sorted({u.segment for u in needing})
+        raise InputError(f"calibration.data: none of the {len(calibration)} calibration records has an image, but "
+                         f"quantization.targets quantizes the {' and '.join(segments)} units of this "
+                         f"{plan.model_class} ({len(needing)} units), which only images reach; give the records "
+                         f"an \"image\", or drop {' and '.join(segments)} from quantization.targets")
+
+
+def _check_output_apart_from_images(settings) -> None:
+    """The output must not be, or hold, an image the calibration records use (overwrite could delete it)."""
+    from qvlm.calibration import image_files
+
+    from jobs.spec import output_meets
+
+    for image in image_files(settings.calibration.data):
+        how = output_meets(settings.output_uri, str(image))
+        if how in ("is", "contains"):
+            raise InputError(f"output.uri: {settings.output_uri} {how} the image {image} that calibration.data "
+                             f"uses; write the output where it holds none of the job's inputs")
 
 
 def _check_veo(plan, quant) -> None:
@@ -160,28 +222,34 @@ def _check_model_path(uri: str) -> None:
 
 
 def _check_output(settings) -> None:
-    """The output is a folder or S3 prefix we can read (a missing bucket or credentials fail here) that is
-    empty or holds this job, unless ``output.overwrite``. Read-only: the driver checks again under its lock."""
-    from cluster.lock import LOCK_KEY
-    from cluster.state import read_state
+    """The output is a folder or S3 prefix we can read (a missing bucket or credentials fail here) and write,
+    holding no file qvlm did not write, and empty or holding this job unless ``output.overwrite`` (the rule of
+    cluster/output.py, which the driver checks again under its lock). Read-only."""
+    from cluster.output import OutputRefused, claim_output
     from workers.storage import open_storage
 
     uri = settings.output_uri
     if not uri.startswith("s3://"):
-        if not Path(uri).exists():
-            return
-        if not Path(uri).is_dir():
-            raise InputError(f"output.uri: {uri} is a file; give a folder (it is created if missing)")
-    out = open_storage(uri, settings.output_endpoint)
-    previous = read_state(out)
-    if settings.overwrite:
-        return
-    if previous is not None and previous.spec_hash != settings.spec_hash:
-        raise InputError(f"output.uri: {uri} already holds job '{previous.name}' (spec {previous.spec_hash[:8]}); "
-                         "set output.overwrite: true to replace it, or choose another output.uri")
-    if previous is None and [k for k in out.list("") if k != LOCK_KEY]:
-        raise InputError(f"output.uri: {uri} is not empty and holds no qvlm job; set output.overwrite: true "
-                         "or choose an empty output.uri")
+        _check_local_output(Path(uri))
+    try:
+        claim_output(open_storage(uri, settings.output_endpoint), uri, settings.spec_hash, settings.overwrite)
+    except OutputRefused as exc:
+        raise InputError(str(exc)) from None
+
+
+def _check_local_output(path: Path) -> None:
+    """A local output is a folder, or can be made one: its nearest existing folder above is writable."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"output.uri: {path} is a symbolic link to nothing; remove it or choose another output.uri")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output.uri: {path} is a file; give a folder (it is created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise InputError(f"output.uri: {existing} is a file, so {path} cannot be created below it; give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "this user may not write there"
+        raise InputError(f"output.uri: cannot write in {existing} ({why}); choose an output.uri where this user can "
+                         "write")
 
 
 def _check_batches(config_dir: Path, records, settings) -> None:
@@ -245,7 +313,7 @@ def submit(job: Path, address: Optional[str] = AddressOption, dry_run: bool = ty
         spec = load_job(job, set_ or [])
         warn_remote_code(spec)
         settings = settings_from_spec(spec)
-        check_inputs(settings)
+        check_inputs(settings, local_run=not address)
         with stop_on_signals():
             if address and is_jobs_api(address):
                 return submit_remote(address, spec, settings, wait=not no_wait)

@@ -1,9 +1,10 @@
 """The job file (``job.yaml``): pydantic models, loading with ``--set`` overrides, and error lines of the
 form ``FILE:LINE: dotted.path: message``.
 
-Validation here is pure (no file system access beyond reading the job file): whether the model or the
-calibration file exists is checked later, against the real inputs. ``qvlm`` (and so torch) is imported
-only by :meth:`JobSpec.to_quant_config`.
+Validation here is pure apart from resolving paths (symlinks included) to see whether the output meets the
+model or the calibration data: whether the model or the calibration file exists is checked later, against
+the real inputs. ``qvlm`` (and so torch) is imported only by :meth:`JobSpec.to_quant_config`. The job file
+is read with bounds (size, and YAML nodes after alias expansion), so no job file can hang the loader.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -29,6 +31,10 @@ Segment = Literal["vision", "projector", "language"]
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _LOCAL_FORMS = "a local path, file:///absolute/path or s3://bucket/prefix"
 _MODEL_FORMS = "a local directory, a Hugging Face hub id (org/name) or s3://bucket/prefix"
+MAX_JOB_BYTES = 1 << 20  # a job file is a few hundred bytes
+MAX_YAML_NODES = 10_000  # after alias expansion; a job file has a few hundred
+MAX_SEED = 2**32 - 1  # every seed qvlm passes on (random, numpy, torch) accepts 0 .. 2**32 - 1
+_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 class FieldProblem(ValueError):
@@ -65,17 +71,56 @@ def _unique_nonempty(values: tuple, what: str) -> tuple:
 
 def _place(uri: str) -> Optional[tuple[str, ...]]:
     """A URI as path segments under its root (``s3://bucket`` or ``/``), for containment checks; None for
-    other schemes. Local paths are resolved, so symlinks and '..' cannot hide that two paths meet."""
+    other schemes and hub ids. Local paths are resolved, so symlinks and '..' cannot hide that two paths meet."""
     if uri.startswith("s3://"):
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         return ("s3://", bucket, *[p for p in key.split("/") if p])
     if "://" in uri and not uri.startswith("file://"):
         return None
-    return Path(uri.removeprefix("file://")).expanduser().resolve().parts
+    path = Path(uri.removeprefix("file://")).expanduser()
+    return _resolved(path).parts if path.is_absolute() else None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ValueError(f"{path} is a symbolic link loop (or a link chain too long to follow); "
+                         "point it at a real folder") from None
+
+
+def _check_local_place(value: str, what: str) -> str:
+    """A local path must resolve (no symlink loop) and lie on a real disk, not on /proc, /sys or /dev."""
+    place = _place(value)
+    if place and place[0] == "/":
+        resolved = "/" + "/".join(place[1:])
+        pseudo = next((p for p in _PSEUDO_FILESYSTEMS if resolved == p or resolved.startswith(p + "/")), None)
+        if pseudo:
+            shown = value if resolved == value else f"{value} (which is {resolved})"
+            raise ValueError(f"{shown} is on the kernel's {pseudo} file system, not a disk; point it at {what}")
+    return value
+
+
+def _meets(out: tuple[str, ...], other: tuple[str, ...]) -> Optional[str]:
+    """How a resolved output place meets another resolved place: "is", "is inside", "contains" or None."""
+    if out == other:
+        return "is"
+    if out[:len(other)] == other:
+        return "is inside"
+    if other[:len(out)] == out:
+        return "contains"
+    return None
+
+
+def output_meets(output_uri: str, other: str) -> Optional[str]:
+    """How an output meets another location once both are resolved: "is", "is inside", "contains" or None."""
+    out, there = _place(output_uri), _place(other)
+    return _meets(out, there) if out and there else None
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float field of the job file is a finite number (.inf and .nan are refused, naming the field)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -86,7 +131,7 @@ class ModelSpec(Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        return _check_uri(value, _MODEL_FORMS)
+        return _check_local_place(_check_uri(value, _MODEL_FORMS), "the model's folder")
 
 
 class CalibrationSpec(Strict):
@@ -95,7 +140,7 @@ class CalibrationSpec(Strict):
     eval_samples: Annotated[StrictInt, Field(ge=0)] = 16
     max_length: Annotated[StrictInt, Field(ge=8)] = 512
     batch_size: Annotated[StrictInt, Field(ge=1)] = 8
-    seed: Annotated[StrictInt, Field(ge=0)] = 0
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] = 0
 
     @field_validator("data")
     @classmethod
@@ -105,6 +150,15 @@ class CalibrationSpec(Strict):
         if "://" not in value and value.endswith(".jsonl"):
             return value
         raise ValueError("must be builtin:<name> (e.g. builtin:shapes) or a path to a local .jsonl file")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        # before the bounds, for a message that says why (other types are left to the field's own check)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be between 0 and {MAX_SEED} (2**32 - 1), the seeds random, numpy and torch all "
+                             "accept")
+        return value
 
 
 class WeightsSpec(Strict):
@@ -159,9 +213,10 @@ class QvlmSpec(Strict):
     @classmethod
     def _h0(cls, value: Any) -> Any:
         # One clear message instead of pydantic's two (one per member of the union).
-        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value == "auto" or (number and 0 <= value < math.inf):
             return value
-        raise ValueError('must be "auto" or a number >= 0')
+        raise ValueError('must be "auto" or a ' + ("finite " if number and not math.isfinite(value) else "") + "number >= 0")
 
     @field_validator("percentiles")
     @classmethod
@@ -225,13 +280,16 @@ class OutputSpec(Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return _check_uri(value, _LOCAL_FORMS)
+        return _check_local_place(_check_uri(value, _LOCAL_FORMS), "a folder on a disk")
 
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+        if value is not None and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("must not hold a user or password (user:password@); S3 credentials come from the AWS "
+                             "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)")
         return value
 
 
@@ -266,13 +324,22 @@ class JobSpec(Strict):
 
     @field_validator("output")
     @classmethod
-    def _output_outside_model(cls, output: OutputSpec, info: ValidationInfo) -> OutputSpec:
-        # A field validator (not a model validator) so it runs even when other fields have errors.
-        model = info.data.get("model")
-        out, src = _place(output.uri), model and _place(model.path)
-        if out and src and out[:len(src)] == src:
-            raise FieldProblem(("uri",), f"{output.uri} is inside model.path {model.path}; "
+    def _output_apart_from_inputs(cls, output: OutputSpec, info: ValidationInfo) -> OutputSpec:
+        """The output neither is, holds, nor lies inside the model folder, and does not hold the calibration
+        file: overwrite could otherwise delete the user's inputs. Paths are compared resolved (symlinks, '..').
+        A field validator (not a model validator) so it runs even when other fields have errors."""
+        model, calibration = info.data.get("model"), info.data.get("calibration")
+        out = _place(output.uri)
+        src = model and _place(model.path)
+        how = out and src and _meets(out, src)
+        if how:
+            raise FieldProblem(("uri",), f"{output.uri} {how} model.path {model.path}; "
                                          "write the output outside the model folder")
+        data = calibration and not calibration.data.startswith("builtin:") and _place(calibration.data)
+        how = out and data and _meets(out, data)
+        if how in ("is", "contains"):
+            raise FieldProblem(("uri",), f"{output.uri} {how} calibration.data {calibration.data}; "
+                                         "write the output where it holds none of the job's inputs")
         return output
 
     def spec_hash(self) -> str:
@@ -360,12 +427,18 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
 
 
 def _read(path: Path) -> str:
+    """The job file's text, at most ``MAX_JOB_BYTES`` (read with a bound: a FIFO or /dev/zero never ends)."""
     if not path.exists():
         raise JobSpecError(f"{path}: job file not found (working directory: {Path.cwd()})")
     if path.is_dir():
         raise JobSpecError(f"{path}: is a directory; pass the job's YAML file")
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_JOB_BYTES + 1)
+        if len(raw) > MAX_JOB_BYTES:
+            raise JobSpecError(f"{path}: the job file is larger than {MAX_JOB_BYTES // 1024} KiB; a job file holds a "
+                               "few dozen fields: pass the job's YAML file")
+        return raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise JobSpecError(f"{path}: cannot read the job file: {exc}") from None
 
@@ -373,17 +446,65 @@ def _read(path: Path) -> str:
 def _parse(path: Path, text: str) -> tuple[dict, yaml.Node]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _check_node_budget(str(path), root)
+        data = _construct(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise JobSpecError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise JobSpecError(f"{path}: the YAML is nested too deeply to be a job file") from None
     if data is None:
         raise JobSpecError(f"{path}: the job file is empty; it needs at least name, model.path and output.uri")
     if not isinstance(data, dict):
         raise JobSpecError(f"{path}:{root.start_mark.line + 1}: the job file must be a mapping of fields "
                            f"(name: ..., model: ..., output: ...), not a {type(data).__name__}")
     return data, root
+
+
+def _construct(root: Optional[yaml.Node]) -> Any:
+    """The Python value of a composed document (what ``yaml.safe_load`` returns), without parsing it again."""
+    if root is None:
+        return None
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_node_budget(where: str, root: Optional[yaml.Node]) -> None:
+    """Refuse a document that has more than ``MAX_YAML_NODES`` nodes once its aliases are expanded (a "billion
+    laughs" file is a few lines whose expansion never ends) or whose aliases refer to themselves."""
+    if root is None:
+        return
+    total = _expanded_nodes(root, MAX_YAML_NODES)
+    if total > MAX_YAML_NODES:
+        raise JobSpecError(f"{where}: expands to more than {MAX_YAML_NODES} YAML values once its aliases (*name) are "
+                           "expanded, or an alias refers to itself; a job file needs a few dozen: write the values out "
+                           "instead of repeating aliases")
+
+
+def _expanded_nodes(node: yaml.Node, limit: int, counted: Optional[dict] = None, open_: Optional[set] = None) -> int:
+    """Nodes under ``node`` with every alias expanded, counted once per distinct node (so the count itself never
+    expands anything); past ``limit`` the count stops early, and a node inside itself counts as ``limit + 1``."""
+    counted = {} if counted is None else counted
+    open_ = set() if open_ is None else open_
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in open_:
+        return limit + 1
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, limit, counted, open_)
+        if total > limit:
+            break
+    open_.discard(id(node))
+    counted[id(node)] = total
+    return total
 
 
 def _duplicate_keys(node: yaml.Node, file: str, prefix: str = "") -> list[str]:
@@ -416,7 +537,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
         if fields is None or key not in fields:
             raise JobSpecError(f"--set {item}: {'.'.join(keys[:i + 1])}: unknown field{_suggest(key, fields)}")
     try:
-        return dotted, yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_node_budget(f"--set {item}", root)
+        return dotted, _construct(root)
+    except RecursionError:
+        raise JobSpecError(f"--set {item}: the value is nested too deeply") from None
     except yaml.YAMLError as exc:
         raise JobSpecError(f"--set {item}: invalid YAML value: {getattr(exc, 'problem', None) or exc}") from None
 
@@ -489,8 +614,15 @@ def _message(err: dict, loc: tuple, cause: Any) -> str:
     message = message.removeprefix("Value error, ").replace("Input should be", "should be")
     if isinstance(value, (str, int, float, bool)) and not isinstance(cause, FieldProblem):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        message += f" (got {shown})"
+        message += f" (got {_redacted(shown)})"
     return message
+
+
+def _redacted(text: str) -> str:
+    """``text`` without secrets (a URL's user:password@, keys); imported late: storage pulls in boto3."""
+    from workers.storage import redact
+
+    return redact(text)
 
 
 def _line_of(root: yaml.Node, loc: tuple) -> Optional[int]:

@@ -71,6 +71,23 @@ def load_records(source: str, samples: int, seed: int, asked: str | None = None)
     return _load_jsonl(Path(source), samples, seed, asked or f"samples={samples}")
 
 
+def image_files(source: str) -> list[Path]:
+    """The image files a JSONL source's records name, as the reader resolves them (none for a built-in source);
+    for checks that the job's output leaves its inputs alone. Lines that do not parse are skipped."""
+    if source.startswith("builtin:") or not Path(source).is_file():
+        return []
+    path, found = Path(source), []
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("image"), str):
+                found.append(path.parent / row["image"])
+    return list(dict.fromkeys(found))
+
+
 def _load_jsonl(path: Path, samples: int, seed: int, asked: str) -> list[CalibrationRecord]:
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} not found; fix: give an existing .jsonl path or builtin:shapes")

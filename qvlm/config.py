@@ -32,13 +32,16 @@ class VeoConfig:
     max_rows: int = 512  # token rows per decoder layer in the differentiable dependency term
 
 
+DEFAULT_IGNORE = ("lm_head",)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     method: Literal["qvlm", "gptq", "rtn"] = "qvlm"
     weights: WeightScheme = field(default_factory=WeightScheme)
     activations: ActScheme = field(default_factory=ActScheme)
     targets: tuple[Segment, ...] = SEGMENTS
-    ignore: tuple[str, ...] = ("lm_head",)  # module names, or "re:<pattern>" matched from the start
+    ignore: tuple[str, ...] = DEFAULT_IGNORE  # module names, or "re:<pattern>" matched from the start
     search: Literal["clip", "learned"] = "clip"
     max_block_depth: int = 3
     h0: float | None = None  # None = auto (mean of the dependency series)
@@ -55,10 +58,19 @@ class QuantConfig:
         return SearchConfig(method, self.percentiles, self.epochs, self.iters, None, self.seed)
 
     def is_ignored(self, linear_name: str) -> bool:
-        for pattern in self.ignore:
-            if pattern.startswith("re:"):
-                if re.match(pattern[3:], linear_name):
-                    return True
-            elif linear_name == pattern or linear_name.endswith("." + pattern):
-                return True
-        return False
+        return any(ignore_matches(pattern, linear_name) for pattern in self.ignore)
+
+    def unmatched_ignore(self, module_names) -> tuple[str, ...]:
+        """The ``ignore`` entries that name none of ``module_names`` (a typo ignores nothing, silently); the
+        default entries are left out, since a model without an ``lm_head`` (an encoder) is no mistake of the job."""
+        names = list(module_names)
+        return tuple(p for p in self.ignore
+                     if p not in DEFAULT_IGNORE and not any(ignore_matches(p, n) for n in names))
+
+
+def ignore_matches(pattern: str, module_name: str) -> bool:
+    """An ``ignore`` entry names a module: ``re:<pattern>`` matched from the start of the full name, else the
+    full name or its trailing dotted part (``mlp.down_proj`` names ``model.layers.3.mlp.down_proj``)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module_name) is not None
+    return module_name == pattern or module_name.endswith("." + pattern)

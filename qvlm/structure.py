@@ -9,14 +9,17 @@ vision layer list and a language layer list in module order (``lm_head``, pooler
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 from torch import nn
 
 Segment = Literal["vision", "projector", "language"]
 SEGMENTS: tuple[Segment, ...] = ("vision", "projector", "language")
 _VISION_WORDS = ("vision", "visual")
+SUPPORTED = ("decoder LLMs (e.g. LlamaForCausalLM), LLaVA-style vision-language models (e.g. "
+             "LlavaForConditionalGeneration) and transformer encoders (e.g. BertModel, CLIPVisionModel)")
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,33 @@ def _walk(module: nn.Module, path: str, ancestors: list[nn.Module], found: list)
             found.append(("loose", child_path, child, None))
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError for a model qvlm cannot run stage by stage. An encoder-decoder (T5, BART, Whisper) has
+    layer lists, but its decoder layers take the encoder's output on every call and its forward pass needs
+    decoder inputs that calibration records do not give."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model; qvlm supports {SUPPORTED}")
+
+
+def closest_module_names(model: nn.Module, name: str, n: int = 3) -> list[str]:
+    """The module names of ``model`` closest to ``name``, compared as an ``ignore`` entry names them: whole, or
+    by a trailing dotted part (so ``mlp.up_prj`` finds ``mlp.up_proj``)."""
+    candidates = {tail for full, _ in model.named_modules() if full for tail in _tails(full)}
+    return difflib.get_close_matches(name, sorted(candidates), n=n)
+
+
+def _tails(name: str) -> Iterable[str]:
+    """The name and each trailing dotted part of it that does not start at a layer number."""
+    parts = name.split(".")
+    return (".".join(parts[i:]) for i in range(len(parts)) if not parts[i].isdigit())
+
+
 def find_units(model: nn.Module) -> list[Unit]:
     """The ordered quantizable units of ``model``; raises if it has no repeated layer list."""
     found: list = []
     _walk(model, "", [], found)
     if not any(kind == "list" for kind, *_ in found):
-        raise ValueError(
-            f"{type(model).__name__} has no repeated layer list with linear layers; "
-            "qvlm supports decoder LLMs, LLaVA-style models and transformer encoders"
-        )
+        raise ValueError(f"{type(model).__name__} has no repeated layer list with linear layers; qvlm supports {SUPPORTED}")
     units: list[Unit] = []
     for i, (kind, path, module, segment) in enumerate(found):
         if kind == "list":

@@ -1,13 +1,17 @@
 """Bad input through the real command line: each case exits 2 (1 where only running the model can tell),
 prints one ``error:`` line that names the field, file or record and says how to fix it, shows no traceback
-unless ``--debug``, and leaves the output exactly as it was (for a mid-job failure: only the state file
-that explains it)."""
+unless ``--debug``, shows no secret, leaves the model folder byte-identical and writes nothing anywhere in
+the test's folder (for a failure found mid-job: only the state file that explains it, and the ledger that
+vouches for it)."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +22,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from tests.job_files import set_fields
+from workers.storage import LEDGER_PREFIX
 
 runner = CliRunner()
 
@@ -41,6 +46,7 @@ class Case:
         self.data["model"] = {"path": str(tiny_model)}
         self.data["output"] = {"uri": str(self.out)}
         self.text: str | None = None  # a whole job file, written as is
+        self.cleanups: list[Callable[[], object]] = []  # undo what pytest could not remove (chattr +i)
 
     def set(self, **changes) -> None:
         """Set job fields by dotted path (``quantization.weights.bits=9``)."""
@@ -74,6 +80,9 @@ class Case:
         return {"job": str(self.job), "model": str(self.model), "tmp": str(self.tmp)}
 
 
+PASSWORD = "qvlm-endpoint-password"  # planted in job files; must never be printed
+
+
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every path under ``folder`` with its bytes (None for folders), ``folder`` itself as "."; {} if absent."""
     if not folder.exists():
@@ -91,6 +100,12 @@ def error_line(result, code: int) -> str:
     return errors[0]
 
 
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``: a model folder must be byte-identical after any refused job."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def shard(model: Path, n: int = 2) -> Path:
     return next(model.glob(f"model-0000{n}-of-*.safetensors"))
 
@@ -99,6 +114,24 @@ def rewrite_shard(model: Path, change: Callable[[bytes], bytes]) -> Path:
     path = shard(model)
     path.write_bytes(change(path.read_bytes()))
     return path
+
+
+def rewrite_header(change: Callable[[dict], None]) -> Callable[[bytes], bytes]:
+    """A safetensors rewrite that edits the JSON header and keeps the data section as it is."""
+    def rewrite(blob: bytes) -> bytes:
+        length = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + length])
+        change(header)
+        text = json.dumps(header).encode()
+        return len(text).to_bytes(8, "little") + text + blob[8 + length:]
+    return rewrite
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" job file: a few lines whose aliases expand to 9**levels values."""
+    lines = ["name: bomb", "model: {path: m}", "output: {uri: o}", "x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines + [f"quantization: {{ignore: *x{levels - 1}}}"]) + "\n"
 
 
 # ---- the cases: (setup, expected exit code, texts the error line must contain; {job} {model} {tmp} are filled) --
@@ -400,24 +433,189 @@ def output_holds_another_job(c: Case):
     state = {"name": "someone-else", "spec_hash": "0" * 64, "phase": "finished"}
     (c.out / "_qvlm/state.json").write_text(json.dumps(state))
     (c.out / "config.json").write_text("{}")
+    manifest = {"job": "someone-else", "spec_hash": "0" * 64, "files": {"config.json": {"sha256": "", "size": 2}}}
+    (c.out / "qvlm_manifest.json").write_text(json.dumps(manifest))
 
 
-@case("output.uri: {tmp}/out is not empty and holds no qvlm job", "set output.overwrite: true or choose an empty")
+@case("output.uri: {tmp}/out holds 1 file qvlm did not write (notes.txt)",
+      "qvlm never deletes or overwrites them, even with output.overwrite: true")
 def output_holds_other_files(c: Case):
     c.out.mkdir()
     (c.out / "notes.txt").write_text("mine")
 
 
+@case("output.uri: {tmp}/out holds 4 files qvlm did not write (a.txt, b.txt, c.txt and 1 more)")
+def output_holds_other_files_even_with_overwrite(c: Case):
+    c.out.mkdir()
+    for name in "abcd":
+        (c.out / f"{name}.txt").write_text("mine")
+    c.set(**{"output.overwrite": True})
+
+
+@case("output.uri: {tmp}/out/_qvlm is a symbolic link; qvlm never follows links inside {tmp}/out")
+def qvlm_folder_is_a_link_out_of_the_output(c: Case):
+    (c.tmp / "elsewhere").mkdir()
+    (c.tmp / "elsewhere/state.json").write_text("{}")
+    c.out.mkdir()
+    (c.out / "_qvlm").symlink_to(c.tmp / "elsewhere")
+    c.set(**{"output.overwrite": True})
+
+
+@case("output.uri: cannot write in {tmp}/readonly", "choose an output.uri where this user can write")
+def output_in_a_folder_nobody_may_write(c: Case):
+    # Tests run as root, whom permission bits do not stop; an immutable folder (chattr +i) stops root too.
+    (c.tmp / "readonly").mkdir()
+    if subprocess.run(["chattr", "+i", str(c.tmp / "readonly")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    c.cleanups.append(lambda: subprocess.run(["chattr", "-i", str(c.tmp / "readonly")], check=True))
+    c.out = c.tmp / "readonly/out"
+    c.set(**{"output.uri": str(c.out)})
+
+
+@case("output.uri: {tmp}/afile is a file, so {tmp}/afile/out cannot be created below it")
+def output_below_a_file(c: Case):
+    (c.tmp / "afile").write_text("a file where a folder is needed")
+    c.out = c.tmp / "afile/out"
+    c.set(**{"output.uri": str(c.out)})
+
+
+@case("output.uri: {tmp}/loop is a symbolic link loop")
+def output_is_a_symlink_loop(c: Case):
+    (c.tmp / "loop").symlink_to(c.tmp / "loop")
+    c.set(**{"output.uri": str(c.tmp / "loop")})
+
+
+@case("output.uri: /proc/self/qvlm-out (which is /proc/", "is on the kernel's /proc file system, not a disk")
+def output_under_proc(c: Case):
+    c.set(**{"output.uri": "/proc/self/qvlm-out"})
+
+
+@case("output.endpoint_url: must not hold a user or password (user:password@)", "AWS credential chain",
+      "(got 'http://[REDACTED]@127.0.0.1:9')")
+def endpoint_with_a_password(c: Case):
+    c.set(**{"output.uri": "s3://bucket/out", "output.endpoint_url": f"http://qvlm:{PASSWORD}@127.0.0.1:9"})
+
+
+# bounds: the job file, numbers, calibration size
+
+@case("{job}: expands to more than 10000 YAML values once its aliases (*name) are expanded")
+def yaml_alias_bomb(c: Case):
+    c.text = _alias_bomb()
+
+
+@case("{job}: expands to more than 10000 YAML values", "or an alias refers to itself")
+def yaml_alias_that_contains_itself(c: Case):
+    c.text = yaml.safe_dump(c.data) + "loop: &loop [*loop]\n"
+
+
+@case("{job}: the job file is larger than 1024 KiB")
+def job_file_too_large(c: Case):
+    c.text = yaml.safe_dump(c.data) + "#" * (1 << 20) + "\n"
+
+
+@case("calibration.seed: must be between 0 and 4294967295", "(got 18446744073709551616)")
+def seed_beyond_what_the_generators_take(c: Case):
+    c.set(**{"calibration.seed": 2**64})
+
+
+@case("resources.cpus_per_worker: should be a finite number (got inf)")
+def infinite_cpus(c: Case):
+    c.set(**{"resources.cpus_per_worker": math.inf})
+
+
+@case("resources.cpus_per_worker: should be a finite number (got nan)")
+def nan_cpus(c: Case):
+    c.set(**{"resources.cpus_per_worker": math.nan})
+
+
+@case("quantization.qvlm.h0: must be \"auto\" or a finite number >= 0 (got inf)")
+def infinite_threshold(c: Case):
+    c.set(**{"quantization.qvlm.h0": math.inf})
+
+
+@case("quantization.mixed_precision.extra_budget: should be a finite number (got nan)")
+def nan_budget(c: Case):
+    c.set(**{"quantization.mixed_precision.extra_budget": math.nan})
+
+
+@case("calibration.samples: 10000000 samples of up to 64 tokens", "more than this host's",
+      "samples fit: lower calibration.samples")
+def calibration_larger_than_memory(c: Case):
+    # The JSONL file holds 4 records: had records been built first, the error would say so.
+    c.calibration(['{"text": "a circle"}'] * 4)
+    c.set(**{"calibration.samples": 10_000_000})
+
+
+# what the model supports
+
+@case("{model}/config.json: unsupported architecture: T5ForConditionalGeneration is an encoder-decoder model",
+      "qvlm supports decoder LLMs (e.g. LlamaForCausalLM), LLaVA-style vision-language models")
+def encoder_decoder_model(c: Case):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    c.model = c.tmp / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                        num_heads=4)).save_pretrained(c.model)
+    c.set(**{"model.path": str(c.model)})
+
+
+@case("quantization.ignore: 'mlp.up_prj' matches no module of this LlavaForConditionalGeneration",
+      "closest module names: mlp.up_proj", "fix the entry or remove it")
+def ignore_name_with_a_typo(c: Case):
+    c.set(**{"quantization.ignore": ["lm_head", "mlp.up_prj"]})
+
+
+@case("quantization.ignore: 're:model.visual.*' matches no module", "fix the pattern")
+def ignore_pattern_matching_nothing(c: Case):
+    c.set(**{"quantization.ignore": ["re:model.visual.*"]})
+
+
+@case("model.path: {tmp}/loop is a symbolic link loop")
+def model_is_a_symlink_loop(c: Case):
+    (c.tmp / "loop").symlink_to(c.tmp / "loop")
+    c.set(**{"model.path": str(c.tmp / "loop")})
+
+
+@case("model.path: /proc/self (which is /proc/", "is on the kernel's /proc file system, not a disk")
+def model_under_proc(c: Case):
+    c.set(**{"model.path": "/proc/self"})
+
+
+@case("corrupt safetensors header in {model}/model-00002-of-", "overlap", "re-download the model")
+def safetensors_tensors_overlap(c: Case):
+    def alias_second_onto_first(header: dict) -> None:
+        names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+        first, second = header[names[0]], header[names[1]]
+        size = first["data_offsets"][1] - first["data_offsets"][0]
+        # the second tensor's bytes start inside the first's, keeping its own length (so only the overlap is wrong)
+        length = second["data_offsets"][1] - second["data_offsets"][0]
+        second["data_offsets"] = [size // 2, size // 2 + length]
+    rewrite_shard(c.copy_model(), rewrite_header(alias_second_onto_first))
+
+
+@case("calibration.data: none of the 4 calibration records has an image",
+      "drop projector and vision from quantization.targets")
+def text_only_records_for_a_vision_target(c: Case):
+    c.calibration(['{"text": "a circle"}'] * 4)
+
+
 @pytest.mark.parametrize("setup, code, needles", CASES)
 def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, tiny_llava_dir, setup, code, needles):
     c = Case(tmp_path, Path(tiny_llava_dir))
-    setup(c)
-    job = c.write()
-    before = snapshot(c.out)
-    line = error_line(runner.invoke(app, ["submit", str(job)]), code)
-    for needle in needles:
-        assert needle.format(**c.names()) in line, line
-    assert snapshot(c.out) == before
+    try:
+        setup(c)
+        job = c.write()
+        before, model = snapshot(tmp_path), digests(Path(tiny_llava_dir))
+        result = runner.invoke(app, ["submit", str(job)])
+        line = error_line(result, code)
+        for needle in needles:
+            assert needle.format(**c.names()) in line, line
+        assert PASSWORD not in result.output
+        assert snapshot(tmp_path) == before  # the output, the model copy and everything beside them
+        assert digests(Path(tiny_llava_dir)) == model
+    finally:
+        for cleanup in c.cleanups:
+            cleanup()
 
 
 def test_there_are_at_least_thirty_cases():
@@ -459,6 +657,25 @@ def test_bad_override_on_the_command_line(tmp_path, tiny_llava_dir):
     assert "quantization.weights.bits: should be greater than or equal to 2 (got 1) " in line
     assert "(from --set quantization.weights.bits=1)" in line
     assert not c.out.exists()
+
+
+def test_plan_bounds_the_calibration_records_it_would_build(tmp_path, tiny_llava_dir):
+    # qvlm plan (and a cluster submission) cannot know the workers' memory, but it builds every record and batch
+    # on this host, so those must fit here; the message counts only them.
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    c.set(**{"calibration.samples": 10_000_000})
+    line = error_line(runner.invoke(app, ["plan", str(c.write())]), 2)
+    assert "calibration.samples: 10000000 samples of up to 64 tokens (plus 0 held out) need about" in line
+    assert "for the records and their batches, more than this host's" in line and "samples fit" in line
+
+
+def test_an_alias_bomb_in_an_override_is_refused(tmp_path, tiny_llava_dir):
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + ["*a"] * 9) + "]"
+    bomb = "{" + ", ".join(f"k{i}: &b{i} " + (bomb if i == 0 else "[" + ", ".join([f"*b{i - 1}"] * 10) + "]")
+                           for i in range(5)) + "}"
+    line = error_line(runner.invoke(app, ["plan", str(c.write()), "--set", f"quantization.ignore={bomb}"]), 2)
+    assert line.startswith("error: --set quantization.ignore=") and "expands to more than 10000 YAML values" in line
 
 
 def test_missing_job_file(tmp_path):
@@ -528,8 +745,34 @@ def test_failure_found_mid_job_leaves_only_the_state_file(tmp_path, tiny_llava_d
     c.edit_config(lambda cfg: cfg.update(image_token_index=3))
     line = error_line(runner.invoke(app, ["submit", str(c.write())]), 1)
     assert line == "error: Image features and image tokens do not match, tokens: 0, features: 8192"
-    assert sorted(str(p.relative_to(c.out)) for p in c.out.rglob("*") if p.is_file()) == ["_qvlm/state.json"]
+    assert_only_the_failed_state(c.out)
     state = json.loads((c.out / "_qvlm/state.json").read_text())
     assert state["phase"] == "failed" and "Image features and image tokens do not match" in state["error"]
     status = runner.invoke(app, ["status", str(c.out)])
     assert status.exit_code == 1 and "failed" in status.output
+
+
+def assert_only_the_failed_state(out: Path) -> None:
+    """A job that failed mid-run left its state file, and the driver's ledger that vouches for it, nothing else."""
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert len(files) == 2 and files[0].startswith("_qvlm/state.json") and files[1].startswith(LEDGER_PREFIX), files
+    assert json.loads((out / files[1]).read_text())["keys"] == ["_qvlm/state.json"]
+
+
+@pytest.mark.slow
+def test_non_finite_weights_stop_the_job_before_anything_is_exported(tmp_path, tiny_llava_dir, local_ray):
+    from safetensors.torch import load_file, save_file
+
+    c = Case(tmp_path, Path(tiny_llava_dir))
+    path = shard(c.copy_model(), 2)
+    tensors = load_file(path)
+    name = next(n for n, t in sorted(tensors.items()) if t.is_floating_point() and t.numel() > 1)
+    tensors[name].view(-1)[1] = math.nan
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    model = digests(c.model)
+    line = error_line(runner.invoke(app, ["submit", str(c.write())]), 2)  # found by the stage that loads it
+    assert f"non-finite weights in {path}: tensor '{name}' holds 1 NaN and 0 infinite values" in line
+    assert_only_the_failed_state(c.out)  # no block shard, no checkpoint file, no manifest
+    state = json.loads((c.out / "_qvlm/state.json").read_text())
+    assert state["phase"] == "failed" and f"tensor '{name}'" in state["error"]
+    assert digests(c.model) == model

@@ -145,6 +145,8 @@ def _write_raw(path, header: bytes, length: int | None = None, tail: bytes = b""
     ("size", "'w' has 8 bytes but shape"),
     ("dtype", "'w' has an unsupported or missing dtype"),
     ("short", "shorter than the 8-byte length"),
+    ("overlap", "tensors 'w' and 'v' overlap \\(data bytes 8..16 belong to both\\)"),
+    ("bool", "'w' has invalid data_offsets \\[False, 16\\]"),
 ])
 def test_corrupt_header_names_the_file(tmp_path, case, match):
     path = tmp_path / "model.safetensors"
@@ -159,6 +161,11 @@ def test_corrupt_header_names_the_file(tmp_path, case, match):
         _write_raw(path, json.dumps({"w": {**good["w"], "data_offsets": [0, 8]}}).encode(), tail=bytes(16))
     elif case == "dtype":
         _write_raw(path, json.dumps({"w": {**good["w"], "dtype": "PICKLE"}}).encode(), tail=bytes(16))
+    elif case == "overlap":  # each entry is well formed on its own; only together do they alias bytes
+        v = {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}
+        _write_raw(path, json.dumps({**good, "v": v}).encode(), tail=bytes(24))
+    elif case == "bool":  # JSON false is not a byte offset, though Python counts it as the int 0
+        _write_raw(path, json.dumps({"w": {**good["w"], "data_offsets": [False, 16]}}).encode(), tail=bytes(16))
     else:
         path.write_bytes(b"\x01\x02")
     with pytest.raises(CheckpointError, match=f"model.safetensors.*{match}|{match}.*model.safetensors"):
@@ -186,3 +193,26 @@ def test_adjacent_ranges_merge_up_to_the_request_cap():
     runs = _coalesce(locs, max_bytes=100)
     assert [(s, e) for s, e, _ in runs] == [(8, 88), (88, 168), (168, 248), (248, 328), (328, 408)]
     assert [loc for _, _, members in runs for loc in members] == locs
+
+
+def test_tensors_that_only_touch_are_accepted(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "v": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+              "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}  # empty: owns no byte
+    _write_raw(tmp_path / "model.safetensors", json.dumps(header).encode(), tail=struct.pack("<4f", 1, 2, 3, 4))
+    tensors = CheckpointIndex.open(LocalStorage(tmp_path)).read(["w", "v", "e"])
+    assert tensors["w"].tolist() == [1, 2] and tensors["v"].tolist() == [3, 4] and tensors["e"].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("bad, counts", [(float("nan"), "2 NaN and 0 infinite"), (float("inf"), "0 NaN and 2 infinite")])
+def test_non_finite_weights_are_refused_naming_tensor_and_file(tmp_path, dtype, bad, counts):
+    weight = torch.ones(3, 4)
+    weight[0, 1] = weight[2, 3] = bad
+    save_file({"ok.weight": torch.ones(2, 2).to(dtype), "bad.weight": weight.to(dtype),
+               "ids": torch.arange(3)}, str(tmp_path / "model.safetensors"))
+    index = CheckpointIndex.open(LocalStorage(tmp_path))
+    assert index.read(["ok.weight", "ids"])["ids"].tolist() == [0, 1, 2]  # finite tensors and integers read as ever
+    with pytest.raises(CheckpointError, match=f"non-finite weights in {tmp_path}/model.safetensors: tensor "
+                                              f"'bad.weight' holds {counts} values of 12"):
+        index.read(["ok.weight", "bad.weight"])

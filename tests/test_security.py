@@ -27,8 +27,15 @@ runner = CliRunner()
 FAKE_KEY_ID = "AKIAQVLMFAKEKEY12345"
 FAKE_SECRET = "qvlmFakeSecret/abc+XYZ0123456789abcdefgh"  # 40 characters, like a real secret key
 FAKE_TOKEN = "qvlmFakeSessionToken" + "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQD" * 5
+ENDPOINT_PASSWORD = "qvlmEndpointPassw0rd"  # the user:password@ of an endpoint URL
 SECRETS = (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN, quote(FAKE_SECRET, safe=""), quote(FAKE_TOKEN, safe=""),
-           FAKE_TOKEN[:40], "qvlmFakeSecret", "qvlmFakeSessionToken")
+           FAKE_TOKEN[:40], "qvlmFakeSecret", "qvlmFakeSessionToken", ENDPOINT_PASSWORD)
+
+
+def _with_userinfo(endpoint: str) -> str:
+    """``endpoint`` with a user and password in it; botocore sends neither (S3 signs with the credential chain)."""
+    scheme, rest = endpoint.split("://", 1)
+    return f"{scheme}://qvlm:{ENDPOINT_PASSWORD}@{rest}"
 
 
 def _job(tmp_path: Path, model_path, output_uri, name: str = "security", **sections) -> Path:
@@ -213,6 +220,22 @@ def test_redact_removes_secret_values(template):
     assert _leaks(redact(text)) == [], redact(text)
 
 
+@pytest.mark.parametrize("text", [
+    "cannot reach http://qvlm:{p}@127.0.0.1:9000/bucket",
+    "endpoint_url: 'https://admin:{p}@minio.internal:9000'",
+    "Could not connect to the endpoint URL: \"http://qvlm:{p}@10.0.0.1/b?list-type=2\"",
+    "s3://u:{p}@bucket/key",
+])
+def test_redact_removes_the_password_of_a_url(text):
+    cleaned = redact(text.format(p=ENDPOINT_PASSWORD))
+    assert ENDPOINT_PASSWORD not in cleaned and "qvlm:" not in cleaned and "[REDACTED]@" in cleaned, cleaned
+
+
+def test_redact_keeps_urls_without_userinfo():
+    for text in ("http://127.0.0.1:9000/bucket", "s3://bucket/a@b/c", "git@github.com:org/repo"):
+        assert redact(text) == text
+
+
 def test_redact_keeps_checksums():
     sha256, sha1 = "9f" * 32, "0123456789abcdef0123456789abcdef01234567"
     assert redact(f"sha256 {sha256} commit {sha1}") == f"sha256 {sha256} commit {sha1}"
@@ -221,7 +244,7 @@ def test_redact_keeps_checksums():
 def _fake_credentials_env(endpoint: str, ray_tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET, AWS_SESSION_TOKEN=FAKE_TOKEN,
-               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=endpoint,
+               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=_with_userinfo(endpoint),
                RAY_TMPDIR=str(ray_tmp))  # Ray writes its session logs here, so the test can read them all
     return env
 
@@ -290,6 +313,26 @@ def test_credentials_never_reach_outputs_logs_or_messages(tmp_path, tiny_llava_d
         assert not marker.exists()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_endpoint_password_is_never_printed(tmp_path, tiny_llava_dir, monkeypatch, debug):
+    flags = ["--debug"] if debug else []
+    # in the job file: refused, naming the field, with the password blanked even in what was "got"
+    job = _job(tmp_path, tiny_llava_dir, "s3://bucket/out", output={"endpoint_url": _with_userinfo("http://127.0.0.1:1")})
+    result = runner.invoke(app, ["submit", str(job), *flags])
+    assert result.exit_code == 2 and "output.endpoint_url: must not hold a user or password" in result.output
+    assert _leaks(result.output) == [], result.output
+    # from the environment (AWS_ENDPOINT_URL): every message about the endpoint shows it redacted
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _with_userinfo("http://127.0.0.1:1"))
+    for name, value in (("AWS_ACCESS_KEY_ID", FAKE_KEY_ID), ("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)):
+        monkeypatch.setenv(name, value)
+    job = _job(tmp_path, tiny_llava_dir, "s3://bucket/out")
+    result = runner.invoke(app, ["submit", str(job), *flags])
+    assert result.exit_code == 2, result.output
+    assert "output.uri: cannot reach the S3 endpoint http://[REDACTED]@127.0.0.1:1" in result.output
+    assert _leaks(result.output) == [], result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ---- names and keys cannot escape the output prefix ------------------------------------------------

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import boto3
 import pytest
 
-from workers.storage import (TMP_MARK, AlreadyExists, BucketNotFound, LocalStorage, NotFound, S3Storage,
-                             StorageError, open_storage, redact)
+from workers.storage import (LEDGER_PREFIX, TMP_MARK, AlreadyExists, BucketNotFound, LocalStorage, NotFound,
+                             S3Storage, StorageError, UnsafePath, open_model, open_storage, redact)
 
 MiB = 1 << 20
 
@@ -207,3 +208,131 @@ def test_redact_removes_planted_secrets():
         assert leaked not in out
     assert "ab" * 32 in out and "0123456789abcdef0123456789abcdef01234567" in out
     assert "https://b.s3.amazonaws.com/k?[REDACTED]" in out
+
+
+# ---- the ledger: what a writer wrote, listed before it was written ----------------------------------
+
+
+def _ledger_keys(store) -> set[str]:
+    return {k for ledger in store.list(LEDGER_PREFIX) for k in json.loads(store.get_bytes(ledger))["keys"]}
+
+
+def _writer(store):
+    """Another storage object on the same root or prefix, keeping a ledger (as each qvlm writer does)."""
+    twin = LocalStorage(store.root) if isinstance(store, LocalStorage) else S3Storage(store.uri, store.endpoint)
+    return twin.keep_ledger()
+
+
+def test_a_ledgered_writer_lists_each_key_before_writing_it(store):
+    writer = _writer(store)
+    writer.put_bytes("config.json", b"{}")
+    writer.put_bytes("_qvlm/blocks/block-00000.json", b"{}")
+    assert store.list(LEDGER_PREFIX) == [writer.ledger]
+    assert _ledger_keys(store) == {"config.json", "_qvlm/blocks/block-00000.json"}
+    store.put_bytes("lock.json", b"another run's")
+    with pytest.raises(AlreadyExists):  # someone else's object: a lost conditional write is not listed
+        writer.put_bytes("lock.json", b"ours", if_absent=True)
+    assert _ledger_keys(store) == {"config.json", "_qvlm/blocks/block-00000.json"}
+    writer.delete("config.json")
+    assert _ledger_keys(store) == {"_qvlm/blocks/block-00000.json"}
+    writer.delete("_qvlm/blocks/block-00000.json")
+    assert store.list(LEDGER_PREFIX) == []  # a ledger that lists nothing is removed
+    assert store.list() == ["lock.json"]
+
+
+def test_a_writer_that_dies_leaves_its_ledger(store, tmp_path):
+    writer, other = _writer(store), _writer(store)
+    writer.put_bytes("model-00001-of-00002.safetensors", b"x")
+    other.put_file("tokenizer.json", _file(tmp_path, b"{}"))
+    # no manifest, no cleanup: a crash; what each wrote is still vouched for, each in its own ledger
+    assert len(store.list(LEDGER_PREFIX)) == 2
+    assert _ledger_keys(store) == {"model-00001-of-00002.safetensors", "tokenizer.json"}
+
+
+def _file(tmp_path, data: bytes):
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    return path
+
+
+def test_without_a_ledger_nothing_extra_is_written(store):
+    store.put_bytes("a", b"1")
+    assert store.list() == ["a"]
+
+
+# ---- local outputs never follow a symbolic link ------------------------------------------------------
+
+
+def _everything(folder) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in folder.rglob("*")}
+
+
+@pytest.fixture()
+def planted(tmp_path):
+    """An output whose _qvlm folder is a link to a folder elsewhere, and whose config.json links to a file."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "state.json").write_text("theirs")
+    (elsewhere / "config.json").write_text("theirs too")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_qvlm").symlink_to(elsewhere)
+    (out / "config.json").symlink_to(elsewhere / "config.json")
+    return out, elsewhere, _everything(elsewhere)
+
+
+def test_a_linked_folder_inside_the_root_is_refused_for_every_operation(planted):
+    out, elsewhere, before = planted
+    store = LocalStorage(out).keep_ledger()
+    calls = [lambda: store.put_bytes("_qvlm/state.json", b"ours"), lambda: store.put_bytes("_qvlm/new.json", b"x"),
+             lambda: store.get_bytes("_qvlm/state.json"), lambda: store.exists("_qvlm/state.json"),
+             lambda: store.size("_qvlm/state.json"), lambda: store.delete("_qvlm/state.json"),
+             lambda: store.list("_qvlm/"), lambda: store.download("_qvlm/state.json", out.parent / "copy")]
+    for call in calls:
+        with pytest.raises(UnsafePath, match=f"{out}/_qvlm is a symbolic link; qvlm never follows links inside {out}"):
+            call()
+    with pytest.raises(UnsafePath, match=f"{out}/(_qvlm|config.json) is a symbolic link"):
+        store.list("")
+    assert _everything(elsewhere) == before  # nothing written, changed or deleted there
+
+
+def test_a_linked_file_is_never_read_through_and_a_write_replaces_the_link_itself(planted):
+    out, elsewhere, before = planted
+    store = LocalStorage(out)
+    with pytest.raises(UnsafePath, match=f"{out}/config.json is a symbolic link"):
+        store.get_bytes("config.json")
+    with pytest.raises(AlreadyExists):  # a conditional write does not follow the link either
+        store.put_bytes("config.json", b"ours", if_absent=True)
+    store.put_bytes("config.json", b"ours")
+    assert not (out / "config.json").is_symlink() and (out / "config.json").read_bytes() == b"ours"
+    store.delete("config.json")
+    assert not (out / "config.json").exists() and _everything(elsewhere) == before
+
+
+def test_the_root_itself_may_be_a_link_and_is_resolved_once(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    store = LocalStorage(tmp_path / "alias")
+    store.put_bytes("a/b", b"x")
+    assert (real / "a/b").read_bytes() == b"x" and store.uri == str(tmp_path / "alias") and store.root == real
+
+
+def test_a_root_in_a_symlink_loop_is_refused(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(UnsafePath, match=f"{tmp_path}/loop: cannot resolve the path"):
+        LocalStorage(tmp_path / "loop")
+
+
+def test_a_model_folder_of_links_is_read_through_them(tmp_path):
+    # A Hugging Face cache snapshot: every file is a link into the cache's blobs.
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    (blobs / "abc").write_bytes(b"{}")
+    (snapshot / "config.json").symlink_to(blobs / "abc")
+    model = open_model(str(snapshot))
+    assert model.list() == ["config.json"] and model.get_bytes("config.json") == b"{}" and model.exists("config.json")
+    with pytest.raises(UnsafePath):
+        LocalStorage(snapshot).get_bytes("config.json")  # an output's storage would refuse it

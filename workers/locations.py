@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.storage import open_storage
+from workers.storage import open_model, open_output
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,9 @@ class Locations:
     output_endpoint: str | None = None
 
     def model(self):
-        return open_storage(self.model_uri, self.model_endpoint)
+        """The model's storage, read only (a model folder may be made of links, as a Hugging Face cache is)."""
+        return open_model(self.model_uri, self.model_endpoint)
 
     def output(self):
-        return open_storage(self.output_uri, self.output_endpoint)
+        """The output's storage, writing through a ledger and never following a link (workers.storage)."""
+        return open_output(self.output_uri, self.output_endpoint)

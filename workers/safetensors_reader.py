@@ -3,6 +3,11 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape,
 data_offsets relative to the end of the header) and the raw bytes. We read the headers with ranged reads,
 then fetch exactly the byte ranges of the wanted tensors. Nothing is ever unpickled.
+
+A header is validated before any tensor is read: known dtypes, shapes of non-negative integers, each tensor's
+bytes inside the data section, exactly dtype size x elements long, and no two tensors sharing a byte. A tensor
+read as floating point must hold finite values only: a NaN or an infinity in a weight would quantize to
+garbage that looks like a checkpoint, so it is refused naming the tensor and its file.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 class CheckpointError(StorageError):
-    """The checkpoint is missing or its safetensors headers are corrupt."""
+    """The checkpoint is missing, its safetensors headers are corrupt or its weights are not finite."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,10 @@ def _location(key: str, name: str, entry, data_start: int, file_size: int, where
     if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
         raise bad(f"has an unsupported or missing dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad(f"has an invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+            or not offsets[0] <= offsets[1]):
         raise bad(f"has invalid data_offsets {offsets!r}")
     start, end = data_start + offsets[0], data_start + offsets[1]
     if end > file_size:
@@ -76,6 +81,19 @@ def _location(key: str, name: str, entry, data_start: int, file_size: int, where
     if end - start != math.prod(shape) * itemsize:
         raise bad(f"has {end - start} bytes but shape {shape} of {entry['dtype']} needs {math.prod(shape) * itemsize}")
     return TensorLocation(key, entry["dtype"], tuple(shape), start, end)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_no_overlap(locations: dict[str, TensorLocation], data_start: int, where: str) -> None:
+    """No two tensors of one file share a byte (a crafted header could alias one tensor's bytes into another)."""
+    spans = sorted((loc.start, loc.end, name) for name, loc in locations.items() if loc.end > loc.start)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"corrupt safetensors header in {where}: tensors {first!r} and {second!r} overlap "
+                                  f"(data bytes {start - data_start}..{end - data_start} belong to both); {_REDOWNLOAD}")
 
 
 def read_header(storage: Storage, key: str) -> dict[str, TensorLocation]:
@@ -96,7 +114,9 @@ def read_header(storage: Storage, key: str) -> dict[str, TensorLocation]:
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupt safetensors header in {where}: the header is not a JSON object; {_REDOWNLOAD}")
     header.pop("__metadata__", None)
-    return {name: _location(key, name, entry, 8 + length, size, where) for name, entry in header.items()}
+    locations = {name: _location(key, name, entry, 8 + length, size, where) for name, entry in header.items()}
+    _check_no_overlap(locations, 8 + length, where)
+    return locations
 
 
 def _shard_files(storage: Storage, prefix: str) -> tuple[list[str], dict[str, str]]:
@@ -165,6 +185,20 @@ def _tensor(data: memoryview, loc: TensorLocation) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(loc.shape)
 
 
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
+    """Refuse a floating-point tensor holding NaN or infinite values, naming it and its file."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    values = tensor if tensor.element_size() >= 2 else tensor.float()  # isfinite has no float8 kernel
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    nans = int(torch.isnan(values).sum())
+    raise CheckpointError(f"non-finite weights in {where}: tensor {name!r} holds {nans} NaN and "
+                          f"{int((~finite).sum()) - nans} infinite values of {tensor.numel()}; a quantized checkpoint "
+                          "of it would be meaningless: re-download the model or repair the tensor")
+
+
 class CheckpointIndex:
     """The tensor map of a safetensors checkpoint (single file or sharded with model.safetensors.index.json),
     read from headers only."""
@@ -216,6 +250,8 @@ class CheckpointIndex:
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             for part in pool.map(lambda item: self._read_run(*item), runs):
                 tensors.update(part)
+        for name, loc in wanted.items():
+            check_finite(name, tensors[loc], _shown(self.storage, loc.file))
         return {name: tensors[loc] for name, loc in wanted.items()}
 
     def _read_run(self, key: str, run: tuple[int, int, list[TensorLocation]]) -> dict[TensorLocation, torch.Tensor]:

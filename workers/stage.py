@@ -23,6 +23,7 @@ from qvlm.structure import Unit
 from workers.fault_hooks import fault_point
 from workers.locations import Locations
 from workers.model_shard import ModelShard
+from workers.safetensors_reader import CheckpointError
 from workers.shard import BlockRecord, copy_block, file_name, read_block, read_record, write_block
 from workers.transport import nbytes, pack, unpack
 from workers.veo_task import run_veo
@@ -31,11 +32,18 @@ from workers.veo_task import run_veo
 class StageWorker(Stage):
     def __init__(self, where: Locations, units: Sequence[Unit], first: bool, all_unit_modules: Sequence[str],
                  threads: int = 1):
-        torch.set_num_threads(max(1, threads))  # the arithmetic must not depend on how many cores the node has
-        self.where = where
-        self.shard = ModelShard(where.model(), [u.name for u in units], first, all_unit_modules)
         import ray
 
+        torch.set_num_threads(max(1, threads))  # the arithmetic must not depend on how many cores the node has
+        self.where, self._output = where, None
+        # A bad checkpoint (corrupt header, non-finite weights) is the job's input, not a crash: ready() raises
+        # it, so the driver stops with its message instead of restarting stages that would fail the same way.
+        self.load_error: CheckpointError | None = None
+        try:
+            self.shard = ModelShard(where.model(), [u.name for u in units], first, all_unit_modules)
+        except CheckpointError as exc:
+            self.load_error = exc
+            return
         super().__init__(self.shard.model, units, first, device=compute_device(ray.get_gpu_ids()))
         self.batches: list[dict[str, torch.Tensor]] = []
         self.n_files = 0  # files of the final checkpoint; a block's file is number (block index)
@@ -45,6 +53,9 @@ class StageWorker(Stage):
     def ready(self) -> dict[str, Any]:
         """What this stage loaded and where it runs (the tests of "a stage reads only its own units")."""
         import ray
+
+        if self.load_error is not None:
+            raise self.load_error
 
         return {"tensors": self.shard.tensor_names, "reads": [list(r) for r in self.shard.storage.reads],
                 "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
@@ -89,11 +100,17 @@ class StageWorker(Stage):
         if not self.n_files:
             raise RuntimeError("set_files() must be called before a block is searched")
         prefixes = {r.name: self.shard.prefix(r.name) for r in result.linears}
-        write_block(self.where.output(), job.index, file_name(job.index, self.n_files), result, prefixes,
+        write_block(self.output(), job.index, file_name(job.index, self.n_files), result, prefixes,
                     config.activations, self.dense)
 
+    def output(self):
+        """This worker's handle on the output (one ledger of what it writes, for the whole job)."""
+        if self._output is None:
+            self._output = self.where.output()
+        return self._output
+
     def load_result(self, job: BlockJob) -> BlockResult:
-        out = self.where.output()
+        out = self.output()
         record = read_record(out, job.index)
         if record is None:
             raise RuntimeError(f"block {job.index} was marked finished but has no record in {out.uri}")
@@ -101,11 +118,11 @@ class StageWorker(Stage):
 
     def adopt_block(self, record: BlockRecord, index: int) -> BlockRecord:
         """Write the block ``record`` describes (the VEO-tuned tower) as block ``index`` of the checkpoint."""
-        return copy_block(self.where.output(), record, index, file_name(index, self.n_files))
+        return copy_block(self.output(), record, index, file_name(index, self.n_files))
 
     def use_quantized(self, record: BlockRecord, act) -> None:
         """Run this stage's model with a finished block's quantizers from here on (the VEO-tuned vision tower)."""
-        self.apply([read_block(self.where.output(), record)], act)
+        self.apply([read_block(self.output(), record)], act)
 
     def run_veo(self, units: Sequence[Unit], schemes: dict, bits: dict[int, int], config: QuantConfig,
                 calibration: CalibrationSettings):

@@ -7,12 +7,16 @@ written, computed by us while streaming, so ledgers and manifests never depend o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import stat
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from boto3.exceptions import Boto3Error
@@ -25,6 +29,7 @@ BODY_ATTEMPTS = 5  # reads of a response body cut off mid-stream (on top of boto
 WRITE_TOKEN = "qvlm-write"  # object metadata: a random token per conditional write, to recognise our own retry
 TMP_MARK = ".qvlm-tmp-"
 PROBE_PREFIX = ".qvlm-probe/"
+LEDGER_PREFIX = "_qvlm/written/"  # one ledger per writer: the keys it wrote, each listed before it is written
 _BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
@@ -45,9 +50,16 @@ class BucketNotFound(NotFound):
     """The S3 bucket does not exist."""
 
 
+class UnsafePath(StorageError):
+    """A folder or file inside a local storage root is a symbolic link (or the root cannot be resolved):
+    qvlm never follows a link below the root, so nothing is read or written outside it."""
+
+
 # --- secrets ---------------------------------------------------------------------------------------
 
 _REDACTIONS = [
+    # user:password@ in a URL (an endpoint_url, an address); the scheme and host stay readable
+    (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@"), r"\1[REDACTED]@"),
     # presigned URL query strings (SigV4 and SigV2)
     (re.compile(r"\?[^\s'\"]*(?:X-Amz-|Signature=|AWSAccessKeyId=)[^\s'\"]*", re.I), "?[REDACTED]"),
     (re.compile(r"(?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId)=[^&\s'\"]+", re.I),
@@ -65,7 +77,8 @@ _SECRET_40 = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])
 
 
 def redact(text: str) -> str:
-    """Remove anything that looks like an AWS access key, secret key, session token or presigned query."""
+    """Remove anything that looks like an AWS access key, secret key, session token, presigned query or the
+    ``user:password@`` of a URL."""
     for pattern, repl in _REDACTIONS:
         text = pattern.sub(repl, text)
     # a 40-char base64 run is a secret key unless it is plain lowercase hex (a SHA-1, a git commit)
@@ -116,21 +129,90 @@ def _check_range(key: str, start: int, end: int) -> None:
 
 
 class Storage:
-    """The interface both backends implement. ``reads`` records (key, start, end) of every read."""
+    """The interface both backends implement. ``reads`` records (key, start, end) of every read.
+
+    Backends implement ``_put_bytes``, ``_put_file`` and ``_delete``; the public writes go through the ledger
+    when one is kept (see :meth:`keep_ledger`)."""
 
     uri: str
 
     def __init__(self, uri: str):
         self.uri = uri
         self.reads: list[tuple[str, int, int]] = []
+        self.ledger: str | None = None  # this writer's ledger key, when it keeps one
+        self._claimed: set[str] = set()
+        self._ledger_lock = threading.Lock()
 
     def _where(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
 
+    # the ledger
+
+    def keep_ledger(self) -> "Storage":
+        """From now on, list every key this object writes in its own ledger (``_qvlm/written/<id>.json``),
+        before the key itself is written: whatever happens to the run, a later one knows which files of the
+        output qvlm wrote, and never deletes or overwrites any other."""
+        self.ledger = f"{LEDGER_PREFIX}{uuid.uuid4().hex}.json"
+        return self
+
+    def _claim(self, key: str) -> bool:
+        """List ``key`` in the ledger before it is written; True if it was not listed yet."""
+        with self._ledger_lock:
+            if self.ledger is None or key in self._claimed:
+                return False
+            self._claimed.add(check_key(key))
+            self._save_ledger()
+            return True
+
+    def _unclaim(self, key: str) -> None:
+        """Take a key this object no longer holds (deleted, or a conditional write that lost) off the ledger."""
+        with self._ledger_lock:
+            if key not in self._claimed:
+                return
+            self._claimed.discard(key)
+            if self._claimed:
+                self._save_ledger()
+            else:
+                self._delete(self.ledger)
+
+    def _save_ledger(self) -> None:
+        self._put_bytes(self.ledger, json.dumps({"keys": sorted(self._claimed)}, indent=0).encode(), False)
+
+    # writes: listed in the ledger first
+
     def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> str:
-        raise NotImplementedError
+        new = self._claim(key)
+        try:
+            return self._put_bytes(key, data, if_absent)
+        except AlreadyExists:
+            if new:
+                self._unclaim(key)  # someone else's object: not ours to list
+            raise
 
     def put_file(self, key: str, path: str | Path) -> str:
+        self._claim(key)
+        return self._put_file(key, path)
+
+    def delete(self, key: str) -> None:
+        self._delete(key)
+        self._unclaim(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every key under ``prefix`` (an empty prefix is refused: it would wipe the root)."""
+        if not prefix:
+            raise ValueError(f"refusing to delete everything under {self.uri}: give a non-empty prefix")
+        for key in self.list(check_prefix(prefix)):
+            self.delete(key)
+
+    # what each backend provides
+
+    def _put_bytes(self, key: str, data: bytes, if_absent: bool) -> str:
+        raise NotImplementedError
+
+    def _put_file(self, key: str, path: str | Path) -> str:
+        raise NotImplementedError
+
+    def _delete(self, key: str) -> None:
         raise NotImplementedError
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
@@ -156,29 +238,11 @@ class Storage:
     def list(self, prefix: str = "") -> list[str]:
         raise NotImplementedError
 
-    def delete(self, key: str) -> None:
-        raise NotImplementedError
-
-    def delete_prefix(self, prefix: str) -> None:
-        """Delete every key under ``prefix`` (an empty prefix is refused: it would wipe the root)."""
-        if not prefix:
-            raise ValueError(f"refusing to delete everything under {self.uri}: give a non-empty prefix")
-        for key in self.list(check_prefix(prefix)):
-            self.delete(key)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
 
 # --- local folder ----------------------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _download_via_temp(key: str, dest: str | Path, sha256: str | None, fill) -> None:
     """``fill(tmp)`` writes the object beside ``dest`` and returns its sha256; a verified file is moved into place,
@@ -195,56 +259,161 @@ def _download_via_temp(key: str, dest: str | Path, sha256: str | None, fill) -> 
         tmp.unlink(missing_ok=True)
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class LocalStorage(Storage):
-    """A folder on a local or shared filesystem; every write is atomic (temp file, fsync, rename)."""
+    """A folder on a local or shared filesystem; every write is atomic (temp file, fsync, rename).
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().absolute()
-        super().__init__(str(self.root))
+    The root is resolved once, here (it may itself be a link the user made); below it every folder and file
+    is written, deleted and (unless ``follow_links``) read or listed relative to its parent's descriptor with
+    ``O_NOFOLLOW``, so a symbolic link planted inside an output (``_qvlm -> /elsewhere``) is refused, never
+    followed. ``follow_links`` is for reading a model: a Hugging Face cache snapshot is a folder of links."""
 
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
-
-    def _write(self, key: str, fill: Callable[[BinaryIO], str], if_absent: bool) -> str:
-        final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{TMP_MARK}{final.name}.{uuid.uuid4().hex}"
+    def __init__(self, root: str | Path, follow_links: bool = False):
+        given = Path(root).expanduser().absolute()
+        super().__init__(str(given))
+        self.follow_links = follow_links
         try:
-            with open(tmp, "wb") as f:
+            self.root = given.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise UnsafePath(f"{given}: cannot resolve the path ({exc}); remove the symbolic link loop or "
+                             "choose another folder") from None
+
+    def _refusal(self, dir_fd: int, name: str, where: str, exc: OSError) -> StorageError:
+        """Why ``name`` in the open folder could not be opened without following links: a link (refused), a
+        missing entry or a file where a folder is needed (not found), or the system's own reason."""
+        try:
+            if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                return self._link_refused_at(where)
+        except OSError:
+            pass
+        if isinstance(exc, FileNotFoundError):
+            return NotFound(f"{where} does not exist")
+        if isinstance(exc, NotADirectoryError):
+            return NotFound(f"{where} is not a folder")
+        return StorageError(f"cannot open {where}: {exc.strerror or exc}")
+
+    def _link_refused_at(self, where: str) -> UnsafePath:
+        return UnsafePath(f"{where} is a symbolic link; qvlm never follows links inside {self.uri}: "
+                          "remove the link or choose another folder")
+
+    @contextmanager
+    def _folder(self, key: str, create: bool) -> Iterator[tuple[int, str]]:
+        """(descriptor of the folder that holds ``key``, the key's last name), reached from the root one
+        component at a time without following links; missing folders are made when ``create``."""
+        *folders, name = check_key(key).split("/")
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            raise NotFound(f"{self._where(key)} does not exist") from None
+        try:
+            for i, folder in enumerate(folders):
+                child = self._enter(fd, folder, create, self._where("/".join(folders[:i + 1])))
+                os.close(fd)
+                fd = child
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def _enter(self, dir_fd: int, folder: str, create: bool, where: str) -> int:
+        """A descriptor of ``folder`` in the open folder, never through a link; made first when ``create`` (twice
+        at most: another writer may remove a folder it emptied between our mkdir and our open)."""
+        for attempt in range(2):
+            if create:
+                try:
+                    os.mkdir(folder, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+            try:
+                return os.open(folder, _DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError as exc:
+                if not create or attempt:
+                    raise self._refusal(dir_fd, folder, where, exc) from None
+            except OSError as exc:
+                raise self._refusal(dir_fd, folder, where, exc) from None
+        raise AssertionError("unreachable")
+
+    def _put(self, key: str, fill: Callable[[BinaryIO], str], if_absent: bool) -> str:
+        try:
+            with self._folder(key, create=True) as (dir_fd, name):
+                return self._put_in(dir_fd, name, key, fill, if_absent)
+        except NotFound as exc:
+            raise StorageError(f"cannot write {self._where(key)}: {exc}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot write {self._where(key)}: {exc.strerror or exc}") from None
+
+    def _put_in(self, dir_fd: int, name: str, key: str, fill: Callable[[BinaryIO], str], if_absent: bool) -> str:
+        tmp = f"{TMP_MARK}{name}.{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
                 sha = fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             if if_absent:
-                try:
-                    os.link(tmp, final)  # fails atomically if the key exists
+                try:  # fails atomically if the key exists (a link there included: it is never followed)
+                    os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
                 except FileExistsError:
                     raise AlreadyExists(f"{self._where(key)} already exists; refusing to overwrite it") from None
             else:
-                os.replace(tmp, final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self._where(key)}: {exc.strerror or exc}") from None
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a link, never its target
+            os.fsync(dir_fd)
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
         return sha
 
-    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> str:
+    def _put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> str:
         def fill(f: BinaryIO) -> str:
             f.write(data)
             return hashlib.sha256(data).hexdigest()
-        return self._write(key, fill, if_absent)
+        return self._put(key, fill, if_absent)
 
-    def put_file(self, key: str, path: str | Path) -> str:
+    def _put_file(self, key: str, path: str | Path) -> str:
         with open(path, "rb") as src:
-            return self._write(key, lambda f: _hash_stream(src, f.write)[0], False)
+            return self._put(key, lambda f: _hash_stream(src, f.write)[0], False)
 
     def _open(self, key: str) -> BinaryIO:
+        if self.follow_links:
+            try:
+                return open(self.root / check_key(key), "rb")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise NotFound(f"{self._where(key)} does not exist") from None
+            except OSError as exc:
+                raise StorageError(f"cannot read {self._where(key)}: {exc.strerror or exc}") from None
         try:
-            return open(self._path(key), "rb")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            with self._folder(key, create=False) as (dir_fd, name):
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise self._refusal(dir_fd, name, self._where(key), exc) from None
+        except NotFound:
             raise NotFound(f"{self._where(key)} does not exist") from None
         except OSError as exc:
             raise StorageError(f"cannot read {self._where(key)}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotFound(f"{self._where(key)} does not exist (it is not a file)")
+        return os.fdopen(fd, "rb")
+
+    def _stat(self, key: str) -> os.stat_result | None:
+        """The key's own status (a link is not followed unless ``follow_links``), or None if it or a folder above
+        it is missing."""
+        if self.follow_links:
+            try:
+                return os.stat(self.root / check_key(key))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        try:
+            with self._folder(key, create=False) as (dir_fd, name):
+                return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except (NotFound, FileNotFoundError):
+            return None
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
         with self._open(key) as f:
@@ -270,35 +439,65 @@ class LocalStorage(Storage):
         _download_via_temp(key, dest, sha256, fill)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        found = self._stat(key)
+        return found is not None and stat.S_ISREG(found.st_mode)
 
     def size(self, key: str) -> int:
-        path = self._path(key)
-        if not path.is_file():
-            raise NotFound(f"{self._where(key)} does not exist")
-        return path.stat().st_size
+        return self._file_stat(key).st_size
 
     def modified_at(self, key: str) -> float:
-        path = self._path(key)
-        if not path.is_file():
+        return self._file_stat(key).st_mtime
+
+    def _file_stat(self, key: str) -> os.stat_result:
+        found = self._stat(key)
+        if found is None or not stat.S_ISREG(found.st_mode):
             raise NotFound(f"{self._where(key)} does not exist")
-        return path.stat().st_mtime
+        return found
 
     def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` like S3 lists them (a plain string prefix). Unless ``follow_links``, a symbolic
+        link anywhere in the listing is refused, naming it (a link is never descended into either way)."""
         check_prefix(prefix)
-        # walk only the deepest folder the prefix names, then filter like S3 (a plain string prefix)
-        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        found = self._stat(folder) if folder else None
+        if folder and found is not None and stat.S_ISLNK(found.st_mode):
+            raise self._link_refused(folder)
+        if folder and (found is None or not stat.S_ISDIR(found.st_mode)):
+            return []
         keys = []
-        for folder, _, files in os.walk(start):
-            rel = Path(folder).relative_to(self.root).as_posix()
-            for name in files:
+        for here, dirs, files in os.walk(self.root / folder if folder else self.root):
+            rel = Path(here).relative_to(self.root).as_posix()
+            for name in files + dirs:
                 key = name if rel == "." else f"{rel}/{name}"
-                if not name.startswith(TMP_MARK) and key.startswith(prefix):
+                is_link = os.path.islink(os.path.join(here, name))
+                if is_link and not self.follow_links and key.startswith(prefix):
+                    raise self._link_refused(key)
+                if name in files and not name.startswith(TMP_MARK) and key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
 
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+    def _link_refused(self, key: str) -> UnsafePath:
+        return self._link_refused_at(self._where(key))
+
+    def _delete(self, key: str) -> None:
+        try:
+            with self._folder(key, create=False) as (dir_fd, name):
+                os.unlink(name, dir_fd=dir_fd)  # a link is removed itself, never its target
+        except (NotFound, FileNotFoundError):
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot delete {self._where(key)}: {exc.strerror or exc}") from None
+        self._prune(key.split("/")[:-1])
+
+    def _prune(self, folders: list[str]) -> None:
+        """Remove the folders above a deleted key that it left empty, deepest first, never the root: like S3,
+        an output holds folders only while they hold files."""
+        for depth in range(len(folders), 0, -1):
+            try:
+                with self._folder("/".join([*folders[:depth - 1], "_"]), create=False) as (dir_fd, _):
+                    os.rmdir(folders[depth - 1], dir_fd=dir_fd)
+            except (OSError, StorageError):
+                return
 
 
 # --- S3 --------------------------------------------------------------------------------------------
@@ -355,8 +554,12 @@ class S3Storage(Storage):
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         super().__init__(f"s3://{self.bucket}/{self.prefix}".rstrip("/"))
         self.endpoint = _endpoint(endpoint_url)
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, config=_client_config(self.endpoint, max_attempts))
+        try:
+            self.client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, config=_client_config(self.endpoint, max_attempts))
+        except ValueError as exc:  # botocore: "Invalid endpoint: <the URL as given>"
+            raise StorageError(f"invalid S3 endpoint {redact(str(self.endpoint))} for {self.uri} "
+                               f"({redact(str(exc))}); fix output.endpoint_url / AWS_ENDPOINT_URL") from None
         chunk = max(multipart_threshold, 5 << 20)  # S3's smallest part is 5 MiB
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=chunk,
                                        max_concurrency=8)
@@ -378,7 +581,7 @@ class S3Storage(Storage):
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StorageError(NO_CREDENTIALS)
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
-            return StorageError(f"cannot reach the S3 endpoint {self.endpoint or '(AWS default)'} for {where}: "
+            return StorageError(f"cannot reach the S3 endpoint {redact(self.endpoint or '(AWS default)')} for {where}: "
                                 "check endpoint_url / AWS_ENDPOINT_URL and the network")
         code, status = _error_code(exc)
         if code == "NoSuchBucket":
@@ -419,7 +622,7 @@ class S3Storage(Storage):
 
     # writes
 
-    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> str:
+    def _put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> str:
         sha = hashlib.sha256(data).hexdigest()
         args = dict(Bucket=self.bucket, Key=self._k(key), Body=data, Metadata={"sha256": sha})
         if not if_absent:
@@ -478,9 +681,9 @@ class S3Storage(Storage):
             except AlreadyExists:
                 return True
         finally:
-            self.delete(key)
+            self._delete(key)
 
-    def put_file(self, key: str, path: str | Path) -> str:
+    def _put_file(self, key: str, path: str | Path) -> str:
         # hashed in a first pass so the sha256 can travel as object metadata (sent before the first part)
         with open(path, "rb") as src:
             sha, size = _hash_stream(src)
@@ -561,7 +764,7 @@ class S3Storage(Storage):
             return [obj["Key"][len(root):] for page in pages for obj in page.get("Contents", [])]
         return sorted(self._call("list", prefix or None, walk))
 
-    def delete(self, key: str) -> None:
+    def _delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
 
     def delete_prefix(self, prefix: str) -> None:
@@ -575,6 +778,8 @@ class S3Storage(Storage):
                 first = resp["Errors"][0]
                 raise StorageError(f"could not delete {len(resp['Errors'])} objects under {self._where(prefix)}, "
                                    f"e.g. {first.get('Key')}: {redact(str(first.get('Message', '')))}")
+            for key in keys[i:i + 1000]:
+                self._unclaim(key)
 
 
 def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
@@ -588,3 +793,18 @@ def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive
         raise StorageError(f"unsupported storage URI {redact(uri)!r}: use a local path, file:// or s3://")
     return LocalStorage(uri)
+
+
+def open_model(uri: str, endpoint_url: str | None = None) -> Storage:
+    """The storage of a model, for reading: links inside a local model folder are followed (a Hugging Face
+    cache snapshot is a folder of links into its blobs). qvlm never writes there."""
+    storage = open_storage(uri, endpoint_url)
+    if isinstance(storage, LocalStorage):
+        storage.follow_links = True
+    return storage
+
+
+def open_output(uri: str, endpoint_url: str | None = None) -> Storage:
+    """The storage of a job's output, for a writer: every key it writes is listed first in its own ledger
+    (:meth:`Storage.keep_ledger`), so qvlm can always tell its own files from the user's."""
+    return open_storage(uri, endpoint_url).keep_ledger()
