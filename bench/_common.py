@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from cluster.driver import run_job
-from cluster.settings import JobSettings
-from qvlm.batches import CalibrationSettings
-from qvlm.config import QuantConfig
+from cluster.job import Job, Resources
+from workers.locations import Locations
+from qvlm.config import CalibrationSettings, QuantConfig
 
 CACHE = Path.home() / ".cache" / "qvlm" / "bench"
 MIB = 2**20
@@ -29,9 +29,9 @@ def init_ray(num_cpus: int) -> None:
              object_store_memory=512 * MIB)
 
 
-def settings(model_dir: Path, out: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int) -> JobSettings:
-    return JobSettings(name=f"bench-w{workers}", spec_hash=f"{workers:064d}", model_uri=str(model_dir),
-                       output_uri=str(out), calibration=cal, quant=quant, workers=workers, cpus_per_worker=1)
+def settings(model_dir: Path, out: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int) -> Job:
+    return Job(f"bench-w{workers}", f"{workers:064d}", Locations(str(model_dir), str(out)), cal, quant,
+               Resources(workers=workers, cpus_per_worker=1))
 
 
 def timed_job(model_dir: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int) -> dict:

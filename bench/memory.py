@@ -16,8 +16,8 @@ from pathlib import Path
 import ray
 
 from _common import CACHE, MIB, init_ray, own_peak_rss, table, timed_job
-from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.config import QuantConfig
+from qvlm.config import CalibrationSettings, QuantConfig
+from qvlm.batches import calibration_batches
 
 
 def build_llama(path: Path, layers: int, seed: int) -> None:

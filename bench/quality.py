@@ -31,8 +31,8 @@ from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaFo
 
 from _common import table
 from jobs.spec import ActivationsSpec, WeightsSpec
-from qvlm.batches import CalibrationSettings, batches_for, records_for
-from qvlm.config import MixedPrecisionConfig, QuantConfig
+from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig
+from qvlm.batches import batches_for, records_for
 from qvlm.driver import quantize
 from qvlm.method import linear_shapes
 from qvlm.evaluate import compare_models, evaluate_records

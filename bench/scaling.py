@@ -21,8 +21,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from _common import CACHE, init_ray, table, timed_job
-from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.config import QuantConfig
+from qvlm.config import CalibrationSettings, QuantConfig
+from qvlm.batches import calibration_batches
 from qvlm.driver import quantize
 from qvlm.quant import WeightScheme
 from qvlm.tiny import build_tiny_llava

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from _common import table as format_table
-from qvlm.batches import CalibrationSettings, calibration_answer_masks, calibration_batches, records_for
-from qvlm.config import QuantConfig, VeoConfig
+from qvlm.config import CalibrationSettings, QuantConfig, VeoConfig
+from qvlm.batches import calibration_answer_masks, calibration_batches, records_for
 from qvlm.driver import quantize
 from qvlm.evaluate import evaluate_records
 from qvlm.partition import partition

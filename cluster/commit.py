@@ -6,7 +6,9 @@ import json
 import reprlib
 from dataclasses import asdict, dataclass
 
+from qvlm.evaluate import Evaluation
 from qvlm.method import MethodResult
+from cluster.job import Job
 from workers.shard import BlockRecord, CorruptRecord, read_record, record_key
 from workers.storage import StorageError
 
@@ -55,7 +57,7 @@ def _finished_record(out, block, unit_names: tuple, file_key: str) -> tuple[Bloc
 class JobResult:
     """Everything the commit writes about a finished job."""
 
-    settings: object
+    job: Job
     plan: object
     method: MethodResult
     records: dict[int, BlockRecord]
@@ -66,8 +68,8 @@ class JobResult:
 def _plan_document(r: JobResult) -> dict:
     m = r.method
     return {
-        "job": r.settings.name,
-        "spec_hash": r.settings.spec_hash,
+        "job": r.job.name,
+        "spec_hash": r.job.spec_hash,
         "model_class": r.plan.model_class,
         "units": [asdict(u) for u in r.plan.units],
         "streams": [list(s) for s in r.plan.streams],
@@ -80,9 +82,9 @@ def _plan_document(r: JobResult) -> dict:
         "transfer_bytes": [s["transfer_bytes"] for s in r.stages],
         "schemes": {n: asdict(s) for n, s in sorted(m.schemes.items())},
         "linear_shapes": {n: list(shape) for n, shape in sorted(r.plan.linear_shapes.items())},
-        "activations": asdict(r.settings.quant.activations),
-        "weights": asdict(r.settings.quant.weights),
-        "method": _method_label(r.settings.quant),
+        "activations": asdict(r.job.quant.activations),
+        "weights": asdict(r.job.quant.weights),
+        "method": _method_label(r.job.quant),
         "boosted": list(m.precision.boosted) if m.precision is not None else [],
         "unit_stats": [{"unit": st.unit, "kurtosis": st.kurtosis, "sensitivity": st.sensitivity,
                         "groups": [list(g) for g in st.groups]} for st in m.stats],
@@ -105,7 +107,7 @@ def _record_fields(record: BlockRecord) -> dict:
             "error_after": record.error_after, "evaluations": record.evaluations, "seconds": record.seconds}
 
 
-def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: dict | None) -> None:
+def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: Evaluation | None) -> None:
     """Write the plan document and the report, then the manifest (every file with size and sha256) last."""
     from cluster.report import render_html, report_document, report_from_plan
 
@@ -119,5 +121,5 @@ def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: di
     files = dict(checkpoint_files)
     for key, data in documents.items():
         files[key] = {"sha256": out.put_bytes(key, data), "size": len(data)}
-    manifest = {"job": result.settings.name, "spec_hash": result.settings.spec_hash, "files": files}
+    manifest = {"job": result.job.name, "spec_hash": result.job.spec_hash, "files": files}
     out.put_bytes(MANIFEST_KEY, json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -19,27 +19,21 @@ from qvlm.method import Hooks, run_method
 from cluster import stopping
 from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
 from cluster.export import export_checkpoint
-from cluster.lock import LockError, OutputLock
-from cluster.output import OutputRefused, claim_output, clear_output
+from qvlm.errors import InputError, JobFailed
+from qvlm.evaluate import EvalSkipped, Evaluation
+from cluster.failures import one_line, root_cause
+from cluster.lock import OutputLock
+from cluster.memory import check_memory
+from cluster.output import claim_output, clear_output
 from cluster.pipeline import RayPipeline
-from cluster.plan import JobPlan, make_plan
+from cluster.plan import JobPlan, inspect_model
 from cluster.repair import block_files, export_repairs, reexport
-from cluster.settings import JobSettings
+from cluster.job import Job
 from cluster.state import JobState, StateFile
 from cluster.verify import check_output
 from cluster.veo import VeoOutcome, tune_vision_encoder
-from workers.model_shard import fetch_small_files
-from workers.safetensors_reader import CheckpointIndex
 from workers.shard import file_name
-from workers.storage import open_model, open_output, redact
-
-
-class JobError(Exception):
-    """A job that cannot start or did not finish; ``exit_code`` follows the CLI's convention."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+from workers.storage import redact
 
 
 @dataclass(frozen=True)
@@ -48,11 +42,11 @@ class JobOutcome:
     blocks: int
     blocks_resumed: int
     seconds: dict
-    evaluation: dict | None = None
+    evaluation: Evaluation | None = None
 
 
 @contextmanager
-def ray_session(address: str | None, settings: JobSettings):
+def ray_session(address: str | None, job: Job):
     """Connect to ``address``, or start an embedded local Ray sized for the job; reuse one already running.
     The process keeps its own SIGINT/SIGTERM handlers (cluster/stopping.py): ray.init would replace them."""
     import os
@@ -67,9 +61,9 @@ def ray_session(address: str | None, settings: JobSettings):
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker) + 1)
+                cpus = max(os.cpu_count() or 1, int(job.resources.workers * job.resources.cpus_per_worker) + 1)
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                         num_gpus=int(settings.workers * settings.gpus_per_worker) or None,
+                         num_gpus=int(job.resources.workers * job.resources.gpus_per_worker) or None,
                          object_store_memory=512 * 2**20)
         _say_where_ray_logs(ray)
         yield ray
@@ -87,13 +81,10 @@ def _say_where_ray_logs(ray) -> None:
         print(f"Ray's logs for this run (raylet, workers): {node.get_logs_dir_path()}", file=sys.stderr, flush=True)
 
 
-def _claim_output(out, settings: JobSettings) -> JobState | None:
+def _claim_output(out, job: Job) -> JobState | None:
     """Refuse an output holding files qvlm did not write, or another job's files unless ``overwrite`` (the rule
     of cluster/output.py, which qvlm-submit also checks before starting); return the state to resume."""
-    try:
-        claim = claim_output(out, settings.output_uri, settings.spec_hash, settings.overwrite)
-    except OutputRefused as exc:
-        raise JobError(str(exc), exit_code=2) from None
+    claim = claim_output(out, job.where.output_uri, job.spec_hash, job.overwrite)
     if claim.clear:
         _clear_output(out)
         return None
@@ -106,40 +97,32 @@ def _clear_output(out) -> None:
     clear_output(out)
 
 
-def inspect_model(settings: JobSettings) -> tuple[JobPlan, Path]:
-    model_store = open_model(settings.model_uri, settings.model_endpoint)
-    config_dir = fetch_small_files(model_store)
-    index = CheckpointIndex.open(model_store)
-    return make_plan(str(config_dir), index, settings.quant, settings.workers), config_dir
-
-
-def run_job(settings: JobSettings, address: str | None = None, echo=print) -> JobOutcome:
-    """Run the job under the output's lock (see cluster/lock.py); resume what a previous run finished."""
-    out = open_output(settings.output_uri, settings.output_endpoint)
-    lock = OutputLock(out, settings.name, settings.spec_hash, echo)
+def run_job(job: Job, plan: JobPlan | None = None, address: str | None = None, echo=print) -> JobOutcome:
+    """Run the job under the output's lock (see cluster/lock.py); resume what a previous run finished. ``plan``
+    is what ``cluster.validate.validate`` gave for this job; without one (a library call), the model is planned
+    here from its config and headers."""
+    out = job.where.output()
+    lock = OutputLock(out, job.name, job.spec_hash, echo)
+    lock.acquire()
     try:
-        lock.acquire()
-    except LockError as exc:
-        raise JobError(str(exc), exit_code=2) from None
-    try:
-        return _run_locked(settings, address, echo, out, lock)
+        return _run_locked(job, plan, address, echo, out, lock)
     finally:
         lock.release()
 
 
-def _run_locked(settings: JobSettings, address: str | None, echo, out, lock: OutputLock) -> JobOutcome:
-    previous = _claim_output(out, settings)
+def _run_locked(job: Job, plan: JobPlan | None, address: str | None, echo, out, lock: OutputLock) -> JobOutcome:
+    previous = _claim_output(out, job)
     if previous is not None and previous.phase == "finished" and out.exists(MANIFEST_KEY):
-        outcome = _finished_again(settings, address, echo, out, lock, previous)
+        outcome = _finished_again(job, address, echo, out, lock, previous)
         if outcome is not None:
             return outcome
     out.delete(MANIFEST_KEY)  # a manifest left by an interrupted commit must not vouch for files rewritten now
-    state = StateFile(out, JobState(settings.name, settings.spec_hash), echo, guard=lock.check)
+    state = StateFile(out, JobState(job.name, job.spec_hash), echo, guard=lock.check)
     state.update(phase="planning")
     with _recorded(state, lock):
-        plan, _ = inspect_model(settings)
-        with ray_session(address, settings) as ray:
-            return _run_phases(ray, settings, plan, out, state)
+        plan = plan or inspect_model(job)[0]
+        with ray_session(address, job) as ray:
+            return _run_phases(ray, job, plan, out, state)
 
 
 @contextmanager
@@ -154,92 +137,91 @@ def _recorded(state: StateFile, lock: OutputLock):
         raise
     except Exception as exc:
         if lock.lost is None:
-            cause = exc  # what a worker raised: Ray's wrapper repeats the remote traceback in its message
-            while type(cause).__name__.startswith("RayTaskError") and isinstance(getattr(cause, "cause", None), Exception):
-                cause = cause.cause
+            cause = root_cause(exc)
             state.update(phase="failed", error=redact(f"{type(cause).__name__}: {cause}")[:500])
         raise
 
 
-def _finished_again(settings: JobSettings, address: str | None, echo, out, lock: OutputLock,
+def _finished_again(job: Job, address: str | None, echo, out, lock: OutputLock,
                     previous: JobState) -> JobOutcome | None:
     """A finished job submitted again: check its output against the manifest and re-export the checkpoint
     files that fail (cluster/repair.py); None when only running the job again can repair it."""
     manifest, failed = check_output(out)
-    done = JobOutcome(settings.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
+    done = JobOutcome(job.where.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds)
     if not failed:
-        echo(f"[{settings.name}] already finished at {settings.output_uri}: its {len(manifest['files'])} files match "
+        echo(f"[{job.name}] already finished at {job.where.output_uri}: its {len(manifest['files'])} files match "
              "the manifest; nothing to do", flush=True)
         return done
     for problem in failed.values():
-        echo(f"[{settings.name}] finished, but {problem}", flush=True)
+        echo(f"[{job.name}] finished, but {problem}", flush=True)
     if not export_repairs(failed, block_files(out, manifest)):
-        echo(f"[{settings.name}] running the job again to repair it; finished blocks whose shards verify are not "
+        echo(f"[{job.name}] running the job again to repair it; finished blocks whose shards verify are not "
              "searched again", flush=True)
         return None
-    echo(f"[{settings.name}] exporting the checkpoint again around the blocks' files", flush=True)
+    echo(f"[{job.name}] exporting the checkpoint again around the blocks' files", flush=True)
     state = StateFile(out, previous, echo, guard=lock.check)
     with _recorded(state, lock):
         state.update(phase="committing", error=None)
-        plan, _ = inspect_model(settings)
-        with ray_session(address, settings) as ray:
-            reexport(ray, settings, plan, out, manifest, state)
+        plan, _ = inspect_model(job)
+        with ray_session(address, job) as ray:
+            reexport(ray, job, plan, out, manifest, state)
         still = check_output(out)[1]
         if still:
-            raise JobError(f"the output still fails its manifest after the re-export: {'; '.join(still.values())}")
+            raise JobFailed(f"the output still fails its manifest after the re-export: {'; '.join(still.values())}")
         state.update(phase="finished")
     return done
 
 
-def _run_phases(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile) -> JobOutcome:
+def _run_phases(ray, job: Job, plan: JobPlan, out, state: StateFile) -> JobOutcome:
     t0 = time.perf_counter()
-    method, stages_info, load_seconds = _quantize_on_stages(ray, settings, plan, out, state)
+    method, stages_info, load_seconds = _quantize_on_stages(ray, job, plan, out, state)
     records = load_finished_blocks(out, method.blocks, plan.units, _files(plan, method.blocks), state.echo)
     missing = [b.index for b in method.blocks if b.index not in records]
     if missing:
-        raise JobError(f"blocks {missing[:5]} have no verified record after the search; re-submit the job to search them")
+        raise JobFailed(f"blocks {missing[:5]} have no verified record after the search; re-submit the job to search them")
     seconds = {"load": load_seconds, **vars(method.seconds)}
     state.update(phase="committing", seconds=dict(seconds))
     t_export = time.perf_counter()
-    checkpoint = export_checkpoint(ray, settings, plan.rest_chunks, tuple(records[b.index] for b in method.blocks),
+    checkpoint = export_checkpoint(ray, job, plan.rest_chunks, tuple(records[b.index] for b in method.blocks),
                                    method.schemes, state)
     seconds["export"] = time.perf_counter() - t_export
     t_eval = time.perf_counter()
-    evaluation = _evaluate(ray, settings, plan)
+    evaluation = _evaluate(ray, job, plan)
     seconds["evaluate"] = time.perf_counter() - t_eval
     seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
-    result = JobResult(settings, plan, method, records, seconds, stages_info)
+    result = JobResult(job, plan, method, records, seconds, stages_info)
     state.check()  # never commit into an output whose lock another run has taken
     commit_output(out, result, checkpoint, evaluation)
     state.update(phase="finished", blocks_done=len(method.blocks), seconds=dict(seconds))
     resumed = len(method.done)
-    return JobOutcome(settings.output_uri, len(method.blocks), resumed, seconds, evaluation)
+    return JobOutcome(job.where.output_uri, len(method.blocks), resumed, seconds, evaluation)
 
 
-def _quantize_on_stages(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile):
+def _quantize_on_stages(ray, job: Job, plan: JobPlan, out, state: StateFile):
     """Run the method on a fresh set of stage actors; when one dies (its captures are lost with it), start the
     stages again and capture again, up to ``resources.max_retries`` times. Finished blocks are in the output's
     ledger, so a new attempt searches only what is missing."""
-    for attempt in range(1, settings.max_retries + 2):
+    for attempt in range(1, job.resources.max_retries + 2):
         try:
-            return _attempt(ray, settings, plan, out, state)
+            return _attempt(ray, job, plan, out, state)
         except ray.exceptions.RayActorError as exc:
-            _stage_died(exc, attempt, settings, state)
+            _stage_died(exc, attempt, job, state)
 
 
-def _attempt(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile):
+def _attempt(ray, job: Job, plan: JobPlan, out, state: StateFile):
     from cluster.placement import start_stages, stop_stages
 
     t0 = time.perf_counter()
-    stages, pg, stage_info = start_stages(ray, settings, plan)
+    stages, pg, stage_info = start_stages(ray, job, plan)
     load_seconds = time.perf_counter() - t0  # stage actors started, each holding its weights
     try:
+        _place_captures(ray, stages, stage_info, plan, job)
         pipe = RayPipeline(ray, stages)
-        n_batches = ray.get(stages[0].load_batches.remote(settings.calibration))
+        n_batches = ray.get(stages[0].load_batches.remote(job.calibration))
         if not n_batches:
-            raise JobError("calibration produced no batches (calibration.samples is 0?)", exit_code=2)
-        method = run_method(pipe, plan.layout, plan.linear_shapes, range(n_batches), settings.quant,
-                            JobHooks(ray, pipe, plan, settings, out, state).hooks())
+            raise InputError("calibration.samples: calibration produced no batches; give at least one sample")
+        method = run_method(pipe, plan.layout, plan.linear_shapes, range(n_batches), job.quant,
+                            JobHooks(ray, pipe, plan, job, out, state).hooks())
         rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
         sent = ray.get([s.transfer_bytes.remote() for s in stages])
     finally:
@@ -249,11 +231,24 @@ def _attempt(ray, settings: JobSettings, plan: JobPlan, out, state: StateFile):
     return method, info, load_seconds
 
 
+def _place_captures(ray, stages, info: list[dict], plan: JobPlan, job: Job) -> None:
+    """Check the plan against the memory the stages found where they run (exit 2 before any capture when a stage
+    does not fit) and tell each whether its captures stay on its GPU or go to host memory."""
+    gpu = job.resources.gpus_per_worker > 0
+    device = min((i["device_memory"] for i in info if i.get("device_memory")), default=None)
+    per_node: dict = {}
+    for i in info:
+        per_node[i["node_id"]] = per_node.get(i["node_id"], 0) + 1
+    host = min(i["host_memory"] // per_node[i["node_id"]] for i in info) * len(info)  # a node's stages share it
+    fits = check_memory(plan, job.calibration, job.quant, gpu, device, host)
+    ray.get([s.keep_captures_on.remote(f.keep_captures) for s, f in zip(stages, fits)])
+
+
 class JobHooks:
     """What a job adds to the method: progress in the state file, the resume ledger, VEO in the first stage."""
 
-    def __init__(self, ray, pipe: RayPipeline, plan: JobPlan, settings: JobSettings, out, state: StateFile):
-        self.ray, self.pipe, self.plan, self.settings, self.out, self.state = ray, pipe, plan, settings, out, state
+    def __init__(self, ray, pipe: RayPipeline, plan: JobPlan, job: Job, out, state: StateFile):
+        self.ray, self.pipe, self.plan, self.job, self.out, self.state = ray, pipe, plan, job, out, state
         self.veo: VeoOutcome | None = None
         self.phase, self.started, self.n_blocks, self.n_done = "", time.perf_counter(), 0, 0
 
@@ -261,7 +256,7 @@ class JobHooks:
         return Hooks(tune_vision=self.tune_vision, finished=self.finished, progress=self.progress)
 
     def tune_vision(self, schemes: dict, bits: dict, deps: list) -> VeoOutcome:
-        self.veo = tune_vision_encoder(self.ray, self.pipe, self.plan, self.settings, self.out, schemes, bits, deps)
+        self.veo = tune_vision_encoder(self.ray, self.pipe, self.plan, self.job, self.out, schemes, bits, deps)
         return self.veo
 
     def finished(self, blocks) -> set[int]:
@@ -298,26 +293,25 @@ def _files(plan: JobPlan, blocks):
     return lambda index: file_name(index, plan.n_files(len(blocks)))
 
 
-def _stage_died(exc: Exception, attempt: int, settings: JobSettings, state: StateFile) -> None:
+def _stage_died(exc: Exception, attempt: int, job: Job, state: StateFile) -> None:
     """A stage actor died: say so and try again, or give up after ``resources.max_retries`` new attempts."""
-    attempts = settings.max_retries + 1
-    inner = getattr(exc, "cause", None) or exc  # a RayTaskError(ActorDiedError) carries the actor's error
-    cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+    attempts = job.resources.max_retries + 1
+    cause = one_line(exc)
     if attempt >= attempts:
-        raise JobError(f"a stage worker died during {state.state.phase} in each of {attempts} attempts (last: {cause}); "
+        raise JobFailed(f"a stage worker died during {state.state.phase} in each of {attempts} attempts (last: {cause}); "
                        "the blocks it finished are kept in the output; re-submit the job to go on, "
                        "or raise resources.max_retries") from exc
-    state.echo(f"[{settings.name}] a stage worker died during {state.state.phase} ({cause}); starting the stages again "
+    state.echo(f"[{job.name}] a stage worker died during {state.state.phase} ({cause}); starting the stages again "
                f"(attempt {attempt + 1} of {attempts}); finished blocks are kept", flush=True)
 
 
-def _evaluate(ray, settings: JobSettings, plan: JobPlan) -> dict:
+def _evaluate(ray, job: Job, plan: JobPlan) -> Evaluation:
     """Held-out comparison with full precision, in one worker, for models small enough to load whole."""
     from workers.eval_task import EVAL_MAX_BYTES, evaluate_checkpoint
 
     if plan.total_bytes > EVAL_MAX_BYTES:
-        return {"skipped": f"the model has {plan.total_bytes / 2**30:.1f} GiB of tensors; evaluating models over "
-                           f"{EVAL_MAX_BYTES / 2**30:.0f} GiB across stages is not implemented yet"}
-    task = ray.remote(evaluate_checkpoint).options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0)
-    return ray.get(task.remote(settings.model_uri, settings.model_endpoint, settings.output_uri, settings.output_endpoint,
-                               settings.calibration))
+        return EvalSkipped(f"the model has {plan.total_bytes / 2**30:.1f} GiB of tensors; evaluating models over "
+                           f"{EVAL_MAX_BYTES / 2**30:.0f} GiB across stages is not implemented yet")
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=job.resources.cpus_per_worker,
+                                                   num_gpus=job.resources.gpus_per_worker or 0)
+    return ray.get(task.remote(job.where, job.calibration))

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import time
 
-from cluster.settings import JobSettings
+from cluster.job import Job
 
 
-def export_checkpoint(ray, settings: JobSettings, rest_chunks: tuple, blocks: tuple, schemes: dict, state) -> dict:
+def export_checkpoint(ray, job: Job, rest_chunks: tuple, blocks: tuple, schemes: dict, state) -> dict:
     """Write every checkpoint file the blocks did not write; ``blocks`` are their records in block order. Returns
     {key: {"sha256", "size"}} of every checkpoint file, the blocks' included, for the manifest."""
     from workers.export_task import ExportRequest, checkpoint_files
 
-    request = ExportRequest(settings.locations, tuple(blocks), tuple(rest_chunks), dict(schemes),
-                            settings.quant.activations)
-    task = ray.remote(checkpoint_files).options(num_returns="streaming", num_cpus=settings.cpus_per_worker,
-                                                max_retries=settings.max_retries)
+    request = ExportRequest(job.where, tuple(blocks), tuple(rest_chunks), dict(schemes),
+                            job.quant.activations)
+    task = ray.remote(checkpoint_files).options(num_returns="streaming", num_cpus=job.resources.cpus_per_worker,
+                                                max_retries=job.resources.max_retries)
     written, t0 = {}, time.perf_counter()
     for step, ref in enumerate(task.remote(request), 1):
         files, total = ray.get(ref)

@@ -41,6 +41,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 
+from qvlm.errors import InputError
 from workers.storage import AlreadyExists, NotFound, StorageError
 
 LOCK_KEY = "_qvlm/lock.json"
@@ -53,10 +54,8 @@ _FIELDS = {"job": str, "spec_hash": str, "run_id": str, "host": str, "pid": int,
 _KINDS = {str: "a string", int: "an integer", float: "a finite number"}
 
 
-class LockError(Exception):
-    """The output is locked by a live run, its lock is unusable, or this run lost its lock; ``exit_code`` 2."""
-
-    exit_code = 2
+class LockError(InputError):
+    """The output is locked by a live run, its lock is unusable, or this run lost its lock (exit 2)."""
 
 
 @dataclass(frozen=True)

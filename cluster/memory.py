@@ -13,7 +13,7 @@ host memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 2**30
 HEADROOM = 0.9  # of a device's memory a stage plans to use: the CUDA context, allocator slack, fragmentation
@@ -109,3 +109,55 @@ def fit(memory: StageMemory, device_bytes: int | None, host_bytes: int | None, g
     if room(device_bytes, on_device) and room(host_bytes, memory.captures):
         return Fit("host", on_device, memory.captures)
     return Fit(None, on_device, memory.captures)
+
+
+def calibration_size(plan, cal) -> CalibrationSize:
+    return CalibrationSize(cal.samples, cal.batch_size, cal.max_length, plan.image_tokens)
+
+
+def _stage_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> list[Fit]:
+    depth = quant.max_block_depth if quant.method == "qvlm" else 1
+    per_host = None if host is None else host // len(plan.stages)  # a local run's stages share this host
+    return [fit(stage_memory(plan, s, size, depth, quant.method == "gptq"), device, per_host, gpu)
+            for s in range(len(plan.stages))]
+
+
+def plan_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> bool:
+    return all(f.keep_captures is not None for f in _stage_fits(plan, size, quant, gpu, device, host))
+
+
+def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_bytes: int | None) -> list[Fit]:
+    """Where each stage keeps its captures; InputError naming the stage that does not fit, what it needs against
+    what a worker has, and how many samples or workers would fit."""
+    from qvlm.errors import InputError
+
+    size = calibration_size(plan, cal)
+    fits = _stage_fits(plan, size, quant, gpu, device_bytes, host_bytes)
+    bad = next((s for s, f in enumerate(fits) if f.keep_captures is None), None)
+    if bad is None:
+        return fits
+    memory = stage_memory(plan, bad, size, quant.max_block_depth if quant.method == "qvlm" else 1, quant.method == "gptq")
+    has = (f"{device_bytes / GIB:.1f} GiB of GPU memory" if gpu and device_bytes else "") + \
+          (f"{' and ' if gpu and device_bytes else ''}{host_bytes / GIB:.1f} GiB of host memory" if host_bytes else "")
+    samples = _most_samples(plan, size, quant, gpu, device_bytes, host_bytes)
+    workers = next((w for w in range(len(plan.stages) + 1, len(plan.streams[-1]) + 1)
+                    if plan_fits(plan.with_workers(w), size, quant, gpu, device_bytes, host_bytes)), None)
+    fixes = ([f"calibration.samples: {samples} would fit"] if samples else []) + \
+            ([f"resources.workers: {workers} would fit"] if workers else [])
+    raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
+                     f"of weights, {memory.captures / GIB:.2f} GiB of captures and {memory.workspace / GIB:.2f} GiB "
+                     f"of search workspace ({size.samples} samples x {size.tokens} tokens), against {has}; "
+                     + ("; ".join(fixes) if fixes else "give the workers more memory (resources.gpus_per_worker, "
+                                                       "resources.gpu_memory_gb)"))
+
+
+def _most_samples(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> int:
+    """The most calibration samples (a multiple of the batch size, at least one batch) that fit, 0 if none."""
+    lo, hi = 0, size.samples // size.batch_size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan_fits(plan, replace(size, samples=mid * size.batch_size), quant, gpu, device, host):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * size.batch_size

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from qvlm.errors import InputError
 from cluster.lock import LOCK_KEY
 from cluster.state import STATE_KEY, JobState, read_state
 from cluster.verify import MANIFEST_KEY
@@ -26,10 +27,8 @@ _RECORD = re.compile(re.escape(BLOCKS_PREFIX) + r"/block-\d+\.json")
 SHOWN = 3  # foreign files named in a refusal
 
 
-class OutputRefused(Exception):
+class OutputRefused(InputError):
     """The output cannot take this job; the message starts with ``output.uri:`` and says what would fix it."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

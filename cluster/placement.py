@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 from cluster.plan import JobPlan
-from cluster.settings import JobSettings
+from cluster.job import Job
 
 PLACEMENT_TIMEOUT_S = 120
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
 
-def placement_strategy(settings: JobSettings) -> str:
+def placement_strategy(job: Job) -> str:
     """Ray's placement group strategy for ``resources.placement`` (PACK unless spread is asked)."""
     try:
-        return STRATEGIES[settings.placement]
+        return STRATEGIES[job.resources.placement]
     except KeyError:
-        raise ValueError(f"resources.placement must be one of {', '.join(STRATEGIES)}, not {settings.placement!r}") from None
+        raise ValueError(f"resources.placement must be one of {', '.join(STRATEGIES)}, not {job.resources.placement!r}") from None
 
 
-def start_stages(ray, settings: JobSettings, plan: JobPlan):
+def start_stages(ray, job: Job, plan: JobPlan):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from workers.stage import StageWorker
 
-    bundle = {"CPU": settings.cpus_per_worker}
-    if settings.gpus_per_worker:
-        bundle["GPU"] = settings.gpus_per_worker
-    strategy = placement_strategy(settings)
+    bundle = {"CPU": job.resources.cpus_per_worker}
+    if job.resources.gpus_per_worker:
+        bundle["GPU"] = job.resources.gpus_per_worker
+    strategy = placement_strategy(job)
     pg = placement_group([dict(bundle) for _ in plan.stages], strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -37,12 +37,12 @@ def start_stages(ray, settings: JobSettings, plan: JobPlan):
     actor = ray.remote(StageWorker)
     all_units = [u.name for u in plan.units]
     # an actor that reserves no GPU would still see every GPU of its node: hide them, so it computes on the CPU
-    env = {} if settings.gpus_per_worker else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+    env = {} if job.resources.gpus_per_worker else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
     stages = [
-        actor.options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or 0,
+        actor.options(num_cpus=job.resources.cpus_per_worker, num_gpus=job.resources.gpus_per_worker or 0,
                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                      name=None, **env).remote(settings.locations, [plan.units[i] for i in stage], rank == 0, all_units,
-                                        max(1, int(settings.cpus_per_worker)))
+                      name=None, **env).remote(job.where, [plan.units[i] for i in stage], rank == 0, all_units,
+                                        max(1, int(job.resources.cpus_per_worker)))
         for rank, stage in enumerate(plan.stages)
     ]
     try:

@@ -9,11 +9,14 @@ stream. Stage boundaries are chosen to balance parameter bytes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
 
 from qvlm.method import Layout, linear_shapes, select_units
 from qvlm.loading import ModelError, build_skeleton, checkpoint_key_map, glue_names, load_config, owned_names
 from qvlm.structure import SEGMENTS, Unit, check_supported, closest_module_names, find_units, segments_of
+from workers.model_shard import fetch_small_files
 from workers.safetensors_reader import CheckpointIndex
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -32,9 +35,16 @@ class JobPlan:
     weight_element_bytes: int = 2  # bytes per element of the source linears' weights
     rest_chunks: tuple[tuple[str, ...], ...] = ()  # checkpoint keys of the unquantized tensors, per output file
     pixel_bytes: int = 0  # one image's pixel values as the model takes them (fp32), 0 for a text model
+    image_tokens: int = 0  # tokens per image in the vision tower, 0 for a text model
+    tokens: int = 512  # text tokens per calibration sample the stages were balanced for
 
     def stage_bytes(self, s: int) -> int:
         return sum(self.unit_bytes[i] for i in self.stages[s]) + (self.glue_bytes if s == 0 else 0)
+
+    def with_workers(self, workers: int) -> "JobPlan":
+        """The same model cut into ``workers`` stages (to say how many would fit)."""
+        costs = unit_costs(self.units, self.unit_bytes, self.tokens, self.image_tokens)
+        return replace(self, stages=tuple(split_stages(costs, self.streams, workers)))
 
     @property
     def layout(self) -> Layout:
@@ -50,24 +60,39 @@ def _param_bytes(model, names) -> int:
     return sum(sd[n].numel() * sd[n].element_size() for n in names)
 
 
-def split_stages(units: list[Unit], unit_bytes: list[int], streams: list[tuple[int, ...]], workers: int, glue_bytes: int) -> list[tuple[int, ...]]:
-    """Contiguous stages, the first holding all streams but the last, balanced by bytes."""
+def split_stages(costs: Sequence[float], streams: Sequence[tuple[int, ...]], workers: int) -> list[tuple[int, ...]]:
+    """Contiguous stages, the first holding all streams but the last, balanced by ``costs`` (per unit)."""
     last = list(streams[-1])
     head = [i for s in streams[:-1] for i in s]
     n_stages = max(1, min(workers, len(last)))
-    total = glue_bytes + sum(unit_bytes)
-    target = total / n_stages
-    stages, current, acc = [], list(head), glue_bytes + sum(unit_bytes[i] for i in head)
+    target = sum(costs) / n_stages
+    stages, current, acc = [], list(head), sum(costs[i] for i in head)
     for pos, i in enumerate(last):
         remaining_units = len(last) - pos
         remaining_stages = n_stages - len(stages) - 1
-        if current and remaining_stages > 0 and (acc + unit_bytes[i] / 2 > target or remaining_units == remaining_stages) and any(u in last for u in current):
+        if current and remaining_stages > 0 and (acc + costs[i] / 2 > target or remaining_units == remaining_stages) and any(u in last for u in current):
             stages.append(tuple(current))
             current, acc = [], 0
         current.append(i)
-        acc += unit_bytes[i]
+        acc += costs[i]
     stages.append(tuple(current))
     return stages
+
+
+def unit_costs(units: Sequence[Unit], unit_bytes: Sequence[int], tokens: int, image_tokens: int) -> list[float]:
+    """What a unit costs a stage to capture and search: its weights times the tokens it sees per sample (image
+    tokens in the vision tower and the projector, text tokens after)."""
+    return [b * (image_tokens if u.segment in ("vision", "projector") and image_tokens else tokens)
+            for u, b in zip(units, unit_bytes)]
+
+
+def image_tokens_of(config) -> int:
+    """Tokens per image in the vision tower (patches, plus a class token), 0 for a model without one."""
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
+        return 0
+    return (size // patch) ** 2 + 1
 
 
 def check_weights(model, index: CheckpointIndex, source: str) -> None:
@@ -120,7 +145,8 @@ def units_to_quantize(model, quant, source: str) -> list[Unit]:
                          "target one of those and ignore fewer linears") from None
 
 
-def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> JobPlan:
+def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int, tokens: int = 512) -> JobPlan:
+    """The plan of a model for a job of ``workers`` stages whose calibration samples have ``tokens`` tokens."""
     source = index.storage.uri.rstrip("/")
     model = build_skeleton(load_config(config_dir, f"{source}/config.json"))
     check_weights(model, index, source)
@@ -128,12 +154,14 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int) -> J
     streams = [tuple(u.index for u in run) for run in segments_of(units)]
     unit_bytes = [_param_bytes(model, owned_names(model, [u.name])) for u in units]
     glue = _param_bytes(model, glue_names(model, [u.name for u in units]))
-    stages = split_stages(units, unit_bytes, streams, workers, glue)
+    image_tokens = image_tokens_of(model.config)
+    stages = split_stages(unit_costs(units, unit_bytes, tokens, image_tokens), streams, workers)
     first = units[0]
     element = model.get_submodule(first.linear_name(first.linears[0])).weight.element_size()
     shapes = linear_shapes(model, units)
     return JobPlan(type(model).__name__, tuple(units), tuple(streams), tuple(stages), tuple(unit_bytes), glue,
-                   index.total_bytes(), shapes, element, rest_chunks(model, index, shapes), _pixel_bytes(model.config))
+                   index.total_bytes(), shapes, element, rest_chunks(model, index, shapes), _pixel_bytes(model.config),
+                   image_tokens, tokens)
 
 
 MAX_FILE_BYTES = 5 * 10**9  # the checkpoint's unquantized tensors go into files of at most this size
@@ -163,6 +191,15 @@ def _pixel_bytes(config) -> int:
     return 3 * height * width * 4
 
 
+def inspect_model(job) -> tuple[JobPlan, Path]:
+    """The plan of ``job``'s model from its config and safetensors headers (and the local folder of its small
+    files: config, tokenizer, processor)."""
+    model_store = job.where.model()
+    config_dir = fetch_small_files(model_store)
+    index = CheckpointIndex.open(model_store)
+    return make_plan(str(config_dir), index, job.quant, job.resources.workers, job.calibration.max_length), config_dir
+
+
 _PLACEMENT_WORDS = {"pack": "PACK (stage workers share as few nodes as possible)",
                     "spread": "SPREAD (each stage worker on a different node where the cluster has enough)"}
 
@@ -172,13 +209,6 @@ def quantized_bytes(plan: JobPlan, quant) -> int:
     linear_fp = sum(out * inp for out, inp in plan.linear_shapes.values()) * plan.weight_element_bytes
     packed = sum(quant.weights.storage_bits(out, inp) for out, inp in plan.linear_shapes.values()) // 8
     return plan.total_bytes - linear_fp + packed
-
-
-def activation_bytes(plan: JobPlan, stage: int, samples: int, tokens: int) -> int:
-    """Captured fp32 activations a stage keeps: each own unit's input and output for every sample."""
-    widths = [max(inp for name, (_, inp) in plan.linear_shapes.items() if name.startswith(plan.units[i].name + "."))
-              for i in plan.stages[stage]]
-    return sum(2 * samples * tokens * w * 4 for w in widths)
 
 
 def image_units(plan: JobPlan) -> list[Unit]:
@@ -200,26 +230,24 @@ def record_bytes(plan: JobPlan, tokens: int) -> int:
     return 2 * (tokens * 16 + plan.pixel_bytes)
 
 
-def capture_bytes_per_sample(plan: JobPlan, tokens: int) -> int:
-    """Captured activations of one sample summed over every stage worker (what one host holds in a local run)."""
-    return sum(activation_bytes(plan, s, 1, tokens) for s in range(len(plan.stages)))
+def memory_lines(plan: JobPlan, quant, samples: int, tokens: int, batch_size: int) -> list[str]:
+    """Per stage: weights + captures + search workspace, in the model's dtype (cluster/memory.py)."""
+    from cluster.memory import CalibrationSize, stage_memory
+
+    size = CalibrationSize(samples, batch_size, tokens, plan.image_tokens)
+    depth = quant.max_block_depth if quant.method == "qvlm" else 1
+    lines = [f"memory per stage worker ({samples} samples x {tokens} tokens"
+             + (f", {plan.image_tokens} per image" if plan.image_tokens else "")
+             + f", {plan.weight_element_bytes}-byte activations as the model's dtype):"]
+    for s in range(len(plan.stages)):
+        m = stage_memory(plan, s, size, depth, quant.method == "gptq")
+        lines.append(f"  stage {s}: {m.weights / 2**30:.2f} GiB weights + {m.captures / 2**30:.2f} GiB captures + "
+                     f"{m.workspace / 2**30:.2f} GiB search workspace = {m.total / 2**30:.2f} GiB")
+    return lines
 
 
-def calibration_bytes(plan: JobPlan, samples: int, eval_samples: int, tokens: int, capture: bool) -> int:
-    """Memory the calibration data takes on this host: every record and batch, and with ``capture`` (a local
-    run, whose stage workers all live here) the model's weights and every stage's captured activations."""
-    need = (samples + eval_samples) * record_bytes(plan, tokens)
-    return need + (plan.total_bytes + samples * capture_bytes_per_sample(plan, tokens) if capture else 0)
-
-
-def samples_that_fit(plan: JobPlan, eval_samples: int, tokens: int, memory: int, capture: bool) -> int:
-    """The most calibration samples whose ``calibration_bytes`` fit in ``memory``."""
-    fixed = calibration_bytes(plan, 0, eval_samples, tokens, capture)
-    per_sample = calibration_bytes(plan, 1, 0, tokens, capture) - calibration_bytes(plan, 0, 0, tokens, capture)
-    return max(0, (memory - fixed) // per_sample)
-
-
-def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, tokens: int = 0) -> list[str]:
+def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, tokens: int = 0,
+             batch_size: int = 8) -> list[str]:
     """Human-readable plan lines for ``qvlm plan``; ``placement`` is ``resources.placement``."""
     mib = 1 / 2**20
     lines = [f"model: {plan.model_class}, {len(plan.units)} units in {len(plan.streams)} streams, "
@@ -232,9 +260,7 @@ def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, to
     lines.append(f"peak weights per stage worker: {largest * mib:.1f} MiB "
                  f"({largest / max(plan.total_bytes, 1):.0%} of the model)")
     if samples and tokens:
-        acts = max(activation_bytes(plan, s, samples, tokens) for s in range(len(plan.stages)))
-        lines.append(f"captured activations per stage worker: up to {acts * mib:.1f} MiB "
-                     f"({samples} samples x {tokens} tokens, fp32, a unit's input and output)")
+        lines += memory_lines(plan, quant, samples, tokens, batch_size)
     lines.append(f"bytes to read: {plan.total_bytes * mib:.1f} MiB by the stages, about the linears' share again "
                  f"by the block searches; to write: about {quantized_bytes(plan, quant) * mib:.1f} MiB of checkpoint "
                  "plus the block shards")

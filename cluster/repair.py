@@ -14,7 +14,7 @@ import json
 
 from cluster.commit import HTML_KEY, MANIFEST_KEY, PLAN_KEY, REPORT_KEY
 from cluster.export import export_checkpoint
-from cluster.settings import JobSettings
+from cluster.job import Job
 from workers.shard import BLOCKS_PREFIX, read_record
 
 NOT_EXPORTED = (MANIFEST_KEY, PLAN_KEY, REPORT_KEY, HTML_KEY)
@@ -32,7 +32,7 @@ def block_files(out, manifest: dict) -> set[str]:
     return {b["shard"] for b in plan["blocks"]}
 
 
-def reexport(ray, settings: JobSettings, plan, out, manifest: dict, state) -> None:
+def reexport(ray, job: Job, plan, out, manifest: dict, state) -> None:
     """Export again around the blocks' files, then write the manifest with the new files' sha256, last."""
     from qvlm.quant import WeightScheme
 
@@ -40,7 +40,7 @@ def reexport(ray, settings: JobSettings, plan, out, manifest: dict, state) -> No
     schemes = {name: WeightScheme(**scheme) for name, scheme in document["schemes"].items()}
     records = tuple(read_record(out, b["index"]) for b in document["blocks"])
     out.delete(MANIFEST_KEY)
-    written = export_checkpoint(ray, settings, plan.rest_chunks, records, schemes, state)
+    written = export_checkpoint(ray, job, plan.rest_chunks, records, schemes, state)
     state.check()  # never commit into an output whose lock another run has taken
     files = {**manifest["files"], **written}
     out.put_bytes(MANIFEST_KEY, json.dumps({**manifest, "files": files}, indent=1, sort_keys=True).encode())

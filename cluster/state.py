@@ -11,16 +11,16 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from qvlm.errors import InputError
+
 STATE_KEY = "_qvlm/state.json"
 PHASES = ("planning", "capturing", "statistics", "searching", "committing", "finished", "failed", "stopped")
 FINAL_PHASES = ("finished", "failed", "stopped")
 STEP_UNITS = {"capturing": "batches", "committing": "files"}  # searching counts blocks in its own fields
 
 
-class StateError(ValueError):
-    """The state file is not a qvlm state; ``exit_code`` 2 (bad input)."""
-
-    exit_code = 2
+class StateError(InputError, ValueError):
+    """The state file is not a qvlm state (exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from qvlm.method import Block, Hooks, capture_phase, plan_blocks
 from cluster.pipeline import RayPipeline
 from cluster.plan import JobPlan
-from cluster.settings import JobSettings
+from cluster.job import Job
 from workers.veo_task import VeoRecord, load_veo_record
 
 
@@ -33,19 +33,19 @@ class VeoOutcome:
                 "blocks_before": [{"index": b.index, "stream": b.stream, "units": list(b.units)} for b in self.blocks_before]}
 
 
-def tune_vision_encoder(ray, pipe: RayPipeline, plan: JobPlan, settings: JobSettings, out, schemes: dict, bits: dict,
+def tune_vision_encoder(ray, pipe: RayPipeline, plan: JobPlan, job: Job, out, schemes: dict, bits: dict,
                         deps) -> VeoOutcome:
     t0 = time.perf_counter()
-    quant = settings.quant
+    quant = job.quant
     first = pipe.actors[0]  # the first stage owns every stream but the last, so the whole vision tower lives there
     vision = [u for u in plan.units if u.segment == "vision"]
     record = load_veo_record(out, [u.name for u in vision])
     reused = record is not None
     if record is None:
-        record = ray.get(first.run_veo.remote(list(plan.units), schemes, bits, quant, settings.calibration))
+        record = ray.get(first.run_veo.remote(list(plan.units), schemes, bits, quant, job.calibration))
     blocks_before, h0_before = plan_blocks(plan.streams, deps, quant, layout=plan.layout)
     ray.get(first.use_quantized.remote(record.block, quant.activations))
     ray.get([s.reset_captures.remote() for s in pipe.actors])
-    n_batches = ray.get(first.load_batches.remote(settings.calibration))
+    n_batches = ray.get(first.load_batches.remote(job.calibration))
     capture_phase(pipe, range(n_batches), Hooks())
     return VeoOutcome(record, reused, time.perf_counter() - t0, list(deps), h0_before, blocks_before)

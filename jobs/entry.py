@@ -12,13 +12,14 @@ def main(argv: list[str]) -> int:
     records "stopped" and releases the output's lock (cluster/stopping.py)."""
     from cluster import stopping
     from cluster.driver import run_job
-    from jobs.cli import evaluation_line, settings_from_spec
+    from cluster.validate import validate
+    from qvlm.evaluate import evaluation_line
     from jobs.spec import JobSpec
 
-    spec = JobSpec.model_validate(json.loads(base64.b64decode(argv[0])))
+    job = JobSpec.model_validate(json.loads(base64.b64decode(argv[0]))).compile()
     with stopping.stop_on_signals():
         try:
-            outcome = run_job(settings_from_spec(spec), address="auto")
+            outcome = run_job(job, validate(job, local_run=False), address="auto")
         except KeyboardInterrupt:
             print(f"stopped by {stopping.received()}", flush=True)
             return stopping.exit_code()

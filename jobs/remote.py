@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from jobs.errors import ClusterError, JobFailed
+from qvlm.errors import ClusterError, JobFailed
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -36,26 +36,26 @@ def entrypoint_for(spec) -> str:
     return f"python -m jobs.entry {blob}"
 
 
-def submission_metadata(settings) -> dict[str, str]:
+def submission_metadata(job) -> dict[str, str]:
     """What ``qvlm status JOB_ID`` needs to find the job's state: its output (and endpoint, unless it carries
     credentials)."""
-    meta = {"qvlm": settings.name, "output": settings.output_uri}
-    endpoint = settings.output_endpoint
+    meta = {"qvlm": job.name, "output": job.where.output_uri}
+    endpoint = job.where.output_endpoint
     if endpoint and urlparse(endpoint).username is None and urlparse(endpoint).password is None:
         meta["output_endpoint"] = endpoint
     return meta
 
 
-def submit_remote(address: str, spec, settings, wait: bool = True) -> None:
+def submit_remote(address: str, spec, job, wait: bool = True) -> None:
     client = _client(address)
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": ["/.venv", "/out", "/models", "/.git"]}
     try:
         job_id = client.submit_job(entrypoint=entrypoint_for(spec), runtime_env=runtime_env,
-                                   submission_id=settings.submission_id, metadata=submission_metadata(settings))
+                                   submission_id=job.submission_id, metadata=submission_metadata(job))
     except RuntimeError as exc:
         if "already exists" not in str(exc):
             raise ClusterError(f"submission to {address} failed: {exc}") from None
-        job_id = settings.submission_id
+        job_id = job.submission_id
         print(f"{job_id} was already submitted; following it", flush=True)
     print(f"submitted {job_id} to {address}", flush=True)
     if not wait:

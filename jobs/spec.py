@@ -3,8 +3,9 @@ form ``FILE:LINE: dotted.path: message``.
 
 Validation here is pure apart from resolving paths (symlinks included) to see whether the output meets the
 model or the calibration data: whether the model or the calibration file exists is checked later, against
-the real inputs. ``qvlm`` (and so torch) is imported only by :meth:`JobSpec.to_quant_config`. The job file
-is read with bounds (size, and YAML nodes after alias expansion), so no job file can hang the loader.
+the real inputs. Every default comes from the typed job it compiles to (``qvlm.config`` for the method and the
+calibration, ``cluster.job.Resources`` for the resources): :meth:`JobSpec.compile` gives that job. The job
+file is read with bounds (size, and YAML nodes after alias expansion), so no job file can hang the loader.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       ValidationInfo, field_validator)
 
-from jobs.errors import JobSpecError
+from cluster.job import Job, Resources
+from cluster.places import meets as _meets, place as _place
+from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig, VeoConfig
+from qvlm.errors import InputError
+from qvlm.quant import ActScheme, WeightScheme
+from workers.locations import Locations
 
-if TYPE_CHECKING:
-    from qvlm.config import QuantConfig
+_CAL, _QUANT, _RES = CalibrationSettings(), QuantConfig(), Resources()  # the one source of every default
 
 Segment = Literal["vision", "projector", "language"]
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -35,6 +40,10 @@ MAX_JOB_BYTES = 1 << 20  # a job file is a few hundred bytes
 MAX_YAML_NODES = 10_000  # after alias expansion; a job file has a few hundred
 MAX_SEED = 2**32 - 1  # every seed qvlm passes on (random, numpy, torch) accepts 0 .. 2**32 - 1
 _PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+class JobSpecError(InputError):
+    """The job file or a ``--set`` override is invalid (lines read ``FILE:LINE: dotted.path: message``)."""
 
 
 class FieldProblem(ValueError):
@@ -69,26 +78,6 @@ def _unique_nonempty(values: tuple, what: str) -> tuple:
     return values
 
 
-def _place(uri: str) -> Optional[tuple[str, ...]]:
-    """A URI as path segments under its root (``s3://bucket`` or ``/``), for containment checks; None for
-    other schemes and hub ids. Local paths are resolved, so symlinks and '..' cannot hide that two paths meet."""
-    if uri.startswith("s3://"):
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        return ("s3://", bucket, *[p for p in key.split("/") if p])
-    if "://" in uri and not uri.startswith("file://"):
-        return None
-    path = Path(uri.removeprefix("file://")).expanduser()
-    return _resolved(path).parts if path.is_absolute() else None
-
-
-def _resolved(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
-        raise ValueError(f"{path} is a symbolic link loop (or a link chain too long to follow); "
-                         "point it at a real folder") from None
-
-
 def _check_local_place(value: str, what: str) -> str:
     """A local path must resolve (no symlink loop) and lie on a real disk, not on /proc, /sys or /dev."""
     place = _place(value)
@@ -101,23 +90,6 @@ def _check_local_place(value: str, what: str) -> str:
     return value
 
 
-def _meets(out: tuple[str, ...], other: tuple[str, ...]) -> Optional[str]:
-    """How a resolved output place meets another resolved place: "is", "is inside", "contains" or None."""
-    if out == other:
-        return "is"
-    if out[:len(other)] == other:
-        return "is inside"
-    if other[:len(out)] == out:
-        return "contains"
-    return None
-
-
-def output_meets(output_uri: str, other: str) -> Optional[str]:
-    """How an output meets another location once both are resolved: "is", "is inside", "contains" or None."""
-    out, there = _place(output_uri), _place(other)
-    return _meets(out, there) if out and there else None
-
-
 class Strict(BaseModel):
     # every float field of the job file is a finite number (.inf and .nan are refused, naming the field)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -125,22 +97,37 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     path: StrictStr
-    revision: Optional[StrictStr] = None
+    revision: Optional[StrictStr] = None  # refused: see _revision
     trust_remote_code: StrictBool = False
+    endpoint_url: Optional[StrictStr] = None  # the model's S3 endpoint (default: output.endpoint_url)
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         return _check_local_place(_check_uri(value, _MODEL_FORMS), "the model's folder")
 
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            raise ValueError("qvlm reads a model from a local folder or an S3 prefix, which have no revisions; "
+                             "download the revision you want first (huggingface-cli download NAME --revision REV "
+                             "--local-dir DIR) and remove model.revision")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: Optional[str]) -> Optional[str]:
+        return _check_endpoint(value)
+
 
 class CalibrationSpec(Strict):
-    data: StrictStr = "builtin:shapes"
-    samples: Annotated[StrictInt, Field(ge=1)] = 64
-    eval_samples: Annotated[StrictInt, Field(ge=0)] = 16
-    max_length: Annotated[StrictInt, Field(ge=8)] = 512
-    batch_size: Annotated[StrictInt, Field(ge=1)] = 8
-    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] = 0
+    data: StrictStr = _CAL.data
+    samples: Annotated[StrictInt, Field(ge=1)] = _CAL.samples
+    eval_samples: Annotated[StrictInt, Field(ge=0)] = _CAL.eval_samples
+    max_length: Annotated[StrictInt, Field(ge=8)] = _CAL.max_length
+    batch_size: Annotated[StrictInt, Field(ge=1)] = _CAL.batch_size
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] = _CAL.seed
 
     @field_validator("data")
     @classmethod
@@ -162,9 +149,9 @@ class CalibrationSpec(Strict):
 
 
 class WeightsSpec(Strict):
-    bits: Annotated[StrictInt, Field(ge=2, le=8)] = 4
-    group_size: StrictInt = 128
-    symmetric: StrictBool = True
+    bits: Annotated[StrictInt, Field(ge=2, le=8)] = _QUANT.weights.bits
+    group_size: StrictInt = _QUANT.weights.group_size
+    symmetric: StrictBool = _QUANT.weights.symmetric
 
     @field_validator("group_size")
     @classmethod
@@ -176,7 +163,7 @@ class WeightsSpec(Strict):
 
 
 class ActivationsSpec(Strict):
-    bits: Literal[4, 6, 8, 16] = 16
+    bits: Literal[4, 6, 8, 16] = _QUANT.activations.bits
     granularity: Optional[Literal["token", "channel", "tensor"]] = None
     symmetric: Optional[StrictBool] = None
 
@@ -191,22 +178,23 @@ class ActivationsSpec(Strict):
 class VeoSpec(Strict):
     """Visual-encoder optimisation: tune the vision tower's quantizers before the partition (qvlm/veo.py)."""
 
-    enabled: StrictBool = False
-    epochs: Annotated[StrictInt, Field(ge=1, le=1000)] = 4
-    lr: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.01
-    lambda_entropy: Annotated[StrictFloat, Field(ge=0)] = 0.1
-    lambda_error: Annotated[StrictFloat, Field(ge=0)] = 1.0
-    eta: Annotated[StrictFloat, Field(ge=0)] = 0.1
+    enabled: StrictBool = _QUANT.veo.enabled
+    epochs: Annotated[StrictInt, Field(ge=1, le=1000)] = _QUANT.veo.epochs
+    lr: Annotated[StrictFloat, Field(gt=0, le=1)] = _QUANT.veo.lr
+    lambda_entropy: Annotated[StrictFloat, Field(ge=0)] = _QUANT.veo.lambda_entropy
+    lambda_error: Annotated[StrictFloat, Field(ge=0)] = _QUANT.veo.lambda_error
+    eta: Annotated[StrictFloat, Field(ge=0)] = _QUANT.veo.eta
 
 
 class QvlmSpec(Strict):
-    search: Literal["clip", "learned"] = "clip"
-    max_block_depth: Annotated[StrictInt, Field(ge=1, le=8)] = 3
-    h0: Annotated[Literal["auto"] | float, Field(description='"auto" or a float >= 0')] = "auto"
-    percentiles: tuple[Annotated[StrictFloat, Field(gt=0.5, le=1.0)], ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
-    epochs: Annotated[StrictInt, Field(ge=1)] = 10
-    iters: Annotated[StrictInt, Field(ge=1)] = 200
-    propagation: Literal["fp", "quantized"] = "fp"
+    search: Literal["clip", "learned"] = _QUANT.search
+    max_block_depth: Annotated[StrictInt, Field(ge=1, le=8)] = _QUANT.max_block_depth
+    h0: Annotated[Literal["auto"] | float, Field(description='"auto" or a float >= 0')] = (
+        "auto" if _QUANT.h0 is None else _QUANT.h0)
+    percentiles: tuple[Annotated[StrictFloat, Field(gt=0.5, le=1.0)], ...] = _QUANT.percentiles
+    epochs: Annotated[StrictInt, Field(ge=1)] = _QUANT.epochs
+    iters: Annotated[StrictInt, Field(ge=1)] = _QUANT.iters
+    propagation: Literal["fp", "quantized"] = _QUANT.propagation
     veo: VeoSpec = VeoSpec()
 
     @field_validator("h0", mode="before")
@@ -225,18 +213,18 @@ class QvlmSpec(Strict):
 
 
 class MixedPrecisionSpec(Strict):
-    metric: Literal["none", "sensitivity", "kurtosis"] = "none"
-    extra_budget: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.02
-    stop: Annotated[StrictInt, Field(ge=1, le=11)] = 2
-    top_m: Annotated[StrictInt, Field(ge=0)] = 0
+    metric: Literal["none", "sensitivity", "kurtosis"] = _QUANT.mixed_precision.metric
+    extra_budget: Annotated[StrictFloat, Field(ge=0, le=1)] = _QUANT.mixed_precision.extra_budget
+    stop: Annotated[StrictInt, Field(ge=1, le=11)] = _QUANT.mixed_precision.stop
+    top_m: Annotated[StrictInt, Field(ge=0)] = _QUANT.mixed_precision.top_m
 
 
 class QuantizationSpec(Strict):
-    method: Literal["qvlm", "gptq", "rtn"] = "qvlm"
+    method: Literal["qvlm", "gptq", "rtn"] = _QUANT.method
     weights: WeightsSpec = WeightsSpec()
     activations: ActivationsSpec = ActivationsSpec()
-    targets: tuple[Segment, ...] = ("vision", "projector", "language")
-    ignore: tuple[StrictStr, ...] = ("lm_head",)
+    targets: tuple[Segment, ...] = _QUANT.targets
+    ignore: tuple[StrictStr, ...] = _QUANT.ignore
     qvlm: QvlmSpec = QvlmSpec()
     mixed_precision: MixedPrecisionSpec = MixedPrecisionSpec()
 
@@ -285,22 +273,19 @@ class OutputSpec(Strict):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
-        if value is not None and "@" in value.split("://", 1)[1].split("/", 1)[0]:
-            raise ValueError("must not hold a user or password (user:password@); S3 credentials come from the AWS "
-                             "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)")
-        return value
+        return _check_endpoint(value)
 
 
 class ResourcesSpec(Strict):
-    workers: Annotated[StrictInt, Field(ge=1)] = 2
-    gpus_per_worker: Annotated[StrictFloat, Field(ge=0)] = 0.0
-    cpus_per_worker: Annotated[StrictFloat, Field(gt=0)] = 1.0
-    max_retries: Annotated[StrictInt, Field(ge=0)] = 3
+    workers: Annotated[StrictInt, Field(ge=1)] = _RES.workers
+    gpus_per_worker: Annotated[StrictFloat, Field(ge=0)] = _RES.gpus_per_worker
+    cpus_per_worker: Annotated[StrictFloat, Field(gt=0)] = _RES.cpus_per_worker
+    max_retries: Annotated[StrictInt, Field(ge=0)] = _RES.max_retries
     # How the stage workers' placement group lies across nodes: "pack" fills few nodes (fast transfers
     # between stages), "spread" puts each stage on a different node where it can (memory isolation).
-    placement: Literal["pack", "spread"] = "pack"
+    placement: Literal["pack", "spread"] = _RES.placement
+    # One GPU's memory, for `qvlm plan` and submissions where no cluster reports it (a running stage measures it).
+    gpu_memory_gb: Optional[Annotated[StrictFloat, Field(gt=0)]] = _RES.gpu_memory_gb
 
 
 class JobSpec(Strict):
@@ -347,11 +332,16 @@ class JobSpec(Strict):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def to_quant_config(self) -> QuantConfig:
-        """The typed ``qvlm.config.QuantConfig`` of this job (imports torch)."""
-        from qvlm.config import MixedPrecisionConfig, QuantConfig, VeoConfig
-        from qvlm.quant import ActScheme, WeightScheme
+    def compile(self) -> Job:
+        """The typed, frozen job this file describes: what every layer below the command line reads."""
+        cal, out, res = self.calibration, self.output, self.resources
+        where = Locations(str(self.model.path), str(out.uri), self.model.endpoint_url or out.endpoint_url,
+                          out.endpoint_url)
+        return Job(self.name, self.spec_hash(), where, CalibrationSettings(**cal.model_dump()), self.to_quant_config(),
+                   Resources(**res.model_dump()), out.overwrite)
 
+    def to_quant_config(self) -> QuantConfig:
+        """The typed ``qvlm.config.QuantConfig`` of this job."""
         q, s, w = self.quantization, self.quantization.qvlm, self.quantization.weights
         return QuantConfig(
             method=q.method, weights=WeightScheme(w.bits, w.group_size, w.symmetric),
@@ -361,6 +351,15 @@ class JobSpec(Strict):
             mixed_precision=MixedPrecisionConfig(**q.mixed_precision.model_dump()),
             veo=VeoConfig(**s.veo.model_dump()), seed=self.calibration.seed,
         )
+
+
+def _check_endpoint(value: Optional[str]) -> Optional[str]:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+    if value is not None and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError("must not hold a user or password (user:password@); S3 credentials come from the AWS "
+                         "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)")
+    return value
 
 
 def job_json_schema() -> dict:

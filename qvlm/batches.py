@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+from qvlm.config import CalibrationSettings
 from qvlm.calibration import CalibrationRecord, load_records, make_batches, make_pixel_batches
-from qvlm.evaluate import find_answer_spans
+from qvlm.answers import find_answer_spans
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    data: str = "builtin:shapes"
-    samples: int = 64
-    eval_samples: int = 16
-    max_length: int = 512
-    batch_size: int = 8
-    seed: int = 0
 
 
 def _kind(config) -> str:

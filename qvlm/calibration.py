@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qvlm.errors import InputError
+
 _KEYS = ("image", "text", "answer")
 
 
@@ -34,7 +36,7 @@ class CalibrationRecord:
     origin: str | None = field(default=None, compare=False)  # "calibration file F, line N" for JSONL records
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError, ValueError):
     """Bad calibration data or settings; the message names the source (file and line) and how to fix it."""
 
 

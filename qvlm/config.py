@@ -1,4 +1,5 @@
-"""Typed settings of one quantization run (the numerical part of a job file)."""
+"""Typed settings of one quantization run (the numerical part of a job file) and its calibration data, with the
+one definition of every default (the job file's schema, jobs/spec.py, takes its defaults from here)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from typing import Literal
 from qvlm.quant import ActScheme, WeightScheme
 from qvlm.search import SearchConfig
 from qvlm.structure import SEGMENTS, Segment
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where the calibration records come from and how they are batched (``calibration`` in a job file)."""
+
+    data: str = "builtin:shapes"  # builtin:<name> or a JSONL file (qvlm.calibration)
+    samples: int = 64
+    eval_samples: int = 16  # held out for the evaluation
+    max_length: int = 512
+    batch_size: int = 8
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,9 @@ class QuantConfig:
     search: Literal["clip", "learned"] = "clip"
     max_block_depth: int = 3
     h0: float | None = None  # None = auto (mean of the dependency series)
-    percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
-    epochs: int = 10
-    iters: int = 200
+    percentiles: tuple[float, ...] = SearchConfig.percentiles  # the search's own defaults, stated once there
+    epochs: int = SearchConfig.epochs
+    iters: int = SearchConfig.iters
     propagation: Literal["fp", "quantized"] = "fp"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     veo: VeoConfig = field(default_factory=VeoConfig)

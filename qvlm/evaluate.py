@@ -13,10 +13,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from qvlm.answers import Span, find_answer_spans
 from qvlm.calibration import CalibrationRecord, make_batches
 
 Batch = dict[str, torch.Tensor]
-Span = tuple[int, int] | None  # [start, end) of a record's answer tokens in its row, None = no answer
 
 
 @dataclass(frozen=True)
@@ -29,44 +29,27 @@ class EvalResult:
     q_accuracy: float | None
 
 
-def answer_span(prompt_ids: Sequence[int], full_ids: Sequence[int]) -> Span:
-    """Where the answer sits in ``full_ids`` (prompt + answer), from the same row tokenized without it.
+@dataclass(frozen=True)
+class EvalSkipped:
+    """No evaluation ran, and why."""
 
-    The answer is what differs between the two rows: strip their common prefix, then their common suffix
-    (a tokenizer that appends EOS puts it after the answer).
-    """
-    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
-    start = 0
-    while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
-        start += 1
-    tail = 0
-    while tail < min(len(prompt_ids), len(full_ids)) - start and prompt_ids[-1 - tail] == full_ids[-1 - tail]:
-        tail += 1
-    end = len(full_ids) - tail
-    return (start, end) if 0 < start < end else None
+    reason: str
 
 
-def _row_ids(batch: Batch, row: int) -> list[int]:
-    return batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+Evaluation = EvalResult | EvalSkipped
 
 
-def find_answer_spans(prompt_batches: list[Batch], full_batches: list[Batch],
-                 records: Sequence[CalibrationRecord], max_length: int) -> list[list[Span]]:
-    """Per batch, per row: the answer span, or None when the record has no answer or may be truncated.
-
-    A row of exactly ``max_length`` tokens may have lost part of its answer, so it is left out rather
-    than graded on a fragment.
-    """
-    spans, i = [], 0
-    for prompt, full in zip(prompt_batches, full_batches, strict=True):
-        row_spans = []
-        for row in range(full["input_ids"].shape[0]):
-            full_ids = _row_ids(full, row)
-            fits = records[i].answer is not None and len(full_ids) < max_length
-            row_spans.append(answer_span(_row_ids(prompt, row), full_ids) if fits else None)
-            i += 1
-        spans.append(row_spans)
-    return spans
+def evaluation_line(evaluation: Evaluation | None) -> str:
+    """One line for people: the figures, or why there are none."""
+    if evaluation is None:
+        return "evaluation: none"
+    if isinstance(evaluation, EvalSkipped):
+        return f"evaluation: skipped ({evaluation.reason})"
+    line = (f"evaluation on {evaluation.tokens} held-out positions: mean KL {evaluation.kl_mean:.4g} nats, "
+            f"top-1 agreement {evaluation.top1_agreement:.1%}")
+    if evaluation.questions:
+        line += f", answer accuracy FP {evaluation.fp_accuracy:.1%} vs quantized {evaluation.q_accuracy:.1%}"
+    return line
 
 
 @dataclass

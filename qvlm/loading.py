@@ -22,9 +22,10 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from qvlm.capture import disable_kv_cache
+from qvlm.errors import InputError
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """The model's files do not fit what qvlm needs; the message names the file and how to fix it."""
 
 

@@ -82,6 +82,11 @@ class Stage:
         self.results: dict[int, BlockResult] = {}  # searched or loaded blocks, by block index
         self._carried: list[torch.Tensor] | None = None
 
+    def keep_captures_on(self, where: str) -> None:
+        """Keep what is captured from now on on the stage's ``device`` or in ``host`` memory (when it does not
+        fit the GPU: each batch then moves to the device when it is used)."""
+        self.keep_on = self.device if where == "device" else torch.device("cpu")
+
     def module(self, unit_index: int) -> nn.Module:
         return self.model.get_submodule(self.captures[unit_index].unit.name)
 

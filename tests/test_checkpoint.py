@@ -8,10 +8,11 @@ from transformers import AutoProcessor, CompressedTensorsConfig, LlavaForConditi
 from typer.testing import CliRunner
 
 from cluster.driver import run_job
-from cluster.settings import JobSettings
+from cluster.job import Job, Resources
+from workers.locations import Locations
 from jobs.cli import app
-from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.config import MixedPrecisionConfig, QuantConfig
+from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig
+from qvlm.batches import calibration_batches
 from qvlm.driver import quantize
 from qvlm.export import ACTIVATIONS_FILE, apply_activation_ranges
 from qvlm.fakequant import FakeQuantLinear
@@ -32,9 +33,7 @@ CASES = {
 
 
 def _run(local_ray, model_dir, out, quant):
-    settings = JobSettings(name="ckpt", spec_hash="c" * 64, model_uri=str(model_dir), output_uri=str(out),
-                           calibration=CAL, quant=quant, workers=2)
-    return run_job(settings)
+    return run_job(Job("ckpt", "c" * 64, Locations(str(model_dir), str(out)), CAL, quant, Resources(workers=2)))
 
 
 MIXED = QuantConfig(method="rtn", weights=WeightScheme(4, 64, True),
@@ -215,7 +214,7 @@ def test_static_activation_ranges_go_to_the_sidecar(outputs, tiny_llava_dir):
         torch.testing.assert_close(dense(**batches[0]).logits, qmodel(**batches[0]).logits, rtol=1e-5, atol=1e-5)
     report = json.loads((out / "qvlm_report.json").read_text())
     assert report["servable"]["servable"] is False and "research-only" in report["servable"]["note"]
-    assert outcome.evaluation["tokens"] > 0 and 0.0 <= outcome.evaluation["top1_agreement"] <= 1.0
+    assert outcome.evaluation.tokens > 0 and 0.0 <= outcome.evaluation.top1_agreement <= 1.0
 
 
 def test_processor_and_report_files(outputs):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qvlm.calibration import load_records, make_batches
-from qvlm.evaluate import answer_span, compare_models, evaluate_records, find_answer_spans
+from qvlm.answers import answer_span, find_answer_spans
+from qvlm.evaluate import compare_models, evaluate_records
 from qvlm.tiny import make_tiny_llava
 
 MAX_LENGTH = 64

@@ -213,16 +213,17 @@ def test_a_block_file_that_fails_its_checksum_is_never_vouched_for(tmp_path):
 # --- the output lock (no Ray) ----------------------------------------------------------------------
 
 def _settings(model_dir, out, **kw):
-    from cluster.settings import JobSettings
-    from qvlm.batches import CalibrationSettings
+    from cluster.job import Job
+    from workers.locations import Locations
+    from qvlm.config import CalibrationSettings
     from qvlm.config import QuantConfig
 
-    return JobSettings(name="second", spec_hash="2" * 64, model_uri=str(model_dir), output_uri=str(out),
-                       calibration=CalibrationSettings(samples=8, eval_samples=0), quant=QuantConfig(), **kw)
+    return Job("second", "2" * 64, Locations(str(model_dir), str(out)), CalibrationSettings(samples=8, eval_samples=0),
+               QuantConfig(), **kw)
 
 
 def test_a_live_lock_refuses_any_second_run_even_with_overwrite(tiny_llava_dir, tmp_path):
-    from cluster.driver import JobError, run_job
+    from cluster.driver import run_job
 
     out = LocalStorage(tmp_path / "out")
     first = OutputLock(out, "first", "1" * 64, echo=lambda *a, **k: None)
@@ -230,7 +231,7 @@ def test_a_live_lock_refuses_any_second_run_even_with_overwrite(tiny_llava_dir, 
     try:
         for settings in (_settings(tiny_llava_dir, out.root, overwrite=True),
                          replace(_settings(tiny_llava_dir, out.root), name="first", spec_hash="1" * 64)):
-            with pytest.raises(JobError, match="locked by job 'first'") as err:
+            with pytest.raises(LockError, match="locked by job 'first'") as err:
                 run_job(settings)
             assert err.value.exit_code == 2 and "overwrite: true does not break a live lock" in str(err.value)
         assert out.list("") == [LOCK_KEY]  # the refused runs wrote nothing

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cluster.driver import run_job
-from cluster.settings import JobSettings
-from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.config import QuantConfig
+from cluster.job import Job, Resources
+from workers.locations import Locations
+from qvlm.config import CalibrationSettings, QuantConfig
+from qvlm.batches import calibration_batches
 from qvlm.driver import layout_of, quantize
 from qvlm.stage import Stage
 from workers.transport import nbytes, pack
@@ -25,8 +26,7 @@ CAL = CalibrationSettings(samples=8, eval_samples=0, max_length=64, batch_size=4
 
 def _settings(model_dir, out, workers=2, quant=None, **kw):
     quant = quant or QuantConfig(epochs=2, iters=30, activations=ActScheme(4, "channel", False), propagation="quantized")
-    return JobSettings(name="t", spec_hash="h" * 64, model_uri=str(model_dir), output_uri=str(out), calibration=CAL,
-                       quant=quant, workers=workers, **kw)
+    return Job("t", "h" * 64, Locations(str(model_dir), str(out)), CAL, quant, Resources(workers=workers, **kw))
 
 
 _shard_tensors = block_tensors
@@ -159,8 +159,8 @@ def test_resume_redoes_only_missing_blocks(two_worker_run, tiny_llava_dir, tmp_p
 
 
 def test_output_holding_another_job_is_refused(two_worker_run, tiny_llava_dir):
-    from cluster.driver import JobError
+    from cluster.output import OutputRefused
 
     out, _ = two_worker_run
-    with pytest.raises(JobError, match="overwrite"):
+    with pytest.raises(OutputRefused, match="overwrite"):
         run_job(replace(_settings(tiny_llava_dir, out), spec_hash="0" * 64))

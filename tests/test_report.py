@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.report import render_html, report_document, report_from_plan
-from qvlm.evaluate import EvalResult
+from qvlm.evaluate import EvalResult, EvalSkipped
 
 PLAN = json.loads((Path(__file__).parent / "data" / "sample_qvlm_plan.json").read_text())
 CHART_IDS = ("chart-entropy", "chart-blocks", "chart-sensitivity", "chart-bits", "chart-errors", "chart-time",
@@ -42,11 +42,11 @@ def _boosted_plan() -> dict:
 
 @pytest.fixture(scope="module")
 def page() -> str:
-    return render_html(report_from_plan(_boosted_plan(), EVALUATION))
+    return render_html(report_from_plan(_boosted_plan(), EvalResult(**EVALUATION)))
 
 
 def test_report_from_the_sample_plan():
-    report = report_from_plan(PLAN, EVALUATION)
+    report = report_from_plan(PLAN, EvalResult(**EVALUATION))
     assert (len(report.units), len(report.blocks), len(report.streams), report.bits.linears) == (6, 4, 3, 35)
     assert report.model_class == "LlavaForConditionalGeneration" and report.job == "sample-report"
     assert report.bits.mean_bits == 4.0 and report.bits.bits_per_weight == pytest.approx(4 + 16 / 32)
@@ -62,7 +62,7 @@ def test_report_from_the_sample_plan():
 
 
 def test_report_json_carries_every_section():
-    doc = json.loads(json.dumps(report_document(report_from_plan(PLAN, EVALUATION))))
+    doc = json.loads(json.dumps(report_document(report_from_plan(PLAN, EvalResult(**EVALUATION)))))
     assert {"summary", "units", "streams", "blocks", "seconds", "bits", "evaluation", "servable", "veo"} <= set(doc)
     assert doc["summary"]["scheme"] == "W4 g32 sym, A16"
     assert doc["summary"]["seconds_total"] == PLAN["seconds"]["total"]
@@ -123,10 +123,10 @@ def test_html_has_no_external_reference_and_unique_ids(page):
 
 
 def test_html_is_byte_identical_for_the_same_input(page):
-    assert render_html(report_from_plan(_boosted_plan(), EVALUATION)) == page
+    assert render_html(report_from_plan(_boosted_plan(), EvalResult(**EVALUATION))) == page
     plan = _boosted_plan()
     plan["blocks"][2]["error_after"] /= 2
-    assert render_html(report_from_plan(plan, EVALUATION)) != page
+    assert render_html(report_from_plan(plan, EvalResult(**EVALUATION))) != page
 
 
 def test_html_without_evaluation_or_optional_keys():
@@ -137,7 +137,7 @@ def test_html_without_evaluation_or_optional_keys():
 
 
 def test_a_skipped_evaluation_says_why():
-    report = report_from_plan(PLAN, {"skipped": "calibration.eval_samples is 0"})
+    report = report_from_plan(PLAN, EvalSkipped("calibration.eval_samples is 0"))
     assert report.evaluation is None and report.evaluation_skipped == "calibration.eval_samples is 0"
     assert "Evaluation skipped: calibration.eval_samples is 0" in render_html(report)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import JobSpecError, QvlmError
+from jobs.spec import JobSpecError
+from qvlm.errors import QvlmError
 from jobs.spec import JobSpec, job_json_schema, load_job, resolve_location
 
 MINIMAL = """\
@@ -22,8 +23,8 @@ FULL = """\
 name: full-job
 model:
   path: s3://models/llava-13b
-  revision: main
   trust_remote_code: true
+  endpoint_url: http://127.0.0.1:9001
 calibration:
   data: data/cal.jsonl
   samples: 32
@@ -77,7 +78,8 @@ DEFAULTS = {
                          "eta": 0.1}},
         "mixed_precision": {"metric": "none", "extra_budget": 0.02, "stop": 2, "top_m": 0},
     },
-    "resources": {"workers": 2, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0, "max_retries": 3, "placement": "pack"},
+    "resources": {"workers": 2, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0, "max_retries": 3, "placement": "pack",
+                  "gpu_memory_gb": None},
 }
 
 
@@ -100,7 +102,7 @@ def test_minimal_file_gets_documented_defaults(tmp_path):
     dumped = spec.model_dump()
     assert dumped["name"] == "tiny-llava-w4"
     assert dumped["model"] == {"path": str(tmp_path / "models/tiny-llava"), "revision": None,
-                               "trust_remote_code": False}
+                               "trust_remote_code": False, "endpoint_url": None}
     assert dumped["output"] == {"uri": str(tmp_path / "out/tiny-llava-w4"), "overwrite": False, "endpoint_url": None}
     assert {k: dumped[k] for k in DEFAULTS} == DEFAULTS
 
@@ -117,6 +119,9 @@ def test_full_file_loads_and_maps_to_quant_config(tmp_path):
     assert spec.model.path == "s3://models/llava-13b" and spec.model.trust_remote_code is True
     assert spec.calibration.data == str(tmp_path / "data/cal.jsonl")
     assert spec.output.endpoint_url == "http://127.0.0.1:9000" and spec.resources.gpus_per_worker == 0.5
+    job = spec.compile()
+    assert (job.where.model_endpoint, job.where.output_endpoint) == ("http://127.0.0.1:9001", "http://127.0.0.1:9000")
+    assert load_job(write(tmp_path, MINIMAL)).compile().where.model_endpoint is None
     config = spec.to_quant_config()
     assert (config.method, config.search, config.h0, config.seed) == ("gptq", "learned", 0.25, 7)
     assert (config.weights.bits, config.weights.group_size, config.weights.symmetric) == (3, -1, False)
@@ -127,14 +132,13 @@ def test_full_file_loads_and_maps_to_quant_config(tmp_path):
     assert config.is_ignored("model.vision_tower.layers.0.q_proj")
 
 
-def test_placement_maps_to_settings_and_plan_text(tmp_path):
+def test_placement_maps_to_the_job_and_plan_text(tmp_path):
     from cluster.placement import placement_strategy
-    from jobs.cli import settings_from_spec
 
-    default = settings_from_spec(load_job(write(tmp_path, MINIMAL)))
-    assert default.placement == "pack" and placement_strategy(default) == "PACK"
-    spread = settings_from_spec(load_job(tmp_path / "job.yaml", ["resources.placement=spread"]))
-    assert spread.placement == "spread" and placement_strategy(spread) == "SPREAD"
+    default = load_job(write(tmp_path, MINIMAL)).compile()
+    assert default.resources.placement == "pack" and placement_strategy(default) == "PACK"
+    spread = load_job(tmp_path / "job.yaml", ["resources.placement=spread"]).compile()
+    assert spread.resources.placement == "spread" and placement_strategy(spread) == "SPREAD"
     assert load_job(write(tmp_path, FULL)).resources.placement == "spread"
     assert job_json_schema()["$defs"]["ResourcesSpec"]["properties"]["placement"]["enum"] == ["pack", "spread"]
 
@@ -262,9 +266,13 @@ CASES = {
                   "(e.g. '" + "a" * 63 + "') (got '" + "a" * 64 + "')"),
     "missing-name": (MINIMAL.replace("name: tiny-llava-w4\n", ""),
                      "{f}: name: required field is missing (e.g. name: tiny-llava-w4)"),
-    "missing-model-path": (MINIMAL.replace("  path: ./models/tiny-llava\n", "  revision: main\n"),
+    "missing-model-path": (MINIMAL.replace("  path: ./models/tiny-llava\n", "  trust_remote_code: false\n"),
                            "{f}:2: model.path: required field is missing (a local directory, a Hugging Face hub id "
                            "(org/name) or s3://bucket/prefix)"),
+    "revision": (MINIMAL.replace("  path: ./models/tiny-llava\n", "  path: ./models/tiny-llava\n  revision: v1.0\n"),
+                 "{f}:4: model.revision: qvlm reads a model from a local folder or an S3 prefix, which have no "
+                 "revisions; download the revision you want first (huggingface-cli download NAME --revision REV "
+                 "--local-dir DIR) and remove model.revision (got 'v1.0')"),
     "missing-output-uri": (MINIMAL.replace("  uri: ./out/tiny-llava-w4\n", "  overwrite: true\n"),
                            "{f}:4: output.uri: required field is missing (a local path, file:///absolute/path or "
                            "s3://bucket/prefix)"),

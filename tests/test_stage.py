@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.config import QuantConfig
+from qvlm.config import CalibrationSettings, QuantConfig
+from qvlm.batches import calibration_batches
 from qvlm.driver import layout_of
 from qvlm.method import block_jobs, Block
 from qvlm.stage import Stage, compute_device

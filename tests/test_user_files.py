@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from cluster.output import foreign_keys
-from jobs.cli import _exit_code, app
+from jobs.cli import app
+from qvlm.errors import exit_code
 from jobs.spec import JobSpec
 from tests.job_files import set_fields
 from tests.test_bad_input import BASE_JOB, digests, error_line, snapshot
@@ -144,13 +145,13 @@ def test_a_model_folder_made_of_links_still_works(tmp_path, tiny_llava_dir):
 
 
 def _settings(model: Path, out: Path, spec_hash: str, overwrite: bool):
-    from cluster.settings import JobSettings
-    from qvlm.batches import CalibrationSettings
+    from cluster.job import Job
+    from workers.locations import Locations
+    from qvlm.config import CalibrationSettings
     from qvlm.config import QuantConfig
 
-    return JobSettings(name="second", spec_hash=spec_hash, model_uri=str(model), output_uri=str(out),
-                       calibration=CalibrationSettings(samples=4, eval_samples=0), quant=QuantConfig(),
-                       overwrite=overwrite)
+    return Job("second", spec_hash, Locations(str(model), str(out)), CalibrationSettings(samples=4, eval_samples=0),
+               QuantConfig(), overwrite=overwrite)
 
 
 def _crashed_run(out: Path) -> list[str]:
@@ -174,7 +175,8 @@ def test_an_unfinished_run_is_recognised_by_its_ledgers_alone(tmp_path):
 
 
 def test_overwrite_refuses_an_output_holding_a_file_qvlm_did_not_write(tmp_path, model):
-    from cluster.driver import JobError, _claim_output
+    from cluster.driver import _claim_output
+    from cluster.output import OutputRefused
 
     out = tmp_path / "out"
     _crashed_run(out)
@@ -184,7 +186,7 @@ def test_overwrite_refuses_an_output_holding_a_file_qvlm_did_not_write(tmp_path,
                 "deletes or overwrites them, even with output.overwrite: true")
     _refused(tmp_path, _job(tmp_path, model, out), expected, model=model)
     before = snapshot(out)
-    with pytest.raises(JobError) as refused:  # the driver applies the same rule, with the same words
+    with pytest.raises(OutputRefused) as refused:  # the driver applies the same rule, with the same words
         _claim_output(open_output(str(out)), _settings(model, out, SPEC_B, overwrite=True))
     assert refused.value.exit_code == 2 and str(refused.value).startswith(expected)
     assert snapshot(out) == before
@@ -276,5 +278,5 @@ def test_the_driver_writes_nothing_through_a_link(tmp_path, model, linked, link)
     before = snapshot(tmp_path)
     with pytest.raises(UnsafePath, match=f"{out}/{link} is a symbolic link") as refused:
         run_job(_settings(model, out, SPEC_A, overwrite=True))
-    assert _exit_code(refused.value) == 2
+    assert exit_code(refused.value) == 2
     assert snapshot(tmp_path) == before  # nothing in elsewhere, nothing left in the output either

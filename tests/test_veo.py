@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from cluster.driver import run_job
-from cluster.settings import JobSettings
-from qvlm.batches import (CalibrationSettings, answer_masks, batches_for, calibration_answer_masks, calibration_batches,
-                          records_for)
+from cluster.job import Job, Resources
+from workers.locations import Locations
+from qvlm.config import CalibrationSettings, QuantConfig, VeoConfig
+from qvlm.batches import answer_masks, batches_for, calibration_answer_masks, calibration_batches, records_for
 from qvlm.calibration import CalibrationRecord
-from qvlm.config import QuantConfig, VeoConfig
 from qvlm.dependency import channel_grid, conditional_entropy, conditional_entropy_tensor, joint_distribution
 from qvlm.driver import quantize
 from qvlm.method import select_units, unit_bits
@@ -123,7 +123,7 @@ def test_quantize_with_veo_keeps_the_tuned_tower_as_one_block(llava, llava_batch
 
 
 def test_veo_needs_qvlm_and_a_vision_tower(tmp_path):
-    from jobs.errors import JobSpecError
+    from jobs.spec import JobSpecError
     from jobs.spec import load_job
 
     def job(quantization: str) -> Path:
@@ -142,8 +142,7 @@ def test_veo_needs_qvlm_and_a_vision_tower(tmp_path):
 def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path):
     config = _config(epochs=2)
     out = tmp_path / "job"
-    run_job(JobSettings(name="t", spec_hash="v" * 64, model_uri=str(tiny_llava_dir), output_uri=str(out),
-                        calibration=CAL, quant=config, workers=2))
+    run_job(Job("t", "v" * 64, Locations(str(tiny_llava_dir), str(out)), CAL, config, Resources(workers=2)))
     plan, tensors = block_tensors(out)
     # VEO trains through matmuls whose float sums depend on the intra-op thread count: compare with the
     # one-process run at the thread count of the job's workers (resources.cpus_per_worker = 1).

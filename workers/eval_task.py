@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
-from qvlm.batches import CalibrationSettings, records_for
+from qvlm.config import CalibrationSettings
+from qvlm.evaluate import EvalResult, EvalSkipped
+from qvlm.batches import records_for
+from workers.locations import Locations
 from workers.storage import LocalStorage, open_storage
 
 EVAL_MAX_BYTES = 4 * 2**30
 
 
-def _local_copy(uri: str, endpoint: str | None, skip_prefix: str = "_qvlm/") -> Path:
-    storage = open_storage(uri, endpoint)
+def _local_copy(storage, skip_prefix: str = "_qvlm/") -> Path:
     if isinstance(storage, LocalStorage):
         return Path(storage.uri)
     dest = Path(tempfile.mkdtemp(prefix="qvlm-eval-"))
@@ -29,21 +30,20 @@ def _local_copy(uri: str, endpoint: str | None, skip_prefix: str = "_qvlm/") -> 
     return dest
 
 
-def evaluate_checkpoint(model_uri: str, model_endpoint: str | None, output_uri: str, output_endpoint: str | None,
-                        calibration: CalibrationSettings) -> dict:
+def evaluate_checkpoint(where: Locations, calibration: CalibrationSettings) -> EvalResult | EvalSkipped:
     records = records_for(calibration)[1]
     if not records:
-        return {"skipped": "calibration.eval_samples is 0"}
-    source, output = _local_copy(model_uri, model_endpoint), _local_copy(output_uri, output_endpoint)
+        return EvalSkipped("calibration.eval_samples is 0")
+    source, output = _local_copy(where.model()), _local_copy(open_storage(where.output_uri, where.output_endpoint))
     try:
         return _evaluate(source, output, records, calibration)
     finally:
-        for copy, uri in ((source, model_uri), (output, output_uri)):
+        for copy, uri in ((source, where.model_uri), (output, where.output_uri)):
             if str(copy) != uri and copy.name.startswith("qvlm-eval-"):
                 shutil.rmtree(copy, ignore_errors=True)
 
 
-def _evaluate(source: Path, output: Path, records, calibration: CalibrationSettings) -> dict:
+def _evaluate(source: Path, output: Path, records, calibration: CalibrationSettings) -> EvalResult:
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CompressedTensorsConfig
 
     from qvlm.evaluate import evaluate_records
@@ -60,4 +60,4 @@ def _evaluate(source: Path, output: Path, records, calibration: CalibrationSetti
     except (OSError, ValueError):
         processor = AutoTokenizer.from_pretrained(source)
     result = evaluate_records(fp, q, processor, records, calibration.max_length, calibration.batch_size)
-    return asdict(result)
+    return result

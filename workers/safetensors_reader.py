@@ -38,7 +38,10 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 class CheckpointError(StorageError):
-    """The checkpoint is missing, its safetensors headers are corrupt or its weights are not finite."""
+    """The checkpoint is missing, its safetensors headers are corrupt or its weights are not finite (exit 2: the
+    model is the job's input)."""
+
+    category = "input"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Collection, Mapping, Sequence
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from qvlm.errors import InputError
 from qvlm.export import compressed_tensors, decode_linear, encode_activation_ranges, linear_group
 from qvlm.quant import ActRange, ActScheme, WeightScheme, quantize_with_qparams
 from qvlm.search import BlockResult, LinearResult
@@ -25,7 +26,7 @@ BLOCKS_PREFIX = "_qvlm/blocks"
 FILE_METADATA = {"format": "pt"}
 
 
-class CorruptRecord(ValueError):
+class CorruptRecord(InputError, ValueError):
     """A block record that cannot be read as one (half-written, edited, of another version)."""
 
 

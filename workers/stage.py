@@ -10,13 +10,14 @@ are counted for the plan document.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
 
-from qvlm.batches import CalibrationSettings, calibration_batches
+from qvlm.config import CalibrationSettings, QuantConfig
+from qvlm.batches import calibration_batches
 from qvlm.capture import UnitCall
-from qvlm.config import QuantConfig
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
 from qvlm.structure import Unit
@@ -57,8 +58,10 @@ class StageWorker(Stage):
         if self.load_error is not None:
             raise self.load_error
 
+        device_memory = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else None
         return {"tensors": self.shard.tensor_names, "reads": [list(r) for r in self.shard.storage.reads],
-                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device)}
+                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device),
+                "device_memory": device_memory, "host_memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
 
     def peak_rss_bytes(self) -> int:
         """Peak resident memory of this worker process so far (Linux reports ru_maxrss in KiB)."""

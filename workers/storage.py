@@ -24,6 +24,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  EndpointConnectionError, IncompleteReadError, NoCredentialsError,
                                  PartialCredentialsError, ReadTimeoutError, ResponseStreamingError)
 
+from qvlm.errors import StorageError as BaseStorageError
+
 CHUNK = 1 << 20
 BODY_ATTEMPTS = 5  # reads of a response body cut off mid-stream (on top of botocore's request retries)
 WRITE_TOKEN = "qvlm-write"  # object metadata: a random token per conditional write, to recognise our own retry
@@ -34,7 +36,7 @@ _BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, C
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
-class StorageError(Exception):
+class StorageError(BaseStorageError):
     """A storage operation failed; the message names the URI or key and how to fix it."""
 
 
@@ -52,7 +54,9 @@ class BucketNotFound(NotFound):
 
 class UnsafePath(StorageError):
     """A folder or file inside a local storage root is a symbolic link (or the root cannot be resolved):
-    qvlm never follows a link below the root, so nothing is read or written outside it."""
+    qvlm never follows a link below the root, so nothing is read or written outside it (exit 2)."""
+
+    category = "input"
 
 
 # --- secrets ---------------------------------------------------------------------------------------

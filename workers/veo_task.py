@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from qvlm.batches import CalibrationSettings, calibration_answer_masks, calibration_batches
-from qvlm.config import QuantConfig
+from qvlm.config import CalibrationSettings, QuantConfig
+from qvlm.batches import calibration_answer_masks, calibration_batches
 from qvlm.structure import Unit
 from qvlm.veo import optimize_vision_encoder
 from workers.locations import Locations

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Mapping
 
-from qvlm.evaluate import EvalResult
+from qvlm.evaluate import EvalResult, EvalSkipped, Evaluation
 from qvlm.export import Servability, servability
 from qvlm.quant import ActScheme, WeightScheme
 
@@ -143,23 +143,23 @@ class Report:
 
 # --- from the plan document ------------------------------------------------------------------------
 
-def report_from_plan(plan: dict, evaluation: dict | None = None) -> Report:
+def report_from_plan(plan: dict, evaluation: Evaluation | None = None) -> Report:
     """The report of a committed job: ``plan`` is the plan document, ``evaluation`` what the evaluation
-    task returned (an ``EvalResult`` as a dict, ``{"skipped": why}``, or None when none ran)."""
+    gave (figures, why it was skipped, or None when none ran)."""
     schemes = {n: WeightScheme(**s) for n, s in plan["schemes"].items()}
     shapes = {n: tuple(s) for n, s in plan["linear_shapes"].items()}
     acts = ActScheme(**plan.get("activations", {}))
     streams = _streams(plan["streams"], plan["dependency"])
     blocks = tuple(_block(b) for b in plan["blocks"])
     units = _units(plan, streams, blocks, schemes, shapes)
-    skipped = (evaluation or {}).get("skipped")
+    skipped = evaluation.reason if isinstance(evaluation, EvalSkipped) else None
     return Report(
         job=plan["job"], spec_hash=plan.get("spec_hash"), model_class=plan.get("model_class"),
         method=plan.get("method"), activations=acts, units=units, streams=streams, blocks=blocks,
         seconds=dict(plan.get("seconds", {})),
         stage_memory=tuple(StageMemory(**m) for m in plan.get("stage_memory", [])),
         bits=weight_bits(schemes, shapes), servable=servability(schemes, acts),
-        evaluation=EvalResult(**evaluation) if evaluation and not skipped else None, evaluation_skipped=skipped,
+        evaluation=evaluation if isinstance(evaluation, EvalResult) else None, evaluation_skipped=skipped,
         veo=_veo(plan["veo"], plan["streams"]) if plan.get("veo") else None, schemes=schemes)
 
 
