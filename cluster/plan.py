@@ -241,9 +241,13 @@ def memory_lines(plan: JobPlan, quant, samples: int, tokens: int, batch_size: in
              + f", {plan.weight_element_bytes}-byte activations as the model's dtype):"]
     for s in range(len(plan.stages)):
         m = stage_memory(plan, s, size, depth, quant.method == "gptq")
-        lines.append(f"  stage {s}: {m.weights / 2**30:.2f} GiB weights + {m.captures / 2**30:.2f} GiB captures + "
-                     f"{m.workspace / 2**30:.2f} GiB search workspace = {m.total / 2**30:.2f} GiB")
+        lines.append(f"  stage {s}: {_size(m.weights)} weights + {_size(m.captures)} captures + "
+                     f"{_size(m.workspace)} search workspace = {_size(m.total)}")
     return lines
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, tokens: int = 0,
@@ -261,9 +265,9 @@ def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, to
                  f"({largest / max(plan.total_bytes, 1):.0%} of the model)")
     if samples and tokens:
         lines += memory_lines(plan, quant, samples, tokens, batch_size)
-    lines.append(f"bytes to read: {plan.total_bytes * mib:.1f} MiB by the stages, about the linears' share again "
-                 f"by the block searches; to write: about {quantized_bytes(plan, quant) * mib:.1f} MiB of checkpoint "
-                 "plus the block shards")
+    lines.append(f"bytes to read: {plan.total_bytes * mib:.1f} MiB, each tensor once, by the stage that holds it; "
+                 f"to write: about {quantized_bytes(plan, quant) * mib:.1f} MiB of checkpoint (each block's file by "
+                 "its stage, the rest by the export)")
     lines.append(f"placement: {len(plan.stages)} stage workers in one placement group, strategy "
                  f"{_PLACEMENT_WORDS.get(placement, placement.upper())}")
     lines.append(f"method {quant.method}" + (f"/{quant.search}, blocks of depth <= {quant.max_block_depth} "

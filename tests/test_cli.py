@@ -46,7 +46,34 @@ def test_plan_prints_stages_without_running(tmp_path, tiny_llava_dir):
     assert result.exit_code == 0, result.output
     assert "stage 0:" in result.output and "stage 1:" in result.output
     assert "LlavaForConditionalGeneration" in result.output
-    assert "bytes to read:" in result.output and "captured activations per stage worker" in result.output
+    assert "bytes to read:" in result.output and "memory per stage worker" in result.output
+    assert "  stage 1: " in result.output and "search workspace" in result.output
+
+
+def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path, tiny_llava_dir):
+    """qvlm plan (and submit) refuse a job whose stage needs more than resources.gpu_memory_gb, before any work,
+    naming how many samples would fit; the figure comes from the same memory model the plan prints. (Captures can
+    move to host memory; the weights and the search workspace must fit the GPU.)"""
+    from cluster.memory import CalibrationSize, HEADROOM, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+
+    path = _job(tmp_path, tiny_llava_dir)
+    job = load_job(path).compile()
+    plan = inspect_model(job)[0]
+    cal = job.calibration
+    def need(samples):  # on the GPU: weights and search workspace
+        size = CalibrationSize(samples, cal.batch_size, cal.max_length, plan.image_tokens)
+        memory = [stage_memory(plan, s, size, job.quant.max_block_depth, False) for s in range(len(plan.stages))]
+        return max(m.weights + m.workspace for m in memory)
+
+    gib = (need(cal.samples // 2) + need(cal.samples)) / 2 / HEADROOM / 2**30  # room for half the samples, not all
+    args = ["plan", str(path), "--set", "resources.gpus_per_worker=1", "--set", f"resources.gpu_memory_gb={gib}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "does not fit its worker" in result.output and "of GPU memory" in result.output
+    assert f"calibration.samples: {cal.samples // 2} would fit" in result.output and "Traceback" not in result.output
+    assert runner.invoke(app, args[:-1] + [f"resources.gpu_memory_gb={gib * 4}"]).exit_code == 0
     assert not (tmp_path / "out").exists()
 
 
