@@ -52,7 +52,7 @@ def _builtin_shapes_hard(samples: int, seed: int) -> list[CalibrationRecord]:
 
 BUILTINS: dict[str, Callable[[int, int], list[CalibrationRecord]]] = {
     "shapes": _builtin_shapes,
-    "shapes-hard": _builtin_shapes_hard,  # the task qvlm.tiny_train's trained LLaVA learns
+    "shapes-hard": _builtin_shapes_hard,  # the task bench/trained.py's LLaVA learns
 }
 
 
