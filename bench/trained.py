@@ -41,8 +41,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from qvlm.calibration import CalibrationRecord, load_records, make_batches
+from qvlm.calibration import load_records, make_batches
 from qvlm.evaluate import evaluate_records
+from qvlm.records import CalibrationRecord
 from qvlm.shapes import HARD_IMAGE_SIZE, HARD_SHAPES, make_shapes_scenes
 from qvlm.tiny import MIN_SHARDS, build_shapes_image_processor, build_shapes_tokenizer
 

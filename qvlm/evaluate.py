@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from qvlm.calibration import CalibrationRecord, make_batches
+from qvlm.calibration import make_batches
+from qvlm.records import CalibrationRecord
 
 Batch = dict[str, torch.Tensor]
 Span = tuple[int, int] | None  # [start, end) of a record's answer tokens in its row, None = no answer

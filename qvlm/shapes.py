@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qvlm.calibration import CalibrationRecord
+from qvlm.records import CalibrationRecord
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

@@ -11,12 +11,12 @@ from cluster.driver import run_job
 from cluster.settings import JobSettings
 from qvlm.batches import (CalibrationSettings, answer_masks, batches_for, calibration_answer_masks, calibration_batches,
                           records_for)
-from qvlm.calibration import CalibrationRecord
 from qvlm.config import QuantConfig, VeoConfig
 from qvlm.dependency import channel_grid, conditional_entropy, conditional_entropy_tensor, joint_distribution
 from qvlm.driver import quantize
 from qvlm.method import select_units, unit_bits
 from qvlm.quant import ActScheme, WeightScheme
+from qvlm.records import CalibrationRecord
 from qvlm.veo import _next_token_loss, optimize_vision_encoder, vision_linear_names
 from tests.conftest import load_llava
 from tests.outputs import block_tensors
