@@ -23,8 +23,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration

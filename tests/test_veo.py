@@ -1,6 +1,5 @@
 """Visual-encoder optimisation: what it trains, what it leaves alone, and the same bytes in one process and on Ray."""
 
-import json
 from pathlib import Path
 
 import pytest

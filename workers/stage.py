@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import torch
 
 from qvlm.batches import CalibrationSettings, calibration_batches
-from qvlm.capture import UnitCall
 from qvlm.config import QuantConfig
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
