@@ -4,7 +4,7 @@
     .venv/bin/python bench/quality.py --only text --text-layers 12 --methods rtn gptq qvlm-learned --propagation fp
 
 Models: the tiny LLaVA trained on the hard shapes task and the tiny text Llama trained on Python's
-documentation (``qvlm.tiny_train.cached_model``; trained into ~/.cache/qvlm/trained on first use). Every
+documentation (``bench/trained.py``'s ``cached_model``; trained into ~/.cache/qvlm/trained on first use). Every
 configuration runs ``qvlm.driver.quantize`` in this process (the code the distributed job runs stage by
 stage; tests/test_job_local.py checks the job's tensors match it bit for bit) on a fresh copy of the FP model,
 then compares the fake-quant model with FP on held-out data.
@@ -23,8 +23,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
@@ -37,7 +36,7 @@ from qvlm.driver import quantize
 from qvlm.method import linear_shapes
 from qvlm.evaluate import compare_models, evaluate_records
 from qvlm.quant import ActScheme, WeightScheme
-from qvlm.tiny_train import (HELD_OUT_N, HELD_OUT_SKIP, MAX_LENGTH, TEXT_RECIPE, cached_model, perplexity,
+from trained import (HELD_OUT_N, HELD_OUT_SKIP, MAX_LENGTH, TEXT_RECIPE, cached_model, perplexity,
                              pydoc_texts, text_windows, window_batches)
 
 SCHEME_BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4), "W4A16 g128": (4, 16)}

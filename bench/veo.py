@@ -24,7 +24,7 @@ from qvlm.driver import quantize
 from qvlm.evaluate import evaluate_records
 from qvlm.partition import partition
 from qvlm.quant import ActScheme, WeightScheme
-from qvlm.tiny_train import HELD_OUT_N, HELD_OUT_SKIP, MAX_LENGTH, cached_model, held_out_records
+from trained import HELD_OUT_N, HELD_OUT_SKIP, MAX_LENGTH, cached_model, held_out_records
 
 SCHEMES = {"W4A4": (WeightScheme(4, 128), ActScheme(4, "channel", False)),
            "W6A6": (WeightScheme(6, 128), ActScheme(6, "channel", False))}
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=list(SCHEMES))
     parser.add_argument("--samples", type=int, default=64, help="at most 64: the held-out questions follow them")
     parser.add_argument("--model-dir", type=Path, help="another LLaVA (with --data builtin:shapes for qvlm.tiny's); "
-                                                       "default: the trained tiny LLaVA of qvlm.tiny_train")
+                                                       "default: the trained tiny LLaVA of bench/trained.py")
     parser.add_argument("--data", default="builtin:shapes-hard")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (2 OpenMP threads spin-wait on each other when the 2 cores are shared)")

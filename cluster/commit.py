@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import reprlib
 from dataclasses import asdict, dataclass
 
 from qvlm.evaluate import Evaluation

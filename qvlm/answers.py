@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from qvlm.calibration import CalibrationRecord
+from qvlm.records import CalibrationRecord
 
 Batch = dict[str, torch.Tensor]
 Span = tuple[int, int] | None  # [start, end) of a record's answer tokens in its row, None = no answer

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from qvlm.config import CalibrationSettings
-from qvlm.calibration import CalibrationRecord, load_records, make_batches, make_pixel_batches
+from qvlm.calibration import load_records, make_batches, make_pixel_batches
+from qvlm.records import CalibrationRecord
 from qvlm.answers import find_answer_spans
 
 Batch = dict[str, torch.Tensor]

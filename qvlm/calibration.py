@@ -2,7 +2,7 @@
 
 A JSONL file holds one object per line, ``{"image": <path or null>, "text": <str>, "answer": <optional str>}``;
 image paths are relative to the file's folder; blank lines are skipped. ``builtin:shapes`` and
-``builtin:shapes-hard`` generate records instead (``qvlm.shapes``).
+``builtin:shapes-hard`` generate records instead (``qvlm.shapes``); both give ``qvlm.records.CalibrationRecord``.
 
 For a multimodal model each record's text gets exactly one image placeholder (the processor's own
 ``image_token``, ``<image>`` for LLaVA) per image: one already in the text stays where it stands, a
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,16 +23,10 @@ import torch
 from PIL import Image
 
 from qvlm.errors import InputError
+from qvlm.records import CalibrationRecord
+from qvlm.shapes import HARD_IMAGE_SIZE, HARD_SHAPES, make_shapes_records
 
 _KEYS = ("image", "text", "answer")
-
-
-@dataclass(frozen=True)
-class CalibrationRecord:
-    text: str  # the prompt (question) text, without the answer
-    image: "Image.Image | None" = None
-    answer: str | None = None  # expected answer for QA data, else None
-    origin: str | None = field(default=None, compare=False)  # "calibration file F, line N" for JSONL records
 
 
 class CalibrationError(InputError, ValueError):
@@ -41,20 +34,16 @@ class CalibrationError(InputError, ValueError):
 
 
 def _builtin_shapes(samples: int, seed: int) -> list[CalibrationRecord]:
-    from qvlm.shapes import make_shapes_records  # shapes imports this module
-
     return make_shapes_records(samples, seed)
 
 
 def _builtin_shapes_hard(samples: int, seed: int) -> list[CalibrationRecord]:
-    from qvlm.shapes import HARD_IMAGE_SIZE, HARD_SHAPES, make_shapes_records
-
     return make_shapes_records(samples, seed, HARD_IMAGE_SIZE, HARD_SHAPES)
 
 
 BUILTINS: dict[str, Callable[[int, int], list[CalibrationRecord]]] = {
     "shapes": _builtin_shapes,
-    "shapes-hard": _builtin_shapes_hard,  # the task qvlm.tiny_train's trained LLaVA learns
+    "shapes-hard": _builtin_shapes_hard,  # the task bench/trained.py's LLaVA learns
 }
 
 

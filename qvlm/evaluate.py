@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from qvlm.answers import Span, find_answer_spans
-from qvlm.calibration import CalibrationRecord, make_batches
+from qvlm.calibration import make_batches
+from qvlm.records import CalibrationRecord
 
 Batch = dict[str, torch.Tensor]
 

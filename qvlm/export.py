@@ -131,13 +131,6 @@ def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ign
     return config.model_dump(exclude_none=True)
 
 
-def checkpoint_tensors(weight: QuantizedWeight, group: QuantizationScheme | None) -> dict[str, torch.Tensor]:
-    """The tensors of one linear: in its group's compressed format, or dense (``weight``) without a group."""
-    if group is None:
-        return {"weight": weight.dequantize().contiguous()}
-    return compressed_tensors(weight, group)
-
-
 def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
     """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...)."""
     state = {"weight": weight.dequantize(), "weight_scale": weight.scale}

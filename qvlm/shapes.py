@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qvlm.calibration import CalibrationRecord
+from qvlm.records import CalibrationRecord
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -110,7 +110,7 @@ def shapes_vocab(spec: ShapesSpec = ShapesSpec()) -> tuple[str, ...]:
 
 SHAPES_VOCAB: tuple[str, ...] = shapes_vocab()
 
-# The harder variant the trained tiny LLaVA learns (qvlm.tiny_train): ten colours (some close together),
+# The harder variant the trained tiny LLaVA learns (bench/trained.py): ten colours (some close together),
 # one to three copies of a shape to count, small shapes and heavy pixel noise. (Scenes of different shapes,
 # with questions naming one of them, did not generalise within the training budget: held-out accuracy on
 # those questions stayed near chance while the training loss fell.)

@@ -34,7 +34,7 @@ from torch import nn
 from qvlm.capture import _strided, unit_output
 from qvlm.config import QuantConfig
 from qvlm.dependency import ChannelGrid, channel_grid, conditional_entropy_tensor, joint_distribution
-from qvlm.fakequant import FakeQuantLinear, swap_in_fake_quant
+from qvlm.fakequant import swap_in_fake_quant
 from qvlm.learned import LearnedWeightQuantizer
 from qvlm.quant import ActRange, WeightScheme, calibrate_act_range
 from qvlm.search import BlockResult, LinearResult, apply_linear_results
@@ -288,11 +288,3 @@ def _train(model, run, quant: _Quantizers, batches, answers, ref_vision, ref_log
         history.append({"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()},
                         "jacobian_weights": [round(float(w), 4) for w in weights]})
     return history
-
-
-def apply_veo(model: nn.Module, result: VeoResult | BlockResult, act) -> dict[str, FakeQuantLinear]:
-    """Swap the vision linears for FakeQuantLinear carrying the tuned quantizers (in place)."""
-    block = result.block if isinstance(result, VeoResult) else result
-    fq = swap_in_fake_quant(model, [r.name for r in block.linears])
-    apply_linear_results(fq, block.linears, act)
-    return fq

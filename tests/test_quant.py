@@ -3,7 +3,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-from qvlm.packing import pack_weight, unpack_weight
+from qvlm.export import compressed_tensors, decode_linear, linear_group
 from qvlm.quant import (
     ActScheme,
     WeightScheme,
@@ -37,10 +37,17 @@ def test_rtn_error_is_at_most_half_a_step(scheme):
     assert torch.all(err <= step / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
-def test_pack_unpack_round_trip_is_exact(scheme):
+W8A8 = ActScheme(8, "token", True)  # int8 weights then go int-quantized instead of pack-quantized
+
+
+@pytest.mark.parametrize("scheme,act", [(s, ActScheme()) for s in SCHEMES] + [(s, W8A8) for s in SCHEMES if s.bits == 8],
+                         ids=str)
+def test_checkpoint_round_trip_is_exact(scheme, act):
+    """What the export writes for one linear decodes to the same integers, scales and zero points."""
     qw = quantize_weight(_weight(1), scheme)
-    back = unpack_weight(pack_weight(qw), scheme)
+    group = linear_group(scheme, act)
+    assert group.format == ("int-quantized" if act.enabled else "pack-quantized")
+    back = decode_linear(compressed_tensors(qw, group), scheme)
     assert torch.equal(back.qweight, qw.qweight)
     assert torch.equal(back.scale, qw.scale)
     assert (back.zero is None) == scheme.symmetric

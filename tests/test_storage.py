@@ -90,7 +90,7 @@ def test_ranged_reads(store):
         store.get_range("r.bin", 2000, 2100)
 
 
-def test_list_sorted_and_delete_prefix(store):
+def test_list_sorted_and_delete(store):
     for key in ["x/1", "x/0", "x/sub/2", "y/3", "xz"]:
         store.put_bytes(key, key.encode())
     assert store.list("x/") == ["x/0", "x/1", "x/sub/2"]
@@ -100,10 +100,6 @@ def test_list_sorted_and_delete_prefix(store):
     store.delete("x/0")
     store.delete("never/was")
     assert store.list("x/") == ["x/1", "x/sub/2"]
-    store.delete_prefix("x/")
-    assert store.list() == ["xz", "y/3"]
-    with pytest.raises(ValueError, match="non-empty prefix"):
-        store.delete_prefix("")
 
 
 def test_put_file_multipart_keeps_sha256(store, tmp_path):

@@ -73,7 +73,7 @@ def test_multi_shape_answers_match_the_pixels():
 
 
 def test_scenes_ask_everything_once_and_batches_mark_the_answers():
-    from qvlm.tiny_train import _scene_batches, hard_shapes_processor
+    from bench.trained import _scene_batches, hard_shapes_processor
 
     scenes = make_shapes_scenes(6, 0, HARD_IMAGE_SIZE, HARD_SHAPES)
     for _, qa in scenes:
@@ -97,7 +97,7 @@ def test_shapes_spec_rejects_more_shapes_than_it_can_tell_apart():
 def test_trained_llava_answers_well_but_not_perfectly():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from qvlm.tiny_train import cached_model, held_out_accuracy, held_out_records
+    from bench.trained import cached_model, held_out_accuracy, held_out_records
 
     path = cached_model("llava")  # trains (a few minutes) only when the cache is empty
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
@@ -107,7 +107,7 @@ def test_trained_llava_answers_well_but_not_perfectly():
 
 
 def test_recipe_variants_are_cached_apart_and_unknown_fields_refused():
-    from qvlm.tiny_train import CACHE, TEXT_RECIPE, cache_dir
+    from bench.trained import CACHE, TEXT_RECIPE, cache_dir
 
     assert cache_dir("text") == cache_dir("text", layers=TEXT_RECIPE.layers) == CACHE / "text-v1"
     assert cache_dir("text", steps=900, layers=12) == CACHE / "text-v1-layers12-steps900"

@@ -1,6 +1,5 @@
 """Visual-encoder optimisation: what it trains, what it leaves alone, and the same bytes in one process and on Ray."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,12 @@ from cluster.job import Job, Resources
 from workers.locations import Locations
 from qvlm.config import CalibrationSettings, QuantConfig, VeoConfig
 from qvlm.batches import answer_masks, batches_for, calibration_answer_masks, calibration_batches, records_for
-from qvlm.calibration import CalibrationRecord
+from qvlm.records import CalibrationRecord
 from qvlm.dependency import channel_grid, conditional_entropy, conditional_entropy_tensor, joint_distribution
 from qvlm.driver import quantize
 from qvlm.method import select_units, unit_bits
 from qvlm.quant import ActScheme, WeightScheme
+from qvlm.records import CalibrationRecord
 from qvlm.veo import _next_token_loss, optimize_vision_encoder, vision_linear_names
 from tests.conftest import load_llava
 from tests.outputs import block_tensors

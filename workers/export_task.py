@@ -37,14 +37,6 @@ class ExportRequest:
     act: ActScheme
 
 
-def write_checkpoint(req: ExportRequest) -> dict[str, dict]:
-    """Write every file but the blocks'; returns {key: {"sha256", "size"}} for the manifest, the blocks' too."""
-    written = {}
-    for files, _ in checkpoint_files(req):
-        written.update(files)
-    return written
-
-
 def checkpoint_files(req: ExportRequest) -> Iterator[tuple[dict[str, dict], int]]:
     """Write the checkpoint's other files one at a time; after each step yield what it wrote ({key: {"sha256",
     "size"}}, the blocks' files with the first) and the number of steps in all (one per file of unquantized

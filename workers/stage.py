@@ -17,7 +17,6 @@ import torch
 
 from qvlm.config import CalibrationSettings, QuantConfig
 from qvlm.batches import calibration_batches
-from qvlm.capture import UnitCall
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
 from qvlm.structure import Unit

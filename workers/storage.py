@@ -201,13 +201,6 @@ class Storage:
         self._delete(key)
         self._unclaim(key)
 
-    def delete_prefix(self, prefix: str) -> None:
-        """Delete every key under ``prefix`` (an empty prefix is refused: it would wipe the root)."""
-        if not prefix:
-            raise ValueError(f"refusing to delete everything under {self.uri}: give a non-empty prefix")
-        for key in self.list(check_prefix(prefix)):
-            self.delete(key)
-
     # what each backend provides
 
     def _put_bytes(self, key: str, data: bytes, if_absent: bool) -> str:
@@ -770,20 +763,6 @@ class S3Storage(Storage):
 
     def _delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
-
-    def delete_prefix(self, prefix: str) -> None:
-        if not prefix:
-            raise ValueError(f"refusing to delete everything under {self.uri}: give a non-empty prefix")
-        keys = self.list(check_prefix(prefix))
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
-            batch = {"Objects": [{"Key": self._k(k)} for k in keys[i:i + 1000]], "Quiet": True}
-            resp = self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket, Delete=batch)
-            if resp.get("Errors"):
-                first = resp["Errors"][0]
-                raise StorageError(f"could not delete {len(resp['Errors'])} objects under {self._where(prefix)}, "
-                                   f"e.g. {first.get('Key')}: {redact(str(first.get('Message', '')))}")
-            for key in keys[i:i + 1000]:
-                self._unclaim(key)
 
 
 def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:

@@ -10,7 +10,7 @@ it. Models over ``VEO_MAX_BYTES`` are refused at submission: VEO across stage wo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 from qvlm.config import CalibrationSettings, QuantConfig

@@ -11,7 +11,9 @@ safetensors + processor/tokenizer) plus a ``training.json`` describing the run.
 version suffix changes whenever a recipe changes, so a stale checkpoint is never picked up. Recipe variants
 (``cached_model("text", layers=12)``) are cached beside it, named by what they change.
 
-    python -m qvlm.tiny_train {llava,text} [DIR]
+    .venv/bin/python bench/trained.py {llava,text} [DIR]
+
+A benchmark fixture, not part of the method: ``bench/quality.py``, ``bench/veo.py`` and one slow test use it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from qvlm.calibration import CalibrationRecord, load_records, make_batches
+from qvlm.calibration import load_records, make_batches
 from qvlm.evaluate import evaluate_records
+from qvlm.records import CalibrationRecord
 from qvlm.shapes import HARD_IMAGE_SIZE, HARD_SHAPES, make_shapes_scenes
 from qvlm.tiny import MIN_SHARDS, build_shapes_image_processor, build_shapes_tokenizer
 
@@ -389,10 +392,10 @@ def cached_model(kind: str, **changes: Any) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m qvlm.tiny_train {llava,text} [DIR]``: train into DIR, or into the cache when DIR is left out."""
+    """``python bench/trained.py {llava,text} [DIR]``: train into DIR, or into the cache when DIR is left out."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m qvlm.tiny_train", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python bench/trained.py", description=main.__doc__)
     parser.add_argument("kind", choices=sorted(TRAINERS))
     parser.add_argument("path", nargs="?")
     parser.add_argument("--seed", type=int, default=0)
