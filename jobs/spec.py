@@ -146,10 +146,14 @@ class VeoSpec(Strict):
 
 
 class QvlmSpec(Strict):
-    search: Literal["clip", "learned"] = "clip"
+    search: Literal["clip", "learned", "best"] = "clip"
     max_block_depth: Annotated[StrictInt, Field(ge=1, le=8)] = 3
     h0: Annotated[Literal["auto"] | float, Field(description='"auto" or a float >= 0')] = "auto"
+    # Clipping percentiles of static activation ranges (W4A4, W6A6). Weights are clipped per group on the
+    # shrink grid below (percentiles of a 128-weight group collapse: 0.995 and 0.99 pick the same element).
     percentiles: tuple[Annotated[StrictFloat, Field(gt=0.5, le=1.0)], ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
+    max_shrink: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.2  # weight clipping: shrink factors 1.0 .. 1 - max_shrink
+    shrink_steps: Annotated[StrictInt, Field(ge=1, le=200)] = 20  # in this many steps
     epochs: Annotated[StrictInt, Field(ge=1)] = 10
     iters: Annotated[StrictInt, Field(ge=1)] = 200
     propagation: Literal["fp", "quantized"] = "fp"
@@ -169,6 +173,13 @@ class QvlmSpec(Strict):
         return _unique_nonempty(value, "percentile in (0.5, 1.0]")
 
 
+class GptqSpec(Strict):
+    """GPTQ, as the method and as a candidate of search `best`."""
+
+    act_order: StrictBool = True  # columns by decreasing Hessian diagonal, static groups (no g_idx)
+    damp: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.01  # x mean(diag(H)); raised x10 up to 3 times on failure
+
+
 class MixedPrecisionSpec(Strict):
     metric: Literal["none", "sensitivity", "kurtosis"] = "none"
     extra_budget: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.02
@@ -183,6 +194,7 @@ class QuantizationSpec(Strict):
     targets: tuple[Segment, ...] = ("vision", "projector", "language")
     ignore: tuple[StrictStr, ...] = ("lm_head",)
     qvlm: QvlmSpec = QvlmSpec()
+    gptq: GptqSpec = GptqSpec()
     mixed_precision: MixedPrecisionSpec = MixedPrecisionSpec()
 
     @field_validator("targets")
@@ -283,7 +295,7 @@ class JobSpec(Strict):
     def to_quant_config(self) -> QuantConfig:
         """The typed ``qvlm.config.QuantConfig`` of this job (imports torch)."""
         from qvlm.config import MixedPrecisionConfig, QuantConfig, VeoConfig
-        from qvlm.quant import ActScheme, WeightScheme
+        from qvlm.quant import ActScheme, WeightScheme, shrink_grid
 
         q, s, w = self.quantization, self.quantization.qvlm, self.quantization.weights
         return QuantConfig(
@@ -293,6 +305,7 @@ class JobSpec(Strict):
             percentiles=s.percentiles, epochs=s.epochs, iters=s.iters, propagation=s.propagation,
             mixed_precision=MixedPrecisionConfig(**q.mixed_precision.model_dump()),
             veo=VeoConfig(**s.veo.model_dump()), seed=self.calibration.seed,
+            shrinks=shrink_grid(s.max_shrink, s.shrink_steps), act_order=q.gptq.act_order, damp=q.gptq.damp,
         )
 
 

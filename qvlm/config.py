@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from qvlm.quant import ActScheme, WeightScheme
+from qvlm.quant import SHRINK_GRID, ActScheme, WeightScheme
 from qvlm.search import SearchConfig
 from qvlm.structure import SEGMENTS, Segment
 
@@ -39,7 +39,7 @@ class QuantConfig:
     activations: ActScheme = field(default_factory=ActScheme)
     targets: tuple[Segment, ...] = SEGMENTS
     ignore: tuple[str, ...] = ("lm_head",)  # module names, or "re:<pattern>" matched from the start
-    search: Literal["clip", "learned"] = "clip"
+    search: Literal["clip", "learned", "best"] = "clip"
     max_block_depth: int = 3
     h0: float | None = None  # None = auto (mean of the dependency series)
     percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
@@ -49,10 +49,14 @@ class QuantConfig:
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     veo: VeoConfig = field(default_factory=VeoConfig)
     seed: int = 0
+    shrinks: tuple[float, ...] = SHRINK_GRID  # weight clipping: shrink factors of each group's range
+    act_order: bool = True  # gptq (the method, and the candidate of search `best`): static-group act-order
+    damp: float = 0.01  # gptq: damping, x mean(diag(H)), raised x10 on failure
 
     def search_config(self) -> SearchConfig:
         method = self.search if self.method == "qvlm" else self.method
-        return SearchConfig(method, self.percentiles, self.epochs, self.iters, None, self.seed)
+        return SearchConfig(method, self.percentiles, self.epochs, self.iters, None, self.seed,
+                            shrinks=self.shrinks, act_order=self.act_order, damp=self.damp)
 
     def is_ignored(self, linear_name: str) -> bool:
         for pattern in self.ignore:

@@ -202,7 +202,14 @@ def quantize_weight(w: torch.Tensor, scheme: WeightScheme, percentile: float = 1
     return quantize_with_qparams(w, scale, zero, scheme)
 
 
-SHRINK_GRID = tuple(round(1.0 - i / 100, 2) for i in range(21))  # 1.00, 0.99, ..., 0.80
+def shrink_grid(max_shrink: float, steps: int) -> tuple[float, ...]:
+    """``steps + 1`` shrink factors from 1.0 down to ``1 - max_shrink`` (GPTQ's reference MSE grid)."""
+    if not 0.0 <= max_shrink < 1.0 or steps < 1:
+        raise ValueError(f"need 0 <= max_shrink < 1 and steps >= 1, got {max_shrink} and {steps}")
+    return tuple(round(1.0 - max_shrink * i / steps, 6) for i in range(steps + 1))
+
+
+SHRINK_GRID = shrink_grid(0.2, 20)  # 1.00, 0.99, ..., 0.80
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ A resumed job trusts a block only through its record; the export only indexes th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Sequence
 
 from safetensors.torch import load as load_safetensors
@@ -51,6 +51,9 @@ class BlockRecord:
     seconds: float
     act_key: str | None = None  # static activation ranges, when the scheme has them
     act_sha256: str | None = None
+    candidates: dict[str, float] = field(default_factory=dict)  # search `best`: block-output error of each candidate
+    chosen: str | None = None  # the candidate kept ("fallback" when quarantined)
+    quarantine: str | None = None  # why the search's result was replaced by the safe fallback
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -105,7 +108,8 @@ def write_block_files(storage, index: int, key: str, result: BlockResult, prefix
         range_sha = storage.put_bytes(range_key, ranges)
     return BlockRecord(index, key, sha, len(blob), tuple(result.unit_names), entries,
                        tuple(sorted(load_safetensors(blob))), result.error_before, result.error_after,
-                       result.evaluations, result.seconds, range_key, range_sha)
+                       result.evaluations, result.seconds, range_key, range_sha, dict(result.candidates),
+                       result.chosen, result.quarantine)
 
 
 def write_block(storage, index: int, key: str, result: BlockResult, prefixes: Mapping[str, str],
@@ -144,7 +148,7 @@ def read_block(storage, record: BlockRecord) -> BlockResult:
         act = ActRange(ranges[f"{e.name}.act_lo"], ranges[f"{e.name}.act_hi"]) if f"{e.name}.act_lo" in ranges else None
         linears.append(LinearResult(e.name, decode_linear(own, e.scheme), act, e.weight_percentile, e.act_percentile))
     return BlockResult(record.unit_names, tuple(linears), record.error_before, record.error_after, record.evaluations,
-                       record.seconds)
+                       record.seconds, dict(record.candidates), record.chosen, record.quarantine)
 
 
 def activation_ranges(storage, records: Sequence[BlockRecord]) -> dict[str, ActRange]:
