@@ -52,10 +52,11 @@ class QuantConfig:
     shrinks: tuple[float, ...] = SHRINK_GRID  # weight clipping: shrink factors of each group's range
     act_order: bool = True  # gptq (the method, and the candidate of search `best`): static-group act-order
     damp: float = 0.01  # gptq: damping, x mean(diag(H)), raised x10 on failure
+    lr: float | None = None  # learned rounding: first step size (None = 1 / iters)
 
     def search_config(self) -> SearchConfig:
         method = self.search if self.method == "qvlm" else self.method
-        return SearchConfig(method, self.percentiles, self.epochs, self.iters, None, self.seed,
+        return SearchConfig(method, self.percentiles, self.epochs, self.iters, self.lr, self.seed,
                             shrinks=self.shrinks, act_order=self.act_order, damp=self.damp)
 
     def is_ignored(self, linear_name: str) -> bool:
