@@ -191,7 +191,7 @@ def grid(subject: Model, args) -> tuple[list[list], list[str]]:
 def format_rows(sname: str, method: str, mp: str, runs: dict) -> list[list]:
     def cells(prop, r):
         return [sname, method, mp, prop, r["boosted"], f"{r['bits']:.3f}", r["blocks"], f"{r['score']:.4f}",
-                f"{r['kl']:.4f}", f"{r['top1']:.4f}", f"{r['quantize_s']:.1f}", f"{r['seconds']:.1f}"]
+                f"{r['kl']:.5f}", f"{r['top1']:.4f}", f"{r['quantize_s']:.1f}", f"{r['seconds']:.1f}"]
 
     if len(runs) == 2 and same_tensors(runs["fp"]["tensors"], runs["quantized"]["tensors"]):
         return [cells("fp=q", runs["fp"])]

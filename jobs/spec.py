@@ -146,7 +146,8 @@ class VeoSpec(Strict):
 
 
 class QvlmSpec(Strict):
-    search: Literal["clip", "learned", "best"] = "clip"
+    # Defaults measured by bench/quality.py (BENCHMARKS.md "Numerics and the default search").
+    search: Literal["clip", "learned", "best"] = "best"
     max_block_depth: Annotated[StrictInt, Field(ge=1, le=8)] = 3
     h0: Annotated[Literal["auto"] | float, Field(description='"auto" or a float >= 0')] = "auto"
     # Clipping percentiles of static activation ranges (W4A4, W6A6). Weights are clipped per group on the
@@ -154,9 +155,9 @@ class QvlmSpec(Strict):
     percentiles: tuple[Annotated[StrictFloat, Field(gt=0.5, le=1.0)], ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
     max_shrink: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.2  # weight clipping: shrink factors 1.0 .. 1 - max_shrink
     shrink_steps: Annotated[StrictInt, Field(ge=1, le=200)] = 20  # in this many steps
-    epochs: Annotated[StrictInt, Field(ge=1)] = 10
-    iters: Annotated[StrictInt, Field(ge=1)] = 200
-    propagation: Literal["fp", "quantized"] = "fp"
+    epochs: Annotated[StrictInt, Field(ge=1)] = 4
+    iters: Annotated[StrictInt, Field(ge=1)] = 100
+    propagation: Literal["fp", "quantized"] = "quantized"
     veo: VeoSpec = VeoSpec()
 
     @field_validator("h0", mode="before")

@@ -39,13 +39,13 @@ class QuantConfig:
     activations: ActScheme = field(default_factory=ActScheme)
     targets: tuple[Segment, ...] = SEGMENTS
     ignore: tuple[str, ...] = ("lm_head",)  # module names, or "re:<pattern>" matched from the start
-    search: Literal["clip", "learned", "best"] = "clip"
+    search: Literal["clip", "learned", "best"] = "best"  # defaults chosen by bench/quality.py (BENCHMARKS.md)
     max_block_depth: int = 3
     h0: float | None = None  # None = auto (mean of the dependency series)
     percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
-    epochs: int = 10
-    iters: int = 200
-    propagation: Literal["fp", "quantized"] = "fp"
+    epochs: int = 4
+    iters: int = 100
+    propagation: Literal["fp", "quantized"] = "quantized"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     veo: VeoConfig = field(default_factory=VeoConfig)
     seed: int = 0

@@ -36,10 +36,10 @@ SearchMethod = Literal["rtn", "clip", "learned", "gptq", "best"]
 
 @dataclass(frozen=True)
 class SearchConfig:
-    method: SearchMethod = "clip"
+    method: SearchMethod = "best"
     percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)  # static activation ranges
-    epochs: int = 10
-    iters: int = 200  # learned: optimisation steps
+    epochs: int = 4  # clip, and static activation ranges: coordinate passes
+    iters: int = 100  # learned: optimisation steps
     lr: float | None = None  # learned: None = 1 / iters
     seed: int = 0
     max_act_rows: int = 8192  # rows kept per linear to calibrate static activation ranges
