@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/quality.py [--only llava text] [--epochs 4] [--iters 100]
     .venv/bin/python bench/quality.py --only text --text-layers 12 --methods rtn gptq qvlm-learned --propagation fp
+    .venv/bin/python bench/quality.py --schemes "W4A16 g128" "W4A16 ch" "W3A16 g128" --methods gptq-ao qvlm-best \
+        --mixed none --dtype bfloat16
 
 Models: the tiny LLaVA trained on the hard shapes task and the tiny text Llama trained on Python's
 documentation (``bench/trained.py``'s ``cached_model``; trained into ~/.cache/qvlm/trained on first use). Every
@@ -9,8 +11,10 @@ configuration runs ``qvlm.driver.quantize`` in this process (the code the distri
 stage; tests/test_job_local.py checks the job's tensors match it bit for bit) on a fresh copy of the FP model,
 then compares the fake-quant model with FP on held-out data.
 
-Grid: schemes W8A8, W6A6, W4A4, W4A16 g128 x methods rtn, gptq, qvlm (search clip / learned) x mixed
-precision none / sensitivity / kurtosis (extra budget 2%) x propagation fp / quantized. Rows that are
+Grid: schemes W8A8, W6A6, W4A4, W4A16 g128, W4A16 per channel, W3A16 g128 x methods rtn, gptq (natural
+order, `gptq-ao` with act-order on static groups), qvlm (search clip / learned / best) x mixed precision none /
+sensitivity / kurtosis (extra budget 2%) x propagation fp / quantized. ``--dtype`` casts the models (and so
+the quantizer's scales and every forward pass) to float16 or bfloat16; full precision is then that dtype. Rows that are
 provably identical are not repeated: a mixed-precision plan that boosts no linear leaves every scheme at
 the base, so its rows equal the `none` rows (checked once by running one such config in full), and where
 propagation leaves the quantized tensors bit-identical the two rows are printed as one (`fp=q`).
@@ -39,9 +43,13 @@ from qvlm.quant import ActScheme, WeightScheme
 from trained import (HELD_OUT_N, HELD_OUT_SKIP, MAX_LENGTH, TEXT_RECIPE, cached_model, perplexity,
                              pydoc_texts, text_windows, window_batches)
 
-SCHEME_BITS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4), "W4A16 g128": (4, 16)}
-METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq"},
-           "qvlm-clip": {"method": "qvlm", "search": "clip"}, "qvlm-learned": {"method": "qvlm", "search": "learned"}}
+SCHEME_BITS = {"W8A8": (8, 128, 8), "W6A6": (6, 128, 6), "W4A4": (4, 128, 4), "W4A16 g128": (4, 128, 16),
+               "W4A16 ch": (4, -1, 16), "W3A16 g128": (3, 128, 16)}
+METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq", "act_order": False},
+           "gptq-ao": {"method": "gptq", "act_order": True},
+           "qvlm-clip": {"method": "qvlm", "search": "clip"}, "qvlm-learned": {"method": "qvlm", "search": "learned"},
+           "qvlm-best": {"method": "qvlm", "search": "best"}}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED = ("none", "sensitivity", "kurtosis")
 PROPAGATION = ("fp", "quantized")
 EXTRA_BUDGET = 0.02
@@ -51,15 +59,16 @@ CAL_SAMPLES, CAL_BATCH = 64, 8
 def schemes() -> dict[str, tuple[WeightScheme, ActScheme]]:
     """Each name's weight and activation scheme as a job file with only ``bits`` set resolves them."""
     out = {}
-    for name, (w_bits, a_bits) in SCHEME_BITS.items():
-        w = WeightsSpec(bits=w_bits)
+    for name, (w_bits, group, a_bits) in SCHEME_BITS.items():
+        w = WeightsSpec(bits=w_bits, group_size=group)
         bits, granularity, symmetric = ActivationsSpec(bits=a_bits).resolved()
         out[name] = (WeightScheme(w.bits, w.group_size, w.symmetric), ActScheme(bits, granularity, symmetric))
     return out
 
 
 def describe(w: WeightScheme, a: ActScheme) -> str:
-    weights = f"int{w.bits} {'sym' if w.symmetric else 'asym'} group {w.group_size}"
+    group = "per channel" if w.group_size == -1 else f"group {w.group_size}"
+    weights = f"int{w.bits} {'sym' if w.symmetric else 'asym'} {group}"
     if not a.enabled:
         return f"weights {weights}; activations fp"
     kind = "dynamic per-token" if not a.static else f"static per-{a.granularity} (calibrated ranges)"
@@ -142,20 +151,20 @@ def boosted_plans(subject: Model, args, w: WeightScheme, a: ActScheme) -> dict[s
 def grid(subject: Model, args) -> tuple[list[list], list[str]]:
     """The table's rows and notes on the rows left out as identical."""
     fp_quality = subject.quality(subject.fp)
-    rows = [["FP", "-", "-", "-", "-", "fp32", "-", f"{fp_quality['score']:.4f}", "0", "1.0000", "-"]]
+    rows = [["FP", "-", "-", "-", "-", args.dtype, "-", f"{fp_quality['score']:.4f}", "0", "1.0000", "-", "-"]]
     notes, checked_mp_identity = [], False
     identity_method = next((m for m in args.methods if m != "rtn"), args.methods[0])  # rtn would check little
     for sname, (w, a) in schemes().items():
         if sname not in args.schemes:
             continue
-        boosts = boosted_plans(subject, args, w, a)
+        boosts = boosted_plans(subject, args, w, a) if args.mixed != ["none"] else {}
         idle = [mp for mp, n in boosts.items() if n == 0]
         if idle:
             notes.append(f"{sname}: {' and '.join(idle)} boosted no linear, so those rows equal the `none` rows "
                          f"and are not listed")
         for method in args.methods:
             none_runs: dict[str, dict] = {}
-            for mp in MIXED:
+            for mp in args.mixed:
                 if mp != "none" and boosts[mp] == 0 and (checked_mp_identity or method != identity_method):
                     continue
                 runs = {}
@@ -181,7 +190,7 @@ def grid(subject: Model, args) -> tuple[list[list], list[str]]:
 def format_rows(sname: str, method: str, mp: str, runs: dict) -> list[list]:
     def cells(prop, r):
         return [sname, method, mp, prop, r["boosted"], f"{r['bits']:.3f}", r["blocks"], f"{r['score']:.4f}",
-                f"{r['kl']:.4f}", f"{r['top1']:.4f}", f"{r['seconds']:.1f}"]
+                f"{r['kl']:.5f}", f"{r['top1']:.4f}", f"{r['quantize_s']:.1f}", f"{r['seconds']:.1f}"]
 
     if len(runs) == 2 and same_tensors(runs["fp"]["tensors"], runs["quantized"]["tensors"]):
         return [cells("fp=q", runs["fp"])]
@@ -195,6 +204,10 @@ def main() -> None:
                         help="the first besides rtn also runs the one full check that a no-boost plan equals `none`")
     parser.add_argument("--schemes", nargs="+", choices=list(SCHEME_BITS), default=list(SCHEME_BITS))
     parser.add_argument("--propagation", nargs="+", choices=PROPAGATION, default=list(PROPAGATION))
+    parser.add_argument("--mixed", nargs="+", choices=MIXED, default=list(MIXED),
+                        help="mixed-precision metrics (`none` alone skips the boost plans)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="cast the models to this dtype (computing on CPU); full precision is then that dtype")
     parser.add_argument("--text-layers", type=int, default=TEXT_RECIPE.layers,
                         help="decoder layers of the text model (another depth is trained and cached on first use)")
     parser.add_argument("--epochs", type=int, default=4, help="clip: coordinate passes per block")
@@ -205,21 +218,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"qvlm.driver.quantize in this process (the in-process path; the distributed job runs the same steps), "
           f"torch threads {args.threads} on {os.cpu_count()} cores (machine shared: timings are within-run only)")
-    print(f"search: clip epochs {args.epochs}, percentiles {QuantConfig().percentiles}; learned iters {args.iters}; "
+    print(f"search: clip epochs {args.epochs}, act percentiles {QuantConfig().percentiles}, weight shrinks "
+          f"{QuantConfig().shrinks[-1]}..1 ({len(QuantConfig().shrinks)}); learned/best iters {args.iters}; "
           f"qvlm max_block_depth {QuantConfig().max_block_depth}, h0 auto; gptq/rtn one unit per block; "
-          f"mixed precision extra budget {EXTRA_BUDGET:.0%} (stop {MixedPrecisionConfig().stop}); lm_head not quantized")
+          f"mixed precision extra budget {EXTRA_BUDGET:.0%} (stop {MixedPrecisionConfig().stop}); lm_head not quantized; "
+          f"models in {args.dtype}")
     for name, (w, a) in schemes().items():
         print(f"  {name}: {describe(w, a)}")
-    headers = ["scheme", "method", "mixed", "prop", "boosted", "bits/w", "blocks", "SCORE", "KL", "top-1", "sec"]
+    headers = ["scheme", "method", "mixed", "prop", "boosted", "bits/w", "blocks", "SCORE", "KL", "top-1", "q-sec", "sec"]
     subjects = {"llava": llava_subject, "text": lambda: text_subject(args.text_layers)}
     for key in args.only:
         t = time.perf_counter()
         subject = subjects[key]()
+        subject.fp = subject.fp.to(DTYPES[args.dtype])
         print(f"\n{subject.name}: calibration {CAL_SAMPLES} samples, batch {CAL_BATCH} (loaded in {time.perf_counter() - t:.1f}s)")
         rows, notes = grid(subject, args)
         print(f"\n{subject.name} ({time.perf_counter() - t:.0f}s)")
         print(table([h.replace("SCORE", subject.score_name) for h in headers], rows))
-        print("prop fp=q: propagation fp and quantized gave bit-identical quantized tensors (one row for both)")
+        print("prop fp=q: propagation fp and quantized gave bit-identical quantized tensors (one row for both); "
+              "q-sec: quantize time, sec: with the evaluation")
         for note in notes:
             print(note)
 

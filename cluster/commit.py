@@ -103,7 +103,8 @@ def _method_label(quant) -> str:
 
 def _record_fields(record: BlockRecord) -> dict:
     return {"shard": record.shard_key, "sha256": record.sha256, "error_before": record.error_before,
-            "error_after": record.error_after, "evaluations": record.evaluations, "seconds": record.seconds}
+            "error_after": record.error_after, "evaluations": record.evaluations, "seconds": record.seconds,
+            "candidates": dict(record.candidates), "chosen": record.chosen, "quarantine": record.quarantine}
 
 
 def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: Evaluation | None) -> None:

@@ -27,7 +27,7 @@ from cluster.job import Job, Resources
 from cluster.places import meets as _meets, place as _place
 from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig, VeoConfig
 from qvlm.errors import InputError
-from qvlm.quant import ActScheme, WeightScheme
+from qvlm.quant import SHRINK_MAX, SHRINK_STEPS, ActScheme, WeightScheme, shrink_grid
 from workers.locations import Locations
 
 _CAL, _QUANT, _RES = CalibrationSettings(), QuantConfig(), Resources()  # the one source of every default
@@ -187,11 +187,15 @@ class VeoSpec(Strict):
 
 
 class QvlmSpec(Strict):
-    search: Literal["clip", "learned"] = _QUANT.search
+    search: Literal["clip", "learned", "best"] = _QUANT.search
     max_block_depth: Annotated[StrictInt, Field(ge=1, le=8)] = _QUANT.max_block_depth
     h0: Annotated[Literal["auto"] | float, Field(description='"auto" or a float >= 0')] = (
         "auto" if _QUANT.h0 is None else _QUANT.h0)
+    # Clipping percentiles of static activation ranges (W4A4, W6A6). Weights are clipped per group on the
+    # shrink grid below (percentiles of a 128-weight group collapse: 0.995 and 0.99 pick the same element).
     percentiles: tuple[Annotated[StrictFloat, Field(gt=0.5, le=1.0)], ...] = _QUANT.percentiles
+    max_shrink: Annotated[StrictFloat, Field(ge=0, lt=1)] = SHRINK_MAX  # factors 1.0 .. 1 - max_shrink
+    shrink_steps: Annotated[StrictInt, Field(ge=1, le=200)] = SHRINK_STEPS  # in this many steps
     epochs: Annotated[StrictInt, Field(ge=1)] = _QUANT.epochs
     iters: Annotated[StrictInt, Field(ge=1)] = _QUANT.iters
     propagation: Literal["fp", "quantized"] = _QUANT.propagation
@@ -212,6 +216,13 @@ class QvlmSpec(Strict):
         return _unique_nonempty(value, "percentile in (0.5, 1.0]")
 
 
+class GptqSpec(Strict):
+    """GPTQ, as the method and as a candidate of search `best`."""
+
+    act_order: StrictBool = _QUANT.act_order  # columns by decreasing Hessian diagonal, static groups (no g_idx)
+    damp: Annotated[StrictFloat, Field(gt=0, le=1)] = _QUANT.damp  # x mean(diag(H)); raised x10 up to 3 times on failure
+
+
 class MixedPrecisionSpec(Strict):
     metric: Literal["none", "sensitivity", "kurtosis"] = _QUANT.mixed_precision.metric
     extra_budget: Annotated[StrictFloat, Field(ge=0, le=1)] = _QUANT.mixed_precision.extra_budget
@@ -226,6 +237,7 @@ class QuantizationSpec(Strict):
     targets: tuple[Segment, ...] = _QUANT.targets
     ignore: tuple[StrictStr, ...] = _QUANT.ignore
     qvlm: QvlmSpec = QvlmSpec()
+    gptq: GptqSpec = GptqSpec()
     mixed_precision: MixedPrecisionSpec = MixedPrecisionSpec()
 
     @field_validator("targets")
@@ -350,6 +362,7 @@ class JobSpec(Strict):
             percentiles=s.percentiles, epochs=s.epochs, iters=s.iters, propagation=s.propagation,
             mixed_precision=MixedPrecisionConfig(**q.mixed_precision.model_dump()),
             veo=VeoConfig(**s.veo.model_dump()), seed=self.calibration.seed,
+            shrinks=shrink_grid(s.max_shrink, s.shrink_steps), act_order=q.gptq.act_order, damp=q.gptq.damp,
         )
 
 

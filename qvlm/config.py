@@ -55,20 +55,25 @@ class QuantConfig:
     activations: ActScheme = field(default_factory=ActScheme)
     targets: tuple[Segment, ...] = SEGMENTS
     ignore: tuple[str, ...] = DEFAULT_IGNORE  # module names, or "re:<pattern>" matched from the start
-    search: Literal["clip", "learned"] = "clip"
+    search: Literal["clip", "learned", "best"] = "best"  # defaults chosen by bench/quality.py (BENCHMARKS.md)
     max_block_depth: int = 3
     h0: float | None = None  # None = auto (mean of the dependency series)
     percentiles: tuple[float, ...] = SearchConfig.percentiles  # the search's own defaults, stated once there
     epochs: int = SearchConfig.epochs
     iters: int = SearchConfig.iters
-    propagation: Literal["fp", "quantized"] = "fp"
+    propagation: Literal["fp", "quantized"] = "quantized"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     veo: VeoConfig = field(default_factory=VeoConfig)
     seed: int = 0
+    shrinks: tuple[float, ...] = SearchConfig.shrinks  # weight clipping: shrink factors of each group's range
+    act_order: bool = SearchConfig.act_order  # gptq (the method, and the candidate of search `best`): static-group act-order
+    damp: float = SearchConfig.damp  # gptq: damping, x mean(diag(H)), raised x10 on failure
+    lr: float | None = None  # learned rounding: first step size (None = 1 / iters)
 
     def search_config(self) -> SearchConfig:
         method = self.search if self.method == "qvlm" else self.method
-        return SearchConfig(method, self.percentiles, self.epochs, self.iters, None, self.seed)
+        return SearchConfig(method, self.percentiles, self.epochs, self.iters, self.lr, self.seed,
+                            shrinks=self.shrinks, act_order=self.act_order, damp=self.damp)
 
     def is_ignored(self, linear_name: str) -> bool:
         return any(ignore_matches(pattern, linear_name) for pattern in self.ignore)

@@ -2,8 +2,9 @@
 
 The library decides the format of each scheme (``infer_module_format``: int8 weights with dynamic int8
 per-token activations -> ``int-quantized``, weight-only -> ``pack-quantized``) and its registered
-compressor produces the tensors, from our integers' dequantized weights and qparams (requantizing a
-dequantized weight with the same qparams gives back the same integers exactly). Config groups are one
+compressor produces the tensors, from our integers' dequantized weights and qparams (in float32, where
+requantizing a dequantized weight with the same qparams gives back the same integers exactly, whatever the
+checkpoint's dtype). Config groups are one
 per distinct scheme, targeting layers by module name as the loaded model names them; tensors keep the
 source checkpoint's key layout (transformers renames both on load).
 
@@ -32,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme
+from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, grouped
 from qvlm.structure import find_units
 
 ACTIVATIONS_FILE = "qvlm_activations.safetensors"
@@ -132,12 +133,23 @@ def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ign
 
 
 def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
-    """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...)."""
-    state = {"weight": weight.dequantize(), "weight_scale": weight.scale}
+    """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...).
+
+    The compressor requantizes the weight it is given in that weight's dtype. Given the bfloat16 dequantized
+    weight, ``round(w / scale)`` lands off our integer for some 8-bit weights, so it gets the float32 one
+    (``(q - z) * scale`` is exact in float32 for a 16-bit scale, so the division gives the integer back)
+    with the float32 scale, and the stored scale is put back in the checkpoint's dtype."""
+    scale32 = weight.scale.float()
+    ints = grouped(weight.qweight.float(), weight.scheme.group_size)
+    if weight.zero is not None:
+        ints = ints - weight.zero.float().unsqueeze(-1)
+    state = {"weight": (ints * scale32.unsqueeze(-1)).reshape(weight.qweight.shape), "weight_scale": scale32}
     if weight.zero is not None:
         state["weight_zero_point"] = weight.zero
     compressor = BaseCompressor.get_value_from_registry(group.format)
-    return {k: v.contiguous() for k, v in compressor.compress(state, group).items()}
+    out = {k: v.contiguous() for k, v in compressor.compress(state, group).items()}
+    out["weight_scale"] = weight.scale.contiguous()
+    return out
 
 
 def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme | None:

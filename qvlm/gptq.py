@@ -2,9 +2,9 @@
 
 For one linear layer ``y = x W^T`` the layer-wise objective is ``||X W^T - X W_q^T||^2``, whose Hessian
 with respect to each weight row is ``H = 2/n X^T X`` (the same for every row). GPTQ quantizes the input
-columns one at a time in their natural order (no act-order) and, after each column, spreads the
-quantization error over the columns not yet quantized with the optimal (OBS) update, which only needs the
-rows of the upper Cholesky factor of ``H^-1``. Updates to columns outside the current block of
+columns one at a time (in their natural order, or by decreasing diag(H) with act-order) and, after each
+column, spreads the quantization error over the columns not yet quantized with the optimal (OBS) update,
+which only needs the rows of the upper Cholesky factor of ``H^-1``. Updates to columns outside the current block of
 ``block_size`` columns are applied lazily, once per block, as one matrix product.
 
 The integers and quantization parameters follow :mod:`qvlm.quant`'s convention, and the values the
@@ -14,11 +14,13 @@ algorithm uses as the quantized columns are computed with the same arithmetic as
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from qvlm.quant import QuantizedWeight, WeightScheme, qparams_from_bounds
+from qvlm.quant import QuantizedWeight, WeightScheme, grid_integers, grouped, mse_clip_bounds, qparams_from_bounds
 
-__all__ = ["HessianAccumulator", "gptq_quantize", "DAMP_RETRIES"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "DAMP_RETRIES", "NumericalFailure", "NotPositiveDefinite"]
 
 DAMP_RETRIES = 3  # a Hessian that is not positive definite is damped x10 up to this many more times
 
@@ -69,12 +71,16 @@ class HessianAccumulator:
         return self._sum * (2.0 / self._tokens)
 
 
-class _NotPositiveDefinite(ValueError):
+class NumericalFailure(ValueError):
+    """The layer's numbers are unusable for GPTQ (a block search quarantines the block on it)."""
+
+
+class NotPositiveDefinite(NumericalFailure):
     """The damped Hessian has no Cholesky factor."""
 
 
-def _not_positive_definite(what: str, damp: float) -> ValueError:
-    return _NotPositiveDefinite(
+def _not_positive_definite(what: str, damp: float) -> NotPositiveDefinite:
+    return NotPositiveDefinite(
         f"GPTQ: the Hessian of this layer is not positive definite ({what}) even after damping with "
         f"damp={damp}; use a larger damp (e.g. 0.1) or more calibration tokens"
     )
@@ -106,12 +112,23 @@ def _check_args(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_
         raise ValueError(f"damp must be non-negative, got {damp}")
 
 
-def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 working weight and the upper Cholesky factor of the damped inverse Hessian."""
+@dataclass(frozen=True)
+class _Prepared:
+    w: torch.Tensor  # float32 working weight, columns in processing order
+    u: torch.Tensor  # upper Cholesky factor of the damped H^-1, processing order, float32
+    order: torch.Tensor  # original column index of each processed column
+    importance: torch.Tensor  # diag(H) per original column (float32): the clipping search's weights
+    original: torch.Tensor  # float32 weight in the original order, dead columns zeroed
+
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool) -> _Prepared:
+    """The float32 working weight and the upper Cholesky factor of the damped inverse Hessian, both permuted
+    to decreasing diag(H) with ``act_order``."""
     h = hessian.detach().to(device=weight.device, dtype=torch.float64, copy=True)
     if not torch.isfinite(h).all():
-        raise ValueError("GPTQ: the Hessian of this layer has non-finite entries (NaN/inf in the calibration inputs?)")
+        raise NumericalFailure("GPTQ: the Hessian of this layer has non-finite entries (NaN/inf in the calibration inputs?)")
     w = weight.detach().to(torch.float32).clone()
+    importance = torch.diagonal(h).float().clone()
     # Dead inputs (always zero in calibration): the weight column cannot matter, so drop it and give the
     # Hessian a unit diagonal there to keep it invertible.
     dead = torch.diagonal(h) == 0
@@ -119,6 +136,11 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[
         idx = dead.nonzero().squeeze(1)
         h[idx, idx] = 1.0
         w[:, dead] = 0.0
+    original = w
+    order = torch.arange(w.shape[1], device=w.device)
+    if act_order:
+        order = torch.argsort(importance, descending=True, stable=True)
+        h, w, dead = h[order][:, order], w[:, order], dead[order]
     h.diagonal().add_(damp * torch.diagonal(h).mean())
     u64 = _inverse_hessian_cholesky(h, damp)
     if dead.any():
@@ -128,37 +150,39 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[
         u64[dead, :] = 0.0
         u64[:, dead] = 0.0
         u64.diagonal().copy_(diag)
-    return w, u64.to(torch.float32)
+    return _Prepared(w.clone() if act_order else w, u64.to(torch.float32), order, importance, original)
 
 
 class _Columns:
     """Output buffers, and quantization of one column with its group's qparams."""
 
-    def __init__(self, w: torch.Tensor, scheme: WeightScheme, sdtype: torch.dtype):
+    def __init__(self, w: torch.Tensor, scheme: WeightScheme, sdtype: torch.dtype, shrinks: tuple[float, ...]):
         out_features, in_features = w.shape
         n_groups = scheme.groups(in_features)
-        self.scheme, self.sdtype = scheme, sdtype
+        self.scheme, self.sdtype, self.shrinks = scheme, sdtype, shrinks
         self.qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
         self.used = torch.empty(out_features, in_features, dtype=torch.float32, device=w.device)
         self.scale = torch.empty(out_features, n_groups, dtype=sdtype, device=w.device)
         self.zero = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8, device=w.device)
 
-    def set_qparams(self, g: int, values: torch.Tensor) -> None:
-        s, z = qparams_from_bounds(values.amin(1), values.amax(1), self.scheme.bits, self.scheme.symmetric, self.sdtype)
-        self.scale[:, g] = s
+    def set_qparams(self, groups: slice, values: torch.Tensor, importance: torch.Tensor) -> None:
+        """Qparams of ``groups`` from ``values`` [out, n_groups, group] (clipping searched on the shrink grid,
+        each weight's error weighted by its input's ``importance`` [n_groups, group])."""
+        s = self.scheme
+        lo, hi = mse_clip_bounds(values, s.bits, s.symmetric, self.sdtype, importance.unsqueeze(0), self.shrinks)
+        scale, zero = qparams_from_bounds(lo, hi, s.bits, s.symmetric, self.sdtype)
+        self.scale[:, groups] = scale
         if self.zero is not None:
-            self.zero[:, g] = z
+            self.zero[:, groups] = zero
 
     def quantize(self, col: int, g: int, x: torch.Tensor) -> torch.Tensor:
         """Quantize column ``col``; returns the dequantized column, computed as QuantizedWeight.dequantize() does."""
         s = self.scale[:, g]
-        t = x / s.float()
-        if self.zero is not None:
-            t = t + self.zero[:, g].float()
-        q = torch.clamp(torch.round(t), self.scheme.qmin, self.scheme.qmax)
+        z = None if self.zero is None else self.zero[:, g]
+        q = grid_integers(x, s, z, self.scheme.qmin, self.scheme.qmax)
         qs = q.to(self.sdtype)
-        if self.zero is not None:
-            qs = qs - self.zero[:, g].to(self.sdtype)
+        if z is not None:
+            qs = qs - z.to(self.sdtype)
         x_hat = (qs * s).float()
         self.qweight[:, col] = q.to(torch.int8)
         self.used[:, col] = x_hat
@@ -166,32 +190,29 @@ class _Columns:
 
 
 def _gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float, block_size: int
+    weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float, block_size: int,
+    act_order: bool = False, shrinks: tuple[float, ...] = (1.0,),
 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """GPTQ proper; also returns the float32 quantized columns the algorithm used (for tests)."""
     _check_args(weight, hessian, damp, block_size)
     in_features = weight.shape[1]
     gs = in_features if scheme.group_size == -1 else scheme.group_size
-    w, u = _prepare(weight, hessian, damp)
-    cols = _Columns(w, scheme, weight.dtype)
-    if scheme.group_size == -1:
-        cols.set_qparams(0, w)  # whole rows (dead columns already zeroed), before any error feedback
+    p = _prepare(weight, hessian, damp, act_order)
+    w, u, order = p.w, p.u, p.order.tolist()
+    cols = _Columns(w, scheme, weight.dtype, shrinks)
+    static = act_order or scheme.group_size == -1
+    if static:  # every group's qparams from the original weight, before any error feedback
+        cols.set_qparams(slice(None), grouped(p.original, scheme.group_size), grouped(p.importance.unsqueeze(0), scheme.group_size)[0])
     for b1 in range(0, in_features, block_size):
         b2 = min(b1 + block_size, in_features)
         w_blk, u_blk = w[:, b1:b2].clone(), u[b1:b2, b1:b2]
         err_blk = torch.zeros_like(w_blk)
         for i in range(b2 - b1):
             col = b1 + i
-            if scheme.group_size != -1 and col % gs == 0:
-                # Range of the group as it stands now: its columns inside this block carry every update so
-                # far; those past the block still miss this block's pending (lazy) update, added here.
-                end = col + gs
-                current = w_blk[:, i : min(end, b2) - b1]
-                if end > b2:
-                    current = torch.cat([current, w[:, b2:end] - err_blk[:, :i] @ u[b1:col, b2:end]], dim=1)
-                cols.set_qparams(col // gs, current)
+            if not static and col % gs == 0:
+                _dynamic_group(cols, w, u, w_blk, err_blk, p.importance, b1, b2, i, gs)
             x = w_blk[:, i]
-            e = (x - cols.quantize(col, col // gs, x)) / u_blk[i, i]
+            e = (x - cols.quantize(order[col], order[col] // gs, x)) / u_blk[i, i]
             w_blk[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
             err_blk[:, i] = e
         if b2 < in_features:
@@ -199,27 +220,44 @@ def _gptq(
     return QuantizedWeight(cols.qweight, cols.scale, cols.zero, scheme), cols.used
 
 
+def _dynamic_group(cols: _Columns, w, u, w_blk, err_blk, importance, b1: int, b2: int, i: int, gs: int) -> None:
+    """Qparams of the group starting at column b1 + i from its columns as they stand now: those inside this
+    block carry every update so far; those past the block still miss this block's pending (lazy) update,
+    added here."""
+    col, end = b1 + i, b1 + i + gs
+    current = w_blk[:, i : min(end, b2) - b1]
+    if end > b2:
+        current = torch.cat([current, w[:, b2:end] - err_blk[:, :i] @ u[b1:col, b2:end]], dim=1)
+    g = col // gs
+    cols.set_qparams(slice(g, g + 1), current.unsqueeze(1), importance[col:end].unsqueeze(0))
+
+
 def gptq_quantize(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01, block_size: int = 128,
-    retries: int = DAMP_RETRIES,
+    retries: int = DAMP_RETRIES, act_order: bool = False, shrinks: tuple[float, ...] = (1.0,),
 ) -> QuantizedWeight:
     """Quantize ``weight`` [out, in] with GPTQ given its input Hessian ``hessian`` [in, in].
 
-    Columns are processed in natural order (no act-order). ``damp * mean(diag(H))`` is added to the
-    diagonal of H; when H is still not positive definite the damping is raised x10, up to ``retries`` more
-    times. Inputs with ``diag(H) == 0`` are dead: their weight column is set to 0 and H[i, i] to 1.
-    Per channel (``group_size == -1``) the scale/zero of a row come from the whole row before the loop;
-    with groups they come from the group's current (error-updated) columns when the algorithm reaches the
-    group's first column, with plain min/max bounds. Scales are in ``weight.dtype``. ``dequantize()`` of the
-    result is exactly the quantized weight the algorithm used. Computes in float32 (float64 for the damped
-    Hessian and its Cholesky factors) on the weight's device.
+    Columns are processed in natural order, or with ``act_order`` in order of decreasing diag(H) with static
+    groups: every group's qparams are computed from the original weight before the column loop and each
+    column keeps its own group's, so the checkpoint needs no g_idx and serves like one without act-order.
+    ``damp * mean(diag(H))`` is added to the diagonal of H; when H is still not positive definite the damping
+    is raised x10, up to ``retries`` more times. Inputs with ``diag(H) == 0`` are dead: their weight column is
+    set to 0 and H[i, i] to 1. Per channel (``group_size == -1``) the scale/zero of a row come from the whole
+    row before the loop; with groups and no act-order they come from the group's current (error-updated)
+    columns when the algorithm reaches the group's first column. Each group's range is its min/max shrunk by
+    the factor of ``shrinks`` with the lowest reconstruction error weighted by diag(H) (``(1.0,)``: plain
+    min/max). Scales are in ``weight.dtype``. ``dequantize()`` of the result is exactly the quantized weight
+    the algorithm used. Computes in float32 (float64 for the damped Hessian and its Cholesky factors) on the
+    weight's device.
 
-    Raises ``ValueError`` if the Hessian is not positive definite at the largest damping tried.
+    Raises ``NotPositiveDefinite`` if the Hessian is not positive definite at the largest damping tried, and
+    ``NumericalFailure`` if it has non-finite entries.
     """
     for attempt in range(retries + 1):
         try:
-            return _gptq(weight, hessian, scheme, damp * 10**attempt, block_size)[0]
-        except _NotPositiveDefinite:
+            return _gptq(weight, hessian, scheme, damp * 10**attempt, block_size, act_order, shrinks)[0]
+        except NotPositiveDefinite:
             if attempt == retries:
                 raise
     raise AssertionError("unreachable")

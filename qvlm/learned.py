@@ -1,9 +1,23 @@
 """``search: learned``: rounding offsets and clipping scales trained on the block output (AutoRound-style).
 
 Per linear: an offset V in [-0.5, 0.5] added before rounding (one per weight) and scales alpha/beta in
-[0.5, 1] that shrink each group's max/min. They are trained with signed gradient descent (the update is
-lr * sign(grad), lr decaying linearly to 0) through a straight-through rounding, one calibration batch per
-step in a seeded order; the parameters with the lowest step loss are kept.
+[0.5, 1] that shrink each group's starting upper/lower bound. They are trained with signed gradient descent
+(the update is lr * sign(grad), lr decaying linearly to 0) through a straight-through rounding, one
+calibration batch per step in a seeded order; the parameters kept are the ones, among the start and a few
+checkpoints of the training, with the lowest block error on the whole calibration set.
+
+Numerics, whatever the model's dtype: the tunables and every quantizer operation are float32, the scale
+used in training is the one the checkpoint stores (rounded to the weight's dtype) and the integers come
+from :func:`qvlm.quant.grid_integers` both in training and in :meth:`LearnedWeightQuantizer.finalize`, so
+the exported integers are the trained ones. The block loss is the float32 *sum* of squared errors: a mean
+over 3e7 output elements makes every float16 gradient underflow to zero (sign descent ignores magnitude).
+
+A quantizer starts from round-to-nearest on the full range, or from another search's integers and qparams
+(``start``: the clipped RTN or GPTQ result): its bounds reproduce the start's scale, and each weight gets a
+fixed integer shift from its nearest integer to the start's (0 for RTN; GPTQ moves some weights several steps),
+so the offsets V start at 0 and choose, as from RTN, between the start's integer and its neighbour on the side
+of ``w / scale``. From a start the scales stay fixed (the start's integers were chosen for them) and the step is
+smaller (``START_LR / iters``).
 """
 
 from __future__ import annotations
@@ -13,7 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from qvlm.capture import call_unit
-from qvlm.quant import QuantizedWeight, WeightScheme, grouped, percentile_bounds, qparams_from_bounds, round_ste
+from qvlm.quant import QuantizedWeight, WeightScheme, grid_integers, grid_qparams, grouped, percentile_bounds
+
+
+# From another search's result the offsets only need to flip a few roundings near their boundaries: a fifth of
+# AutoRound's step (1 / iters) keeps them from undoing the start's error compensation (BENCHMARKS.md, issue 18).
+START_LR = 0.2
 
 
 @dataclass
@@ -25,48 +44,61 @@ class LearnedWeightQuantizer:
     v: torch.Tensor  # [out, groups, group]
     alpha: torch.Tensor  # [out, groups] shrink of the upper bound
     beta: torch.Tensor  # [out, groups] shrink of the lower bound
+    lo0: torch.Tensor  # [out, groups] starting bounds (float32)
+    hi0: torch.Tensor
+    shift: torch.Tensor | None = None  # [out, groups, group] integer steps from nearest to the start's integers
+    started: bool = False  # from another search's result: its scales stay, only the offsets train
 
     @classmethod
-    def init(cls, weight: torch.Tensor, scheme: WeightScheme) -> "LearnedWeightQuantizer":
+    def init(cls, weight: torch.Tensor, scheme: WeightScheme, start: QuantizedWeight | None = None) -> "LearnedWeightQuantizer":
         g = grouped(weight.float(), scheme.group_size)
-        return cls(weight, scheme, torch.zeros_like(g, requires_grad=True),
-                   torch.ones(g.shape[:2], requires_grad=True), torch.ones(g.shape[:2], requires_grad=True))
+        ones = torch.ones(g.shape[:2], device=g.device)
+        v = torch.zeros_like(g).requires_grad_()
+        if start is None:
+            lo0, hi0 = percentile_bounds(g, 1.0, scheme.symmetric)
+            return cls(weight, scheme, v, ones.clone().requires_grad_(), ones.requires_grad_(), lo0, hi0)
+        lo0, hi0 = _start_bounds(start)
+        quantizer = cls(weight, scheme, v, ones.clone().requires_grad_(), ones.requires_grad_(), lo0, hi0, None, True)
+        quantizer._align(grouped(start.qweight.float(), scheme.group_size))
+        return quantizer
+
+    @torch.no_grad()
+    def _align(self, target: torch.Tensor, rounds: int = 3) -> None:
+        """Integer shifts that make the untrained quantizer give ``target`` (a clamped value may need two)."""
+        shift = torch.zeros_like(target)
+        for _ in range(rounds):
+            self.shift = shift if bool(shift.any()) else None
+            q = self._grid(self.v, self.alpha, self.beta)[0]
+            if torch.equal(q, target):
+                return
+            shift = shift + (target - q)
 
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta]
 
-    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = percentile_bounds(grouped(self.weight.float(), self.scheme.group_size), 1.0, self.scheme.symmetric)
-        return lo * self.beta, hi * self.alpha
+    def trainable(self) -> list[torch.Tensor]:
+        return [self.v] if self.started else self.params()
+
+    def _grid(self, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+        s = self.scheme
+        scale, zero = grid_qparams(self.lo0 * beta, self.hi0 * alpha, s.bits, s.symmetric, self.weight.dtype)
+        scale, zero = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+        offset = v if self.shift is None else v + self.shift
+        q = grid_integers(grouped(self.weight, s.group_size), scale, zero, s.qmin, s.qmax, offset)
+        return q, scale, zero
 
     def soft_weight(self) -> torch.Tensor:
-        """Differentiable dequantized weight (float scale, straight-through rounding)."""
-        s = self.scheme
-        lo, hi = self._bounds()
-        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-        if s.symmetric:
-            scale = torch.maximum(-lo, hi) / ((s.qmax - s.qmin) / 2)
-            zero = torch.zeros_like(scale)
-        else:
-            scale = (hi - lo) / (s.qmax - s.qmin)
-            zero = torch.clamp(round_ste(s.qmin - lo / scale.clamp_min(1e-12)), s.qmin, s.qmax)
-        scale = scale.clamp_min(1e-12).unsqueeze(-1)
-        zero = zero.unsqueeze(-1)
-        g = grouped(self.weight.float(), s.group_size)
-        q = torch.clamp(round_ste(g / scale + self.v) + zero, s.qmin, s.qmax)
-        return ((q - zero) * scale).reshape(self.weight.shape).to(self.weight.dtype)
+        """Differentiable dequantized weight: the stored scale, straight-through rounding; its value equals
+        ``finalize().dequantize()`` exactly."""
+        q, scale, zero = self._grid(self.v, self.alpha, self.beta)
+        return ((q if zero is None else q - zero) * scale).reshape(self.weight.shape).to(self.weight.dtype)
 
     @torch.no_grad()
     def finalize(self) -> QuantizedWeight:
-        """Integers and the checkpoint-dtype qparams, computed exactly as ``quantize_weight`` would."""
-        s = self.scheme
-        lo, hi = self._bounds()
-        scale, zero = qparams_from_bounds(lo, hi, s.bits, s.symmetric, self.weight.dtype)
-        x = grouped(self.weight.to(scale.dtype), s.group_size) / scale.unsqueeze(-1) + self.v.to(scale.dtype)
-        if zero is not None:
-            x = x + zero.to(scale.dtype).unsqueeze(-1)
-        q = torch.clamp(torch.round(x), s.qmin, s.qmax).to(torch.int8).reshape(self.weight.shape)
-        return QuantizedWeight(q, scale, zero, s)
+        """Integers and the checkpoint-dtype qparams, exactly as training last saw them."""
+        q, scale, zero = self._grid(self.v, self.alpha, self.beta)
+        return QuantizedWeight(q.to(torch.int8).reshape(self.weight.shape), scale.squeeze(-1).to(self.weight.dtype),
+                               None if zero is None else zero.squeeze(-1).to(torch.int8), self.scheme)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -75,46 +107,85 @@ class LearnedWeightQuantizer:
         self.beta.clamp_(0.5, 1.0)
 
 
-def learn_rounding(ws, cfg) -> dict[str, QuantizedWeight]:
-    """Train every linear of the workspace's block jointly; returns the final integer weights by name."""
-    rounding = {n: LearnedWeightQuantizer.init(ws.fp_weight[n], ws.data.schemes[n]) for n in ws.fq}
+def _start_bounds(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds whose qparams are ``qw``'s (up to a float32 rounding of the scale before it is stored)."""
+    s, scale = qw.scheme, qw.scale.float()
+    if qw.zero is None:
+        hi = scale * ((s.qmax - s.qmin) / 2)
+        return -hi, hi
+    z = qw.zero.float()
+    return (s.qmin - z) * scale, (s.qmax - z) * scale
+
+
+def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None,
+                   checkpoints: int = 8) -> dict[str, QuantizedWeight]:
+    """Train every linear of the workspace's block jointly; returns the final integer weights by name.
+
+    The parameters kept are those with the lowest error on the whole calibration set among the start and
+    ``checkpoints`` evenly spaced points of the training (one forward pass over the calibration data each), so
+    the result is never worse than the start."""
+    starts = starts or {}
+    rounding = {n: LearnedWeightQuantizer.init(ws.fp_weight[n], ws.data.schemes[n], starts.get(n)) for n in ws.fq}
     for n, r in rounding.items():
         ws.fq[n].weight_fn = r.soft_weight
-    n_batches = len(ws.data.targets)
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randint(0, n_batches, (cfg.iters,), generator=gen).tolist()
-    lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
-    best_loss, best = float("inf"), None
+    order = torch.randint(0, len(ws.data.targets), (cfg.iters,), generator=gen).tolist()
+    lr0 = cfg.lr if cfg.lr is not None else (START_LR if starts else 1.0) / max(cfg.iters, 1)
+    every = max(cfg.iters // max(checkpoints, 1), 1)
+    best = _Best()
     try:
+        best.offer(ws, rounding)
         for step, b in enumerate(order):
-            loss = _batch_loss(ws, b)
-            if loss.item() < best_loss:
-                best_loss = loss.item()
-                best = {n: [p.detach().clone() for p in r.params()] for n, r in rounding.items()}
+            loss, _ = _batch_loss(ws, b)
             loss.backward()
-            lr = lr0 * (1 - step / max(cfg.iters, 1))
-            with torch.no_grad():
-                for r in rounding.values():
-                    for p in r.params():
-                        p -= lr * torch.sign(p.grad)
-                        p.grad = None
-                    r.clamp_()
+            _sign_step(rounding.values(), lr0 * (1 - step / max(cfg.iters, 1)))
+            if (step + 1) % every == 0 or step + 1 == len(order):
+                best.offer(ws, rounding)
     finally:
         for n in rounding:
             ws.fq[n].weight_fn = None
-    if best is not None:
-        for n, r in rounding.items():
-            with torch.no_grad():
-                for p, saved in zip(r.params(), best[n]):
-                    p.copy_(saved)
+    best.restore(rounding)
     return {n: r.finalize() for n, r in rounding.items()}
 
 
-def _batch_loss(ws, b: int) -> torch.Tensor:
+class _Best:
+    """The parameters with the lowest whole-calibration-set block error seen so far."""
+
+    def __init__(self):
+        self.error, self.params = float("inf"), None
+
+    def offer(self, ws, rounding: dict) -> None:
+        error = ws.refresh()  # the soft weights are in place: their value is exactly the exported weight's
+        if error < self.error:
+            self.error = error
+            self.params = {n: [p.detach().clone() for p in r.params()] for n, r in rounding.items()}
+
+    @torch.no_grad()
+    def restore(self, rounding: dict) -> None:
+        if self.params is None:
+            return
+        for n, r in rounding.items():
+            for p, saved in zip(r.params(), self.params[n]):
+                p.copy_(saved)
+
+
+@torch.no_grad()
+def _sign_step(quantizers, lr: float) -> None:
+    for r in quantizers:
+        for p in r.trainable():
+            # A float16 backward can overflow; an inf keeps its sign, a NaN (inf - inf) makes no step.
+            p -= lr * torch.sign(torch.nan_to_num(p.grad, nan=0.0))
+        for p in r.params():
+            p.grad = None
+        r.clamp_()
+
+
+def _batch_loss(ws, b: int) -> tuple[torch.Tensor, int]:
+    """Float32 sum of squared errors over the batch's valid output elements, and their count."""
     hidden = None
     for u, module in enumerate(ws.units):
-        call = ws.data.calls[u][b]
-        hidden = call_unit(module, call, hidden)
+        hidden = call_unit(module, ws.data.calls[u][b], hidden)
     sq = (hidden.float() - ws.data.targets[b].float()) ** 2
     mask = ws.data.calls[-1][b].mask
-    return (sq[mask] if mask is not None else sq).mean()
+    sq = sq[mask] if mask is not None else sq
+    return sq.sum(), sq.numel()

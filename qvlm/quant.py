@@ -99,21 +99,47 @@ def qparams_from_bounds(
     """Scale and zero point for the range [lo, hi] (widened to contain 0), as compressed-tensors computes them.
 
     The scale is cast to ``scale_dtype`` (the dtype the checkpoint stores) before it is used, so that
-    in-memory fake quantization and the written checkpoint dequantize to the same values.
+    in-memory fake quantization and the written checkpoint dequantize to the same values; the zero point is
+    computed against that stored scale, in float32.
+    """
+    with torch.no_grad():
+        scale, zero = grid_qparams(lo, hi, bits, symmetric, scale_dtype)
+    return scale.to(scale_dtype), None if zero is None else zero.to(torch.int8)
+
+
+def grid_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 scale (its value the one stored in ``scale_dtype``) and float32 integer-valued zero point.
+
+    Differentiable in ``lo`` and ``hi``: the rounding of the scale to its stored dtype and of the zero point
+    pass the gradient straight through (learned rounding trains the clipping bounds through it).
     """
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
-    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
-    if symmetric:
-        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-    scale = scale.to(scale_dtype)
-    scale = torch.where(scale == 0, torch.full_like(scale, _eps(scale_dtype)), scale)
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2) if symmetric else (hi - lo) / (qmax - qmin)
+    stored = scale.detach().to(scale_dtype)
+    stored = torch.where(stored == 0, torch.full_like(stored, _eps(scale_dtype)), stored).float()
+    scale = stored + (scale - scale.detach())  # the stored value exactly, the gradient of the float one
     if symmetric:
         return scale, None
-    zero = torch.clamp(torch.round(qmin - lo / scale.float()), qmin, qmax).to(torch.int8)
-    return scale, zero
+    return scale, torch.clamp(round_ste(qmin - lo / scale), qmin, qmax)
+
+
+def grid_integers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int, qmax: int,
+                  offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``clamp(round(x / scale + offset + zero), qmin, qmax)`` in float32 (integer valued), broadcasting.
+
+    Every path that makes integers (RTN, GPTQ, learned rounding, its export) goes through this one
+    expression, so the integers written are the ones searched whatever the model's dtype.
+    """
+    t = x.float() / scale.float()
+    if offset is not None:
+        t = t + offset
+    if zero is not None:
+        t = t + zero.float()
+    return torch.clamp(round_ste(t), qmin, qmax)
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -161,18 +187,65 @@ class QuantizedWeight:
 def quantize_with_qparams(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme
 ) -> QuantizedWeight:
+    """Nearest integers of ``w`` on the grid of the stored ``scale`` (and ``zero``), computed in float32."""
     scheme.groups(w.shape[1])
-    x = grouped(w.to(scale.dtype), scheme.group_size) / scale.unsqueeze(-1)
-    if zero is not None:
-        x = x + zero.to(scale.dtype).unsqueeze(-1)
-    q = torch.clamp(torch.round(x), scheme.qmin, scheme.qmax).to(torch.int8).reshape(w.shape)
-    return QuantizedWeight(q, scale, zero, scheme)
+    z = None if zero is None else zero.unsqueeze(-1)
+    q = grid_integers(grouped(w, scheme.group_size), scale.unsqueeze(-1), z, scheme.qmin, scheme.qmax)
+    return QuantizedWeight(q.to(torch.int8).reshape(w.shape), scale, zero, scheme)
 
 
 def quantize_weight(w: torch.Tensor, scheme: WeightScheme, percentile: float = 1.0) -> QuantizedWeight:
     """Round-to-nearest with per-group clipping bounds at ``percentile`` (1.0 is plain RTN)."""
     scheme.groups(w.shape[1])
     lo, hi = percentile_bounds(grouped(w.float(), scheme.group_size), percentile, scheme.symmetric)
+    scale, zero = qparams_from_bounds(lo, hi, scheme.bits, scheme.symmetric, w.dtype)
+    return quantize_with_qparams(w, scale, zero, scheme)
+
+
+def shrink_grid(max_shrink: float, steps: int) -> tuple[float, ...]:
+    """``steps + 1`` shrink factors from 1.0 down to ``1 - max_shrink`` (GPTQ's reference MSE grid)."""
+    if not 0.0 <= max_shrink < 1.0 or steps < 1:
+        raise ValueError(f"need 0 <= max_shrink < 1 and steps >= 1, got {max_shrink} and {steps}")
+    return tuple(round(1.0 - max_shrink * i / steps, 6) for i in range(steps + 1))
+
+
+SHRINK_MAX, SHRINK_STEPS = 0.2, 20
+SHRINK_GRID = shrink_grid(SHRINK_MAX, SHRINK_STEPS)  # 1.00, 0.99, ..., 0.80
+
+
+@torch.no_grad()
+def mse_clip_bounds(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                    importance: torch.Tensor | None = None, shrinks: tuple[float, ...] = SHRINK_GRID
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipping bounds of ``g`` [..., group]: the min/max shrunk by the factor of ``shrinks`` that
+    gives the group the lowest reconstruction error, each weight's squared error weighted by ``importance``
+    (the mean square of its input channel, broadcast against ``g``: llm-compressor's imatrix idea; None =
+    plain MSE). The error is scored with the scale as stored in ``scale_dtype``."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    g = g.float()
+    lo0, hi0 = percentile_bounds(g, 1.0, symmetric)
+    best_err = torch.full(lo0.shape, float("inf"), device=g.device)
+    best = torch.ones_like(lo0)
+    for shrink in shrinks:
+        scale, zero = grid_qparams(lo0 * shrink, hi0 * shrink, bits, symmetric, scale_dtype)
+        zero = None if zero is None else zero.unsqueeze(-1)
+        q = grid_integers(g, scale.unsqueeze(-1), zero, qmin, qmax)
+        sq = ((q if zero is None else q - zero) * scale.unsqueeze(-1) - g) ** 2
+        err = (sq if importance is None else sq * importance).sum(-1)
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best = torch.where(take, torch.full_like(best, shrink), best)
+    return lo0 * best, hi0 * best
+
+
+def quantize_clipped(w: torch.Tensor, scheme: WeightScheme, importance: torch.Tensor | None = None,
+                     shrinks: tuple[float, ...] = SHRINK_GRID) -> QuantizedWeight:
+    """Round-to-nearest with each group's clipping picked from the MSE shrink grid (``mse_clip_bounds``);
+    ``importance`` [in_features] is the mean square of each input channel (None = unweighted)."""
+    scheme.groups(w.shape[1])
+    g = grouped(w.float(), scheme.group_size)
+    imp = None if importance is None else grouped(importance.float().reshape(1, -1), scheme.group_size)
+    lo, hi = mse_clip_bounds(g, scheme.bits, scheme.symmetric, w.dtype, imp, shrinks)
     scale, zero = qparams_from_bounds(lo, hi, scheme.bits, scheme.symmetric, w.dtype)
     return quantize_with_qparams(w, scale, zero, scheme)
 
@@ -211,18 +284,18 @@ def fake_quantize_activation(x: torch.Tensor, scheme: ActScheme, act_range: ActR
         lo, hi = act_range.lo.to(x.device), act_range.hi.to(x.device)
     else:
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale, zero = qparams_from_bounds(lo, hi, scheme.bits, scheme.symmetric, torch.float32)
-    xs = x.float() / scale
+    scale, zero = grid_qparams(lo, hi, scheme.bits, scheme.symmetric, torch.float32)
     if zero is not None:
-        xs = xs + zero.float()
-    q = torch.clamp(round_ste(xs), scheme.qmin, scheme.qmax)
+        zero = zero.detach()  # ranges train through the scale only
+    q = grid_integers(x, scale, zero, scheme.qmin, scheme.qmax)
     if zero is not None:
-        q = q - zero.float()
+        q = q - zero
     return (q * scale).to(x.dtype)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest; under autograd the gradient passes straight through (learned rounding needs it)."""
+    """Round to nearest; under autograd the gradient passes straight through (learned rounding needs it).
+    The value is exactly ``torch.round(x)`` either way."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return torch.round(x)
-    return x + (torch.round(x) - x).detach()
+    return torch.round(x).detach() + (x - x.detach())

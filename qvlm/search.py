@@ -2,15 +2,23 @@
 
 A block is a run of consecutive units of one stream. ``search_block`` works on copies of the block's unit
 modules whose target linears are swapped for ``FakeQuantLinear``; the caller's modules are never changed.
-Methods (``SEARCHERS``): ``rtn`` (no search), ``clip`` (the paper: a clipping percentile per linear for the
-weight and, for static activation schemes, for the input range, chosen by coordinate passes over the block),
-``learned`` (rounding offsets and clipping scales trained with signed gradient descent, AutoRound-style) and
-``gptq`` (the baseline, unit by unit). All are deterministic for a given seed.
+Methods (``SEARCHERS``): ``rtn`` (no search), ``clip`` (each weight group's clipping from an MSE shrink grid
+of its range, weighted by the input's mean square; for static activation schemes a clipping percentile of
+each input range chosen by coordinate passes over the block), ``learned`` (rounding offsets and clipping
+scales trained with signed gradient descent, AutoRound-style), ``gptq`` (the baseline, unit by unit, with
+act-order on static groups when asked) and ``best`` (candidates inside the block: clipped RTN, GPTQ with the
+searched clipping, and learned rounding started from the better of the two; the one with the lowest
+block-output error is kept, and every candidate's error is reported). All are deterministic for a seed.
+
+A block whose search fails numerically (a Hessian that stays non-positive-definite after the damping
+retries, NaN/inf in its errors or parameters) is quarantined: it gets the safe fallback, RTN with the
+unweighted clipping search (which needs no calibration data), and ``BlockResult.quarantine`` says why.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
@@ -20,20 +28,24 @@ from torch import nn
 
 from qvlm.capture import UnitCall, call_unit, capture_linear_inputs, shared_input_groups, valid_rows
 from qvlm.fakequant import FakeQuantLinear, swap_in_fake_quant
-from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, calibrate_act_range, quantize_weight
+from qvlm.quant import (SHRINK_GRID, ActRange, ActScheme, QuantizedWeight, WeightScheme, calibrate_act_range,
+                        quantize_clipped, quantize_weight)
 
-SearchMethod = Literal["rtn", "clip", "learned", "gptq"]
+SearchMethod = Literal["rtn", "clip", "learned", "gptq", "best"]
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    method: SearchMethod = "clip"
-    percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)
-    epochs: int = 10
-    iters: int = 200  # learned: optimisation steps
+    method: SearchMethod = "best"
+    percentiles: tuple[float, ...] = (1.0, 0.995, 0.99, 0.985, 0.98)  # static activation ranges
+    epochs: int = 4  # clip, and static activation ranges: coordinate passes
+    iters: int = 100  # learned: optimisation steps
     lr: float | None = None  # learned: None = 1 / iters
     seed: int = 0
     max_act_rows: int = 8192  # rows kept per linear to calibrate static activation ranges
+    shrinks: tuple[float, ...] = SHRINK_GRID  # weight clipping: shrink factors of each group's range
+    act_order: bool = True  # gptq: columns by decreasing diag(H), static groups
+    damp: float = 0.01  # gptq: damping, x mean(diag(H))
 
 
 @dataclass
@@ -66,6 +78,21 @@ class BlockResult:
     error_after: float
     evaluations: int
     seconds: float
+    candidates: dict[str, float] = field(default_factory=dict)  # `best`: block-output MSE of each candidate
+    chosen: str | None = None  # `best`: the candidate kept
+    quarantine: str | None = None  # why the search's result was replaced by the safe fallback
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What one searcher returns."""
+
+    linears: tuple[LinearResult, ...]
+    before: float
+    after: float
+    evaluations: int
+    candidates: dict[str, float] = field(default_factory=dict)
+    chosen: str | None = None
 
 
 class _Workspace:
@@ -205,19 +232,23 @@ def _results(ws: _Workspace, cand: _Candidates, wp: dict, ap: dict, weights: dic
     )
 
 
-def search_rtn(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+def search_rtn(data: BlockData, cfg: SearchConfig) -> _Found:
     ws, cand, wp, ap, before = _start(data, cfg)
-    return _results(ws, cand, wp, ap), before, before, ws.evaluations
+    return _Found(_results(ws, cand, wp, ap), before, before, ws.evaluations)
 
 
-def search_clip(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+def search_clip(data: BlockData, cfg: SearchConfig) -> _Found:
+    """Weights: each group's clipping from the shrink grid, weighted by the input's mean square (no block
+    evaluation needed); then static activation ranges by coordinate passes over the block."""
     ws, cand, wp, ap, before = _start(data, cfg)
-    coords = [(n, "weight") for n in ws.fq] + [(n, "act") for n in ws.fq if ap[n] is not None]
-    after = _coordinate_search(ws, cand, cfg, wp, ap, coords)
-    return _results(ws, cand, wp, ap), before, after, ws.evaluations
+    weights = clipped_weights(ws, cfg)
+    _set_weights(ws, weights)
+    wp = {n: None for n in ws.fq}  # the coordinate passes leave these weights alone
+    after = _coordinate_search(ws, cand, cfg, wp, ap, [(n, "act") for n in ws.fq if ap[n] is not None])
+    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations)
 
 
-def search_learned(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+def search_learned(data: BlockData, cfg: SearchConfig) -> _Found:
     from qvlm.learned import learn_rounding
 
     ws, cand, wp, ap, before = _start(data, cfg)
@@ -225,34 +256,107 @@ def search_learned(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResu
     if act_coords:
         _coordinate_search(ws, cand, cfg, wp, ap, act_coords)
     weights = learn_rounding(ws, cfg)
-    for n, qw in weights.items():
-        ws.fq[n].weight.data = qw.dequantize().to(ws.fq[n].weight.dtype)
-    after = ws.refresh()
-    if after >= before:  # never hand back something worse than where the search started
+    after = _weights_error(ws, weights)
+    if not after < before:  # never hand back something worse than where the search started
         for n in ws.fq:
             cand.apply(n, 1.0, ap[n])
-        return _results(ws, cand, wp, ap), before, min(before, ws.refresh()), ws.evaluations
-    return _results(ws, cand, wp, ap, weights), before, after, ws.evaluations
+        return _Found(_results(ws, cand, wp, ap), before, min(before, ws.refresh()), ws.evaluations)
+    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations)
 
 
-def search_gptq(data: BlockData, cfg: SearchConfig) -> tuple[tuple[LinearResult, ...], float, float, int]:
+def search_gptq(data: BlockData, cfg: SearchConfig) -> _Found:
+    """GPTQ as the reference tools run it (min/max ranges), with act-order on static groups if ``cfg`` asks."""
+    ws, cand, wp, ap, before = _start(data, cfg)
+    weights = gptq_weights(ws, cfg, shrinks=(1.0,))
+    after = _weights_error(ws, weights)
+    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations)
+
+
+def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
+    """Candidates inside the block, each scored on the block output: clipped RTN (``rtn``), GPTQ with the
+    searched clipping (``gptq``), learned rounding started from the better of those two (``learned``). Static
+    activation ranges are searched first, with RTN weights, and shared by every candidate."""
+    from qvlm.learned import learn_rounding
+
+    ws, cand, wp, ap, before = _start(data, cfg)
+    act_coords = [(n, "act") for n in ws.fq if ap[n] is not None]
+    if act_coords:
+        _coordinate_search(ws, cand, cfg, wp, ap, act_coords)
+    found = {"rtn": clipped_weights(ws, cfg), "gptq": gptq_weights(ws, cfg, cfg.shrinks)}
+    errors = {name: _weights_error(ws, weights) for name, weights in found.items()}
+    start = min(("rtn", "gptq"), key=lambda k: (errors[k], k != "rtn"))
+    found["learned"] = learn_rounding(ws, cfg, starts=found[start])
+    errors["learned"] = _weights_error(ws, found["learned"])
+    chosen = min(found, key=lambda k: errors[k])
+    after = _weights_error(ws, found[chosen])
+    return _Found(_results(ws, cand, wp, ap, found[chosen]), before, after, ws.evaluations, errors, chosen)
+
+
+def clipped_weights(ws: _Workspace, cfg: SearchConfig) -> dict[str, QuantizedWeight]:
+    """RTN of every linear with each group's clipping from the shrink grid, weighted by the mean square of the
+    linear's input on the full-precision block."""
+    power = block_input_power(ws.data)
+    return {n: quantize_clipped(ws.fp_weight[n], ws.data.schemes[n], power[n], cfg.shrinks) for n in ws.fq}
+
+
+def gptq_weights(ws: _Workspace, cfg: SearchConfig, shrinks: tuple[float, ...]) -> dict[str, QuantizedWeight]:
     """GPTQ unit by unit: each unit's Hessians come from its inputs with the units before it in the block already
     quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input (q/k/v share one)."""
     from qvlm.gptq import gptq_quantize
 
-    ws, cand, wp, ap, before = _start(data, cfg)
-    weights: dict[str, QuantizedWeight] = {}
-    hidden = None
+    data, weights, hidden = ws.data, {}, None
     for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
         calls = data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(data.calls[u], hidden)]
         for r, h in unit_hessians(module, rel, calls).items():
             n = f"{name}.{r}"
-            weights[n] = gptq_quantize(ws.fp_weight[n], h, data.schemes[n])
+            weights[n] = gptq_quantize(ws.fp_weight[n], h, data.schemes[n], cfg.damp, act_order=cfg.act_order,
+                                       shrinks=shrinks)
             ws.fq[n].weight.data = weights[n].dequantize().to(ws.fq[n].weight.dtype)
         with torch.no_grad():
             hidden = [call_unit(ws.units[u], c) for c in calls]
-    after = ws.refresh()
-    return _results(ws, cand, wp, ap, weights), before, after, ws.evaluations
+    return weights
+
+
+def _set_weights(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> None:
+    for n, qw in weights.items():
+        ws.fq[n].weight.data = qw.dequantize().to(ws.fq[n].weight.dtype)
+
+
+def _weights_error(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> float:
+    """Block-output error with ``weights`` in place (they stay in place)."""
+    _set_weights(ws, weights)
+    return ws.refresh()
+
+
+class _InputPower:
+    """Running mean square of each input channel of one linear (the diagonal of its Hessian, halved)."""
+
+    def __init__(self, in_features: int):
+        self.sum = torch.zeros(in_features)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum = self.sum.to(flat.device) + flat.square().sum(0)
+        self.rows += flat.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.sum / max(self.rows, 1)
+
+
+@torch.no_grad()
+def block_input_power(data: BlockData) -> dict[str, torch.Tensor]:
+    """Mean square of every input channel of every linear of the full-precision block (first unit fed the block
+    input), over the valid tokens."""
+    out: dict[str, torch.Tensor] = {}
+    hidden = None
+    for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
+        calls = data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(data.calls[u], hidden)]
+        for r, acc in _hooked_inputs(module, rel, calls, _InputPower).items():
+            out[f"{name}.{r}"] = acc.value
+        hidden = [call_unit(module, c) for c in calls]
+    return out
 
 
 @torch.no_grad()
@@ -261,8 +365,14 @@ def unit_hessians(module: nn.Module, linears: Sequence[str], calls: Sequence[Uni
     float32 by a forward hook on the first linear of each group that shares one input tensor."""
     from qvlm.gptq import HessianAccumulator
 
+    return {n: acc.hessian for n, acc in _hooked_inputs(module, linears, calls, HessianAccumulator).items()}
+
+
+def _hooked_inputs(module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], make: Callable) -> dict:
+    """``make(in_features)`` accumulators fed each named linear's valid input rows over the calls, by a forward
+    hook on the first linear of each group that shares one input tensor; returns one (shared) per name."""
     groups = shared_input_groups(module, list(linears), calls[0])
-    accumulators = {g[0]: HessianAccumulator(module.get_submodule(g[0]).in_features) for g in groups}
+    accumulators = {g[0]: make(module.get_submodule(g[0]).in_features) for g in groups}
     mask: list = [None]
     handles = [module.get_submodule(first).register_forward_pre_hook(
         lambda _m, args, acc=acc: acc.add(valid_rows(args[0], mask[0])))
@@ -274,20 +384,61 @@ def unit_hessians(module: nn.Module, linears: Sequence[str], calls: Sequence[Uni
     finally:
         for handle in handles:
             handle.remove()
-    return {n: h for g in groups for h in [accumulators[g[0]].hessian] for n in g}  # one matrix per group
+    return {n: accumulators[g[0]] for g in groups for n in g}
 
 
-SEARCHERS: dict[str, Callable] = {"rtn": search_rtn, "clip": search_clip, "learned": search_learned, "gptq": search_gptq}
+SEARCHERS: dict[str, Callable[[BlockData, SearchConfig], _Found]] = {
+    "rtn": search_rtn, "clip": search_clip, "learned": search_learned, "gptq": search_gptq, "best": search_best}
 
 
 def search_block(data: BlockData, cfg: SearchConfig) -> BlockResult:
-    """Choose the block's quantizer parameters; returns integer weights, act ranges and errors before/after."""
+    """Choose the block's quantizer parameters; returns integer weights, act ranges and errors before/after.
+    A numerical failure quarantines the block (see the module docstring)."""
+    from qvlm.gptq import NumericalFailure
+
     if cfg.method not in SEARCHERS:
         raise ValueError(f"unknown search method {cfg.method!r}; choose one of {sorted(SEARCHERS)}")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    linears, before, after, evaluations = SEARCHERS[cfg.method](data, cfg)
-    return BlockResult(tuple(data.unit_names), linears, before, after, evaluations, time.perf_counter() - t0)
+    try:
+        found = SEARCHERS[cfg.method](data, cfg)
+        problem = non_finite(found)
+    except NumericalFailure as exc:
+        found, problem = None, f"{cfg.method}: {exc}"
+    if problem is not None:
+        found = _fallback(data, cfg, found)
+    return BlockResult(tuple(data.unit_names), found.linears, found.before, found.after, found.evaluations,
+                       time.perf_counter() - t0, found.candidates, found.chosen, problem)
+
+
+def non_finite(found: _Found) -> str | None:
+    """Why ``found`` cannot be kept (NaN or infinity in its errors or quantization parameters), or None."""
+    for what, value in [("error before the search", found.before), ("block-output error", found.after),
+                        *((f"{k} candidate's error", v) for k, v in found.candidates.items())]:
+        if not math.isfinite(value):
+            return f"{what} is {value}"
+    for r in found.linears:
+        tensors = [r.weight.scale] + ([r.act_range.lo, r.act_range.hi] if r.act_range is not None else [])
+        if not all(torch.isfinite(t.float()).all() for t in tensors):
+            return f"non-finite quantization parameters in {r.name}"
+    return None
+
+
+def _fallback(data: BlockData, cfg: SearchConfig, failed: _Found | None) -> _Found:
+    """The quarantined block's weights: RTN with the unweighted clipping search (no calibration data), the
+    activation ranges at the full range of the finite calibration rows; errors as measured (maybe NaN)."""
+    ws = _Workspace(data)
+    cand = _Candidates(ws, SearchConfig(max_act_rows=cfg.max_act_rows))
+    cand.act_rows = {n: torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for n, x in cand.act_rows.items()}
+    weights = {n: quantize_clipped(ws.fp_weight[n], data.schemes[n], None, cfg.shrinks) for n in ws.fq}
+    ap = {n: (1.0 if n in cand.act_rows else None) for n in ws.fq}
+    for n in ws.fq:
+        cand.apply(n, None, ap[n])
+    after = _weights_error(ws, weights)
+    before = failed.before if failed is not None else after
+    candidates = dict(failed.candidates) if failed is not None else {}
+    return _Found(_results(ws, cand, {n: None for n in ws.fq}, ap, weights), before, after, ws.evaluations,
+                  candidates, "fallback")
 
 
 @torch.no_grad()

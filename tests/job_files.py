@@ -19,12 +19,13 @@ def set_fields(job: dict, **changes: Any) -> None:
 
 
 def write_job(path: Path, name: str, model: str, out: str, **changes: Any) -> Path:
-    """A two-worker qvlm job of 8 calibration samples (one clip epoch) at ``path``, with ``changes`` applied."""
+    """A two-worker qvlm job of 8 calibration samples (one clip epoch, 20 learned steps) at ``path``, with
+    ``changes`` applied."""
     job = {
         "name": name,
         "model": {"path": model},
         "calibration": {"samples": 8, "eval_samples": 0, "max_length": 64, "batch_size": 4},
-        "quantization": {"qvlm": {"epochs": 1}},
+        "quantization": {"qvlm": {"epochs": 1, "iters": 20}},
         "output": {"uri": out},
         "resources": {"workers": 2},
     }

@@ -78,3 +78,18 @@ def test_partition_rejects_bad_arguments():
         partition([0.5], 2, 0)
     with pytest.raises(ValueError, match="need 2 dependency values"):
         partition([0.5], 3, 3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dependency_on_quantized_levels_compares_across_bit_widths(bits):
+    """Identical consecutive outputs: unit k+1's levels are a function of unit k's, D = 0 at any width (the
+    soft assignment over log M gave 0.50 at 4 bits and 0.26 at 8). Independent outputs: D near 1 at any width;
+    a noisy copy in between."""
+    (x,), (y,) = _stream(2, tokens=8192)
+    masks = [[None], [None]]
+    same = dependency_series([[x], [x.clone()]], masks, [bits, bits]).dependency[0]
+    noisy = dependency_series([[x], [x + 0.05 * y]], masks, [bits, bits]).dependency[0]
+    independent = dependency_series([[x], [y]], masks, [bits, bits]).dependency[0]
+    assert same == 0.0
+    assert 0.0 < noisy < independent
+    assert independent > 0.9

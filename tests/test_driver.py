@@ -8,7 +8,7 @@ from qvlm.fakequant import FakeQuantLinear
 from qvlm.quant import ActScheme, WeightScheme
 from tests.conftest import load_llava
 
-FAST = dict(epochs=2, iters=40)
+FAST = dict(epochs=2, iters=20)
 
 
 def _logits(model, batches):

@@ -181,3 +181,55 @@ def test_hessian_accumulator_float32_and_errors():
     assert torch.allclose(acc.hessian.double(), 2.0 / TOKENS * x.double().t() @ x.double(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError):
         acc.add(x[:, :10])
+
+
+def _uneven(seed):
+    """Inputs whose channel scales span two decades (shuffled), where the column order matters."""
+    w, x = _data(seed)
+    spread = torch.logspace(-1, 1, IN)[torch.randperm(IN, generator=torch.Generator().manual_seed(seed))]
+    return w, x * spread
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, True), WeightScheme(4, 128, False), WeightScheme(3, -1, True)], ids=str)
+def test_act_order_keeps_static_groups(dtype, scheme):
+    """Act-order with static groups: each group's qparams come from the original weight (RTN's), columns keep
+    their groups (no g_idx), and the dequantized weight is still exactly what the algorithm used."""
+    w, x = _uneven(12)
+    w = w.to(dtype)
+    qw, used = _gptq(w, _hessian(x), scheme, damp=0.01, block_size=48, act_order=True)
+    rtn = quantize_weight(w, scheme)
+    assert torch.equal(qw.scale, rtn.scale)
+    if not scheme.symmetric:
+        assert torch.equal(qw.zero, rtn.zero)
+    assert torch.equal(qw.dequantize().float(), used)
+    assert int(qw.qweight.min()) >= scheme.qmin and int(qw.qweight.max()) <= scheme.qmax
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 128, True), WeightScheme(3, -1, True), WeightScheme(4, 64, False)], ids=str)
+def test_act_order_and_clipping_lower_the_output_error(scheme):
+    from qvlm.quant import SHRINK_GRID
+
+    w, x = _uneven(13)
+    h = _hessian(x)
+    err = {(a, s): _out_err(x, w, gptq_quantize(w, h, scheme, act_order=a, shrinks=s).dequantize())
+           for a in (False, True) for s in ((1.0,), SHRINK_GRID)}
+    assert err[True, (1.0,)] < 0.85 * err[False, (1.0,)]
+    assert err[False, SHRINK_GRID] < 0.9 * err[False, (1.0,)]
+    assert err[True, SHRINK_GRID] < 0.9 * err[True, (1.0,)]
+
+
+def test_a_singular_hessian_with_no_damping_fails_after_the_retries():
+    """Two identical input channels with H[0, 0] = 4: the Cholesky pivot of the second is exactly 0, and
+    damping 0 stays 0 however many times it is raised."""
+    from qvlm.gptq import NotPositiveDefinite
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(64, 16, generator=g)
+    x[:, 0] = 0.0
+    x[:32, 0] = 2.0  # 2/64 * 32 * 2^2 = 4, a square: sqrt, the division and the subtraction are all exact
+    x[:, 1] = x[:, 0]
+    w = torch.randn(8, 16, generator=g)
+    with pytest.raises(NotPositiveDefinite):
+        gptq_quantize(w, _hessian(x), WeightScheme(4, 16, True), damp=0.0)
+    assert torch.isfinite(gptq_quantize(w, _hessian(x), WeightScheme(4, 16, True)).dequantize()).all()

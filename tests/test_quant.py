@@ -122,3 +122,23 @@ def test_storage_bits_counts_scales_and_zeros():
     assert WeightScheme(4, 128, True).storage_bits(8, 256) == 8 * 256 * 4 + 16 * 16
     assert WeightScheme(4, 128, False).storage_bits(8, 256) == 8 * 256 * 4 + 16 * 16 + 16 * 4
     assert WeightScheme(8, -1, True).storage_bits(8, 256) == 8 * 256 * 8 + 8 * 16
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 128, True), WeightScheme(3, 64, False), WeightScheme(4, -1, True)], ids=str)
+def test_mse_clipping_never_loses_to_rtn_per_group(scheme):
+    """Each group picks its shrink by the importance-weighted error; 1.0 (RTN) is on the grid, so no group is
+    worse than RTN, and the heavy-tailed weight makes most better."""
+    from qvlm.quant import grouped, quantize_clipped
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.distributions.StudentT(3.0).sample((32, 256)) * 0.02
+    importance = torch.rand(256, generator=g) + 0.1
+    rtn, clipped = quantize_weight(w, scheme), quantize_clipped(w, scheme, importance)
+    assert torch.equal(quantize_clipped(w, scheme, importance, shrinks=(1.0,)).qweight, rtn.qweight)
+
+    def group_err(qw):
+        return grouped(((qw.dequantize() - w) ** 2) * importance, scheme.group_size).sum(-1)
+
+    assert torch.all(group_err(clipped) <= group_err(rtn) * (1 + 1e-6))
+    assert float(group_err(clipped).sum()) < 0.95 * float(group_err(rtn).sum())
+    assert torch.all(clipped.scale <= rtn.scale)

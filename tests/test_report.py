@@ -168,3 +168,17 @@ def test_page_renders_in_headless_chromium(tmp_path, page):
         chart_blue = sum(n for n, px in rgb.getcolors(maxcolors=1 << 24) if px == (0x4E, 0x79, 0xA7))
     assert colours is None or len(colours) > 20  # not a blank page
     assert chart_blue > 2_000  # the charts' lines and bars are drawn (the page's CSS has no such colour)
+
+
+def test_candidates_and_quarantine_reach_the_json_and_the_page():
+    plan = _plan()
+    plan["blocks"][0].update(candidates={"rtn": 0.25, "gptq": 0.125, "learned": 0.0625}, chosen="learned")
+    plan["blocks"][2].update(candidates={}, chosen="fallback", quarantine="gptq: the Hessian has non-finite entries")
+    report = report_from_plan(plan, EVALUATION)
+    assert report.blocks[0].chosen == "learned" and report.blocks[0].candidates["gptq"] == 0.125
+    assert report.blocks[2].quarantine.startswith("gptq:") and report.blocks[1].quarantine is None
+    doc = json.loads(json.dumps(report_document(report)))
+    assert doc["summary"]["quarantined"] == 1 and doc["blocks"][0]["candidates"]["rtn"] == 0.25
+    html = render_html(report)
+    assert "Quarantined" in html and "the Hessian has non-finite entries" in html and "gptq 0.125" in html
+    assert "Quarantined" not in render_html(report_from_plan(PLAN, EVALUATION))

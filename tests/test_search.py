@@ -70,3 +70,39 @@ def test_unknown_method_is_refused(llava, llava_batches):
     data = _block(model, llava_batches, "language", ActScheme(), depth=1)
     with pytest.raises(ValueError, match="unknown search method"):
         search_block(data, SearchConfig("adaround"))
+
+
+def test_best_keeps_the_lowest_of_its_candidates(llava, llava_batches):
+    from qvlm.search import block_error, quantized_block_outputs
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", ActScheme())
+    best = search_block(data, SearchConfig("best", iters=40))
+    assert set(best.candidates) == {"rtn", "gptq", "learned"}
+    assert best.chosen == min(best.candidates, key=best.candidates.get)
+    assert best.error_after == pytest.approx(min(best.candidates.values()), rel=1e-9)
+    assert best.error_after < best.error_before and best.quarantine is None
+    outs = quantized_block_outputs(data, best)
+    assert block_error(outs, data.targets, data.calls[-1]) == pytest.approx(best.error_after, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["gptq", "best", "learned", "rtn"])
+def test_a_block_with_nan_inputs_is_quarantined_at_the_fallback(llava, llava_batches, method):
+    """NaN in one captured input token: GPTQ's Hessian is non-finite, the other searches' errors are NaN; the
+    block is kept at RTN with the data-free clipping search, marked, and nothing raises."""
+    from qvlm.quant import quantize_clipped
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", ActScheme(), depth=1)
+    call = data.calls[0][0]
+    hidden = call.hidden.clone()
+    b, t = (call.mask.nonzero()[0].tolist() if call.mask is not None else (0, 0))  # a valid token
+    hidden[b, t, 0] = float("nan")
+    data.calls[0][0] = data.calls[0][0].with_hidden(hidden)
+    result = search_block(data, SearchConfig(method, iters=5))
+    assert result.quarantine is not None and result.chosen == "fallback"
+    assert ("Hessian" in result.quarantine) == (method in ("gptq", "best"))
+    assert {r.name for r in result.linears} == set(data.schemes)
+    for r in result.linears:
+        expected = quantize_clipped(model.get_submodule(r.name).weight, data.schemes[r.name])
+        assert torch.equal(r.weight.qweight, expected.qweight) and torch.equal(r.weight.scale, expected.scale)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Collection, Mapping, Sequence
 
 from safetensors.torch import load as load_safetensors
@@ -55,6 +55,9 @@ class BlockRecord:
     seconds: float
     sidecar_key: str | None = None  # what the checkpoint does not hold, when the block has any
     sidecar_sha256: str | None = None
+    candidates: dict[str, float] = field(default_factory=dict)  # search `best`: block-output error of each candidate
+    chosen: str | None = None  # the candidate kept ("fallback" when quarantined)
+    quarantine: str | None = None  # why the search's result was replaced by the safe fallback
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -137,7 +140,8 @@ def write_block_files(storage, index: int, key: str, result: BlockResult, prefix
         side_sha = storage.put_bytes(side_key, sidecar)
     return BlockRecord(index, key, sha, len(blob), tuple(result.unit_names), entries,
                        tuple(sorted(load_safetensors(blob))), result.error_before, result.error_after,
-                       result.evaluations, result.seconds, side_key, side_sha)
+                       result.evaluations, result.seconds, side_key, side_sha, dict(result.candidates),
+                       result.chosen, result.quarantine)
 
 
 def write_block(storage, index: int, key: str, result: BlockResult, prefixes: Mapping[str, str],
@@ -185,7 +189,7 @@ def read_block(storage, record: BlockRecord) -> BlockResult:
         act = ActRange(extra[f"{e.name}.act_lo"], extra[f"{e.name}.act_hi"]) if f"{e.name}.act_lo" in extra else None
         linears.append(LinearResult(e.name, weight, act, e.weight_percentile, e.act_percentile))
     return BlockResult(record.unit_names, tuple(linears), record.error_before, record.error_after, record.evaluations,
-                       record.seconds)
+                       record.seconds, dict(record.candidates), record.chosen, record.quarantine)
 
 
 def activation_ranges(storage, records: Sequence[BlockRecord]) -> dict[str, ActRange]:

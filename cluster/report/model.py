@@ -10,7 +10,9 @@
                    scheme {bits, group_size, symmetric} or null when left in full precision, shape [out, in],
                    boosted}
   streams[]        index, units, entropy[], dependency[], h0
-  blocks[]         index, stream, units, error_before, error_after, evaluations, seconds
+  blocks[]         index, stream, units, error_before, error_after, evaluations, seconds, candidates
+                   {candidate: block-output error} (search `best`), chosen (the candidate kept), quarantine
+                   (why the block was kept at the safe fallback; null when it was not)
   seconds          {phase: wall seconds}
   stage_memory[]   peak_rss_bytes, weight_bytes
   bits             mean_bits and bits_per_weight (with scales and zero points), weighted by layer size;
@@ -80,6 +82,9 @@ class BlockRow:
     error_after: float | None = None
     evaluations: int | None = None
     seconds: float | None = None
+    candidates: Mapping[str, float] = field(default_factory=dict)
+    chosen: str | None = None
+    quarantine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,5 +247,6 @@ def report_document(report: Report) -> dict:
     """``qvlm_report.json``: every field of the report, plus a summary."""
     summary = {"scheme": scheme_label(report), "units": len(report.units), "streams": len(report.streams),
                "blocks": len(report.blocks), "boosted": len(report.boosted),
+               "quarantined": sum(1 for b in report.blocks if b.quarantine),
                "seconds_total": report.seconds.get("total", sum(report.seconds.values()))}
     return {**asdict(report), "summary": summary}

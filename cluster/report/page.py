@@ -107,6 +107,21 @@ def _units_html(r: Report) -> str:
     return f"{units}<details><summary>Every linear layer</summary>{linears}</details>"
 
 
+def _block_rows(r: Report) -> list[tuple]:
+    def candidates(b) -> str:
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in b.candidates.items()) or "–"
+    return [(b.index, b.stream, " ".join(map(str, b.units)), b.error_before, b.error_after, b.chosen or "–",
+             candidates(b), b.quarantine or "") for b in r.blocks]
+
+
+def _blocks_html(r: Report) -> str:
+    quarantined = [b.index for b in r.blocks if b.quarantine]
+    note = (f'<p class="note research">Quarantined (kept at RTN with clipping after a numerical failure): blocks '
+            f'{_e(", ".join(map(str, quarantined)))}.</p>') if quarantined else ""
+    return note + _table(["block", "stream", "units", "error before", "error after", "chosen", "candidates",
+                          "quarantine"], _block_rows(r))
+
+
 def render_html(report: Report) -> str:
     """The page: summary, servability, evaluation, the charts, VEO and the per-unit and per-linear tables."""
     title = f"qvlm report: {report.job or 'job'}"
@@ -118,5 +133,6 @@ def render_html(report: Report) -> str:
              "<h2>Evaluation on held-out records</h2>", _evaluation_html(report)]
     parts += [f"<h2>{_e(chart.heading)}</h2>{chart.svg(report)}" for chart in CHARTS]
     parts += [f"<h2>{_e(VEO_CHART.heading)}</h2>", _veo_html(report),
+              "<h2>Blocks</h2>", _blocks_html(report),
               "<h2>Units</h2>", _units_html(report), "</body></html>"]
     return "\n".join(parts)

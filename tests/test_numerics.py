@@ -1,0 +1,119 @@
+"""Quantizer numerics on the dtypes checkpoints come in: float32 arithmetic, the stored scale, exact export."""
+
+import pytest
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qvlm.capture import capture_units
+from qvlm.export import compressed_tensors, decode_linear, linear_group
+from qvlm.learned import LearnedWeightQuantizer
+from qvlm.quant import ActScheme, WeightScheme, grouped, quantize_clipped, quantize_weight
+from qvlm.search import BlockData, SearchConfig, search_block
+from qvlm.structure import find_units
+
+DTYPES = [torch.float16, torch.bfloat16]
+SCHEMES = [WeightScheme(8, 128, True), WeightScheme(8, -1, False), WeightScheme(4, 64, False), WeightScheme(3, 128, True)]
+
+
+def _weight(dtype, seed=0, shape=(64, 256)):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02 * torch.logspace(-1, 1, shape[1])  # magnitudes across 2 decades
+    return w.to(dtype)
+
+
+def _nearest(w, qw):
+    """The nearest integers of ``w`` on ``qw``'s stored grid, computed in float64."""
+    s = qw.scheme
+    x = grouped(w.double(), s.group_size) / qw.scale.double().unsqueeze(-1)
+    if qw.zero is not None:
+        x = x + qw.zero.double().unsqueeze(-1)
+    return torch.clamp(torch.round(x), s.qmin, s.qmax).to(torch.int8).reshape(w.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_rtn_is_the_nearest_integer_on_the_stored_scale(dtype, scheme):
+    w = _weight(dtype)
+    for qw in (quantize_weight(w, scheme), quantize_clipped(w, scheme)):
+        assert qw.scale.dtype == dtype
+        assert torch.equal(qw.qweight, _nearest(w, qw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme,act", [(WeightScheme(4, 128, True), ActScheme()), (WeightScheme(8, 64, False), ActScheme()),
+                                        (WeightScheme(8, -1, True), ActScheme(8, "token", True))], ids=str)
+def test_compressed_tensors_decompresses_our_weight_exactly(dtype, scheme, act):
+    """What we write decodes to our integers, and compressed-tensors' own decompression gives back our
+    dequantized weight bit for bit (pack-quantized and int-quantized)."""
+    qw = quantize_weight(_weight(dtype, 1), scheme)
+    group = linear_group(scheme, act)
+    tensors = compressed_tensors(qw, group)
+    back = decode_linear(tensors, scheme)
+    assert torch.equal(back.qweight, qw.qweight) and torch.equal(back.scale, qw.scale)
+    assert back.scale.dtype == dtype
+    if qw.zero is not None:
+        assert torch.equal(back.zero, qw.zero)
+    theirs = BaseCompressor.get_value_from_registry(group.format).decompress(dict(tensors), group)["weight"]
+    assert theirs.dtype == dtype and torch.equal(theirs, qw.dequantize())
+
+
+def _trained(quantizer, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        quantizer.v.copy_(torch.rand(quantizer.v.shape, generator=g) - 0.5)
+        quantizer.alpha.copy_(0.5 + 0.5 * torch.rand(quantizer.alpha.shape, generator=g))
+        quantizer.beta.copy_(0.5 + 0.5 * torch.rand(quantizer.beta.shape, generator=g))
+    return quantizer
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_learned_rounding_exports_what_it_trained(dtype, scheme):
+    w = _weight(dtype, 2)
+    quantizer = _trained(LearnedWeightQuantizer.init(w, scheme), 3)
+    soft = quantizer.soft_weight()  # what the block loss saw
+    soft.float().square().sum().backward()
+    assert quantizer.v.grad.abs().sum() > 0  # trainable through the stored-dtype scale and the rounding
+    final = quantizer.finalize()
+    assert final.scale.dtype == dtype
+    assert torch.equal(final.dequantize(), soft.detach())
+    back = decode_linear(compressed_tensors(final, linear_group(scheme, ActScheme())), scheme)
+    assert torch.equal(back.qweight, final.qweight) and torch.equal(back.dequantize(), soft.detach())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_learned_rounding_starts_exactly_at_its_start(dtype, scheme):
+    """Started from another search's integers and qparams, the untrained quantizer reproduces them."""
+    w = _weight(dtype, 4)
+    start = quantize_clipped(w, scheme, torch.rand(w.shape[1], generator=torch.Generator().manual_seed(5)))
+    again = LearnedWeightQuantizer.init(w, scheme, start).finalize()
+    assert torch.equal(again.qweight, start.qweight) and torch.equal(again.scale, start.scale)
+    assert torch.equal(LearnedWeightQuantizer.init(w, scheme).finalize().qweight, quantize_weight(w, scheme).qweight)
+
+
+def _float16_block(bits=4, hidden=256, tokens=256, batch=8):
+    """One Llama decoder layer in float16 with small weights: its output (5e5 elements per batch, errors
+    ~2e-5) makes every gradient of a mean loss underflow to zero in float16 (learned rounding then
+    returned RTN)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=256, max_position_embeddings=tokens, initializer_range=0.002)
+    model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    ids = torch.randint(0, 256, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    units = find_units(model)[:1]
+    caps = capture_units(model, units, [{"input_ids": ids}])
+    schemes = {u.linear_name(n): WeightScheme(bits, 128, True) for u in units for n in u.linears}
+    return BlockData([model.get_submodule(u.name) for u in units], [u.name for u in units], [u.linears for u in units],
+                     [c.calls for c in caps], caps[-1].outputs, schemes, ActScheme())
+
+
+def test_learned_rounding_trains_on_a_float16_block():
+    data = _float16_block()
+    assert data.targets[0].dtype == torch.float16
+    rtn = search_block(data, SearchConfig("rtn"))
+    learned = search_block(data, SearchConfig("learned", iters=10))
+    assert learned.error_after < 0.8 * learned.error_before
+    changed = sum(int((a.weight.qweight != b.weight.qweight).sum()) for a, b in zip(learned.linears, rtn.linears))
+    assert changed > 0
