@@ -20,7 +20,7 @@ from qvlm.quant import ActScheme, WeightScheme
 from qvlm.shapes import make_shapes_records
 from tests.conftest import load_llava
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.smoke]
 CAL = CalibrationSettings(samples=8, eval_samples=4, max_length=64, batch_size=4)
 
 CASES = {

@@ -24,6 +24,7 @@ def _job(tmp_path, model_dir, **changes) -> Path:
     return write_job(tmp_path / "job.yaml", "cli-test", str(model_dir), str(tmp_path / "out"), **changes)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("change,expected", [
     ({"quantization.weights.bitz": 4}, "quantization.weights.bitz: unknown field (did you mean bits?)"),
     ({"quantization.weights.bits": 9}, "quantization.weights.bits"),
@@ -41,6 +42,7 @@ def test_invalid_input_exits_2_and_writes_nothing(tmp_path, tiny_llava_dir, chan
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.smoke
 def test_plan_prints_stages_without_running(tmp_path, tiny_llava_dir):
     result = runner.invoke(app, ["plan", str(_job(tmp_path, tiny_llava_dir))])
     assert result.exit_code == 0, result.output

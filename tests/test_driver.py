@@ -16,6 +16,7 @@ def _logits(model, batches):
         return torch.cat([model(**b).logits for b in batches])
 
 
+@pytest.mark.smoke
 def test_quantize_llava_end_to_end(llava, llava_batches):
     model, _ = llava
     fp = _logits(model, llava_batches)

@@ -39,6 +39,7 @@ def two_worker_run(local_ray, tiny_llava_dir, tmp_path_factory):
     return out, outcome
 
 
+@pytest.mark.smoke
 def test_distributed_equals_one_process(two_worker_run, tiny_llava_dir):
     out, outcome = two_worker_run
     plan, tensors = _shard_tensors(out)

@@ -87,6 +87,7 @@ def test_bits_per_weight_count_scales_of_each_linear_by_its_size():
     assert [x.scheme is None for x in projector.linears] == [False, True]
 
 
+@pytest.mark.smoke  # the format compressed-tensors picks for each scheme
 @pytest.mark.parametrize("weights, activations, ok, fmt, sidecar", [
     (4, {"bits": 16, "granularity": "token", "symmetric": True}, True, "pack-quantized", False),
     (3, {"bits": 16, "granularity": "token", "symmetric": True}, False, "pack-quantized", False),

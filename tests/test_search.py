@@ -36,6 +36,7 @@ def test_block_search_beats_rtn(llava, llava_batches, segment, act, method):
         assert all(r.act_range is not None for r in found.linears)
 
 
+@pytest.mark.smoke
 def test_search_result_reproduces_its_error(llava, llava_batches):
     """The reported error is the error of the returned integers and ranges, re-evaluated independently."""
     from qvlm.search import block_error, quantized_block_outputs

@@ -12,6 +12,7 @@ import pytest
 from workers.storage import (LEDGER_PREFIX, TMP_MARK, AlreadyExists, BucketNotFound, LocalStorage, NotFound,
                              S3Storage, StorageError, UnsafePath, open_model, open_storage, redact)
 
+pytestmark = pytest.mark.smoke  # boto3 and moto at both ends of their ranges
 MiB = 1 << 20
 
 
