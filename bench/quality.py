@@ -32,7 +32,6 @@ from typing import Callable
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from _common import table
 from jobs.spec import ActivationsSpec, WeightsSpec
 from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig
 from qvlm.batches import batches_for, records_for
@@ -48,7 +47,12 @@ SCHEME_BITS = {"W8A8": (8, 128, 8), "W6A6": (6, 128, 6), "W4A4": (4, 128, 4), "W
 METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq", "act_order": False},
            "gptq-ao": {"method": "gptq", "act_order": True},
            "qvlm-clip": {"method": "qvlm", "search": "clip"}, "qvlm-learned": {"method": "qvlm", "search": "learned"},
-           "qvlm-best": {"method": "qvlm", "search": "best"}}
+           "qvlm-best": {"method": "qvlm", "search": "best"},
+           # partition ablation at the same search per block (the same candidates and steps in every block):
+           # fixed depth 1 (every unit its own block), and fixed depth 3 (h0 = 0: every pair with any dependency
+           # is joined, so blocks of 3 consecutive units)
+           "qvlm-best-d1": {"method": "qvlm", "search": "best", "max_block_depth": 1},
+           "qvlm-best-d3": {"method": "qvlm", "search": "best", "max_block_depth": 3, "h0": 0.0}}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED = ("none", "sensitivity", "kurtosis")
 PROPAGATION = ("fp", "quantized")
@@ -198,6 +202,8 @@ def format_rows(sname: str, method: str, mp: str, runs: dict) -> list[list]:
 
 
 def main() -> None:
+    from _common import table  # imports the cluster (ray); bench/peer.py reuses the subjects above without it
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=["llava", "text"], default=["llava", "text"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
