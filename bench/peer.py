@@ -81,7 +81,8 @@ def main() -> None:
     try:
         import llmcompressor
     except ImportError:
-        note = "llm-compressor is not installed (pip install llmcompressor): its rows are left out"
+        note = ("llm-compressor is not importable here (it needs transformers <= 5.17; install it in a separate "
+                "venv, see bench/peer.py): its rows are left out")
     else:
         note = f"llm-compressor {llmcompressor.__version__}"
         rows += [row(f"llm-compressor GPTQ, actorder {a}", subject, lambda a=a: llmcompressor_model(subject, a))
