@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -477,7 +478,8 @@ def print_assumptions(a: Assume, job: Job13B, measured: dict, path: Path | None,
           f"image (vision tower, projector), batch {job.batch}; W4 g128 symmetric; max_block_depth 3 for clip/learned/"
           "best (memory); a block's time is the sum of its units' (every count above is per unit of the block)")
     a_ = measured["args"]
-    print(f"  CPU calibration: {path or 'no --measured file'}: bench/gpu.py on {measured['device']}, "
+    shown = os.path.relpath(path) if path else "no --measured file"
+    print(f"  CPU calibration: {shown}: bench/gpu.py on {measured['device']}, "
           f"{measured['threads']} threads, layer {a_['hidden']}/{a_['intermediate']}, {a_['heads']} heads, "
           f"{a_['dtype']}, {a_['samples']} x {a_['tokens']} tokens in batches of {a_['batch']}, iters {a_['iters']}; "
           f"this CPU's copy bandwidth {cal.cpu_bandwidth / 1e9:.1f} GB/s (measured now)\n")
