@@ -11,7 +11,8 @@ the memory of each phase: before it and its peak (GPU: ``torch.cuda.memory_alloc
 ``max_memory_allocated``, reset before each phase; CPU: the process's RSS and its high-water mark, reset
 before each phase through ``/proc/self/clear_refs``), the object store's put and get throughput of one
 boundary hidden state (batch x tokens x hidden, packed as the stages send it), and the throughput of ranged
-reads of the layer's weights from a safetensors file on local disk. ``--json PATH`` also writes every figure
+reads of the layer's weights from a safetensors file on local disk, and the device's memory bandwidth for a
+large copy (what bench/projection.py scales by). ``--json PATH`` also writes every figure
 (bench/projection.py reads it).
 """
 
@@ -149,6 +150,21 @@ def object_store(args) -> tuple[float, float]:
     return size / put_s / 1e9, size / get_s / 1e9
 
 
+def copy_gbps(device: torch.device) -> float:
+    """Memory bandwidth of a large copy on ``device`` (read + write, best of 10), GB/s: bench/projection.py moves
+    work measured here to other devices by the ratio of these."""
+    x = torch.ones(64 * 2**20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(10):
+        _sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() * 4 / best / 1e9
+
+
 def ranged_reads(model) -> list[tuple[int, float]]:
     """GB/s reading every tensor of the layer from a local safetensors file, per number of requests in flight."""
     from safetensors.torch import save_file
@@ -231,6 +247,8 @@ def main() -> None:
     figures["object_store_shape"] = [args.batch, args.boundary_tokens or args.tokens, args.boundary_hidden or args.hidden]
     print(f"\nobject store, one boundary hidden state ({' x '.join(map(str, figures['object_store_shape']))} {args.dtype}): "
           f"put {put:.2f} GB/s, get in another process {get:.2f} GB/s")
+    figures["copy_gbps"] = copy_gbps(device)
+    print(f"memory bandwidth of a 256 MiB copy on the device (read + write, best of 10): {figures['copy_gbps']:.1f} GB/s")
     figures["ranged_read_gbps"] = {}
     for parallel, rate in ranged_reads(model):
         figures["ranged_read_gbps"][str(parallel)] = rate

@@ -17,9 +17,10 @@ Nothing here runs on a GPU and no figure it prints is a GPU measurement. What it
    the unit over the whole calibration set (``evaluations`` plus the forwards that are not counted), learned
    rounding's steps (forward + backward on one batch), and work that scales with the weights, not the tokens
    (copies, RTN and clipping grids, GPTQ's column loop, the soft weights of each step). The forward counts
-   are checked against ``BlockResult.evaluations`` of bench/gpu.py's run. The weight-proportional work is
-   calibrated on that CPU run (what is left of each method's seconds after its forwards) and moved to a
-   GPU by the ratio of memory bandwidths, with a floor for GPTQ's one-column-at-a-time kernel launches.
+   are checked against ``BlockResult.evaluations`` of bench/gpu.py's run. The weight-proportional work gets
+   two bounds: high, calibrated on that CPU run (what is left of each method's seconds after its forwards)
+   and moved to a GPU by the ratio of memory bandwidths; low, the bytes per weight read off the code at the
+   GPU's bandwidth; both with a floor for GPTQ's one-column-at-a-time kernel launches.
 3. The job: stage start, ranged reads, the pipelined capture, statistics, the searches (``propagation:
    fp``: stages in parallel; ``quantized``, the default: one chain down the pipeline, so every block of
    the model one after another) and the export.
@@ -81,6 +82,16 @@ class Assume:
     iters: int = 200  # learned rounding steps (issue 16's figure; the job's default is QuantConfig.iters)
     checkpoints: int = 8  # learn_rounding's evaluations on the whole calibration set during training
     causal_attention: float = 1.0  # share of the full T x T attention square computed (1.0: no causal saving)
+    # The low bound of weight-proportional work: bytes read + written per linear weight if every such kernel ran at
+    # the GPU's memory bandwidth, read off the code (float32 passes of 8 bytes read + write): a search's copies and
+    # RTN ~48; clip's 21-point shrink grid ~72 per point (~1560); GPTQ's column loop ~120 (and its launch floor);
+    # best = RTN + clip + GPTQ with the shrink grid (~3300); learned's soft weights forward + backward ~16 passes
+    # per step (128).
+    low_bytes_rtn: float = 48.0
+    low_bytes_clip: float = 1560.0
+    low_bytes_gptq: float = 170.0
+    low_bytes_best: float = 3300.0
+    low_bytes_step: float = 128.0
 
 
 # ---- 1. the plan: a header-only LLaVA-1.5-13B through the product's make_plan ------------------------------------
@@ -231,7 +242,7 @@ class Calibration:
     rows: list
     per_weight: dict  # method -> seconds per linear weight (learned and best: the part that does not scale with iters)
     per_weight_step: float  # learned rounding: seconds per weight per step
-    cpu_bandwidth: float  # bytes/s of a large copy on this CPU
+    cpu_bandwidth: float  # bytes/s of a large copy on the CPU of the run (measured by bench/gpu.py then)
 
 
 def cpu_bandwidth() -> float:
@@ -266,7 +277,8 @@ def calibrate(measured: dict, a: Assume) -> Calibration:
     per_weight["learned"] = 0.0  # all of learned's weight work is counted per step
     if "best" in fixed:  # best's own weight work besides its learned steps
         per_weight["best"] = max(fixed["best"] - learned_step * args["iters"] * weights, 0.0) / weights
-    return Calibration(rows, per_weight, learned_step, cpu_bandwidth())
+    bandwidth = measured["copy_gbps"] * GB if "copy_gbps" in measured else cpu_bandwidth()
+    return Calibration(rows, per_weight, learned_step, bandwidth)
 
 
 # ---- the cost of a unit's search on a GPU --------------------------------------------------------------------
@@ -285,26 +297,33 @@ def forward_s(u: Unit, job: Job13B, w: Where, a: Assume) -> float:
     return compute + moved
 
 
-def weight_work_s(u: Unit, method: str, cal: Calibration, w: Where, a: Assume) -> float:
-    """Weight-proportional work: its seconds per weight on the CPU, times the ratio of CPU to GPU bandwidth; GPTQ's
-    column loop (gptq, and best's GPTQ candidate) takes at least one launch-bound step per column on a GPU."""
-    scale = cal.cpu_bandwidth / (w.gpu.hbm * a.bw_efficiency)
+def weight_work_s(u: Unit, method: str, cal: Calibration, w: Where, a: Assume, bound: str) -> float:
+    """Weight-proportional work on a GPU, ``high``: its seconds per weight on the CPU run times the ratio of that
+    CPU's copy bandwidth to the GPU's (x bw_efficiency), which carries over the CPU's own overheads (Python,
+    float16 conversions, kernels far below its bandwidth); ``low``: the bytes per weight of ``Assume`` at the GPU's
+    bandwidth. GPTQ's column loop (gptq, and best's GPTQ candidate) takes at least one launch-bound step per column."""
+    gpu_bw = w.gpu.hbm * a.bw_efficiency
+    floor = u.columns * a.column_launch_s if method in ("gptq", "best") else 0.0
+    if bound == "low":
+        per = {"rtn": a.low_bytes_rtn, "clip": a.low_bytes_clip, "gptq": a.low_bytes_gptq, "learned": a.low_bytes_rtn,
+               "best": a.low_bytes_best}[method]
+        return (per + steps(method, a.iters) * a.low_bytes_step) * u.params / gpu_bw + floor
+    scale = cal.cpu_bandwidth / gpu_bw
     gptq = cal.per_weight.get("gptq", 0.0) if method in ("gptq", "best") else 0.0
     other = max(cal.per_weight.get(method, 0.0) - gptq, 0.0)
     work = (other + steps(method, a.iters) * cal.per_weight_step) * u.params * scale
-    if method in ("gptq", "best"):
-        work += max(gptq * u.params * scale, u.columns * a.column_launch_s)
-    return work
+    return work + max(gptq * u.params * scale, floor)
 
 
-def search_s(u: Unit, method: str, job: Job13B, cal: Calibration, w: Where, a: Assume) -> tuple[float, float, float]:
+def search_s(u: Unit, method: str, job: Job13B, cal: Calibration, w: Where, a: Assume,
+             bound: str = "high") -> tuple[float, float, float]:
     """(forwards, learned steps, weight work) of one unit's search, seconds."""
     f = forward_s(u, job, w, a)
     fwd = (evaluations(method, a.iters) + uncounted(method)) * f
     batches = -(-job.samples // job.batch)
     step = steps(method, a.iters) * (a.fwd_bwd * f / batches + (2 * job.batch * u.tokens * u.width * 2 / w.gpu.pcie
                                                                  if w.host_captures else 0.0))
-    return fwd, step, weight_work_s(u, method, cal, w, a)
+    return fwd, step, weight_work_s(u, method, cal, w, a, bound)
 
 
 def block_write_s(u: Unit, w: Where) -> float:
@@ -406,7 +425,8 @@ class Phases:
             (self.search_quantized if quantized else self.search_fp)
 
 
-def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration, wheres: list[Where], a: Assume):
+def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration, wheres: list[Where], a: Assume,
+                   bound: str):
     """Per stage, the seconds of its blocks' searches with ``propagation: fp`` and with ``quantized`` (each block
     but a stream's last then also runs ``quantized_block_outputs``: one more forward of its units over every
     batch); and (forwards, steps, weight work, writes) summed over the model."""
@@ -414,7 +434,7 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
     for s, stage in enumerate(job.plan.stages):
         total = extra = 0.0
         for k in stage:
-            f, st, wk = search_s(units[k], method, job, cal, wheres[s], a)
+            f, st, wk = search_s(units[k], method, job, cal, wheres[s], a, bound)
             wr = block_write_s(units[k], wheres[s])
             total += f + st + wk + wr
             extra += forward_s(units[k], job, wheres[s], a)
@@ -426,7 +446,7 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
 
 
 def phases(job: Job13B, method: str, units: list[Unit], cal: Calibration, gpu: Gpu, measured: dict, a: Assume,
-           host_captures: list[bool]) -> Phases:
+           host_captures: list[bool], bound: str) -> Phases:
     plan = job.plan
     n = len(plan.stages)
     batches = -(-job.samples // job.batch)
@@ -443,7 +463,7 @@ def phases(job: Job13B, method: str, units: list[Unit], cal: Calibration, gpu: G
     capture = (batches + n - 1) * max(max(per_batch), hop_s)
     stats = max(sum(forward_s(units[k], job, wheres[s], a) + units[k].params * a.stats_bytes_per_weight /
                     (gpu.hbm * a.bw_efficiency) for k in plan.stages[s]) for s in range(n))
-    fp, quantized, parts = stage_searches(job, method, units, cal, wheres, a)
+    fp, quantized, parts = stage_searches(job, method, units, cal, wheres, a, bound)
     carried = batches * hop * ((n - 1) / store + crossings / gpu.network)
     rest = sum(job.index.total_bytes(chunk) for chunk in plan.rest_chunks)
     export = 2 * rest / per_stage_storage
@@ -482,7 +502,8 @@ def print_assumptions(a: Assume, job: Job13B, measured: dict, path: Path | None,
     print(f"  CPU calibration: {shown}: bench/gpu.py on {measured['device']}, "
           f"{measured['threads']} threads, layer {a_['hidden']}/{a_['intermediate']}, {a_['heads']} heads, "
           f"{a_['dtype']}, {a_['samples']} x {a_['tokens']} tokens in batches of {a_['batch']}, iters {a_['iters']}; "
-          f"this CPU's copy bandwidth {cal.cpu_bandwidth / 1e9:.1f} GB/s (measured now)\n")
+          f"copy bandwidth {cal.cpu_bandwidth / 1e9:.1f} GB/s " + ("(measured in that run)\n" if "copy_gbps" in measured
+                                                               else "(measured now: the run did not record it)\n"))
 
 
 def print_plan(job: Job13B) -> None:
@@ -558,11 +579,16 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
     scale = cal.cpu_bandwidth / (h100.hbm * a.bw_efficiency)
     calibrated = a.iters * cal.per_weight_step * 317.2e6 * scale
     analytic = a.iters * 16 * 2 * 4 * 317.2e6 / (h100.hbm * a.bw_efficiency)
-    print(f"  weight work moved to a GPU by this CPU's copy bandwidth over the GPU's x {a.bw_efficiency:g}: e.g. learned's "
-          f"soft weights, {a.iters} steps of one 13B decoder layer on an H100: {fmt_s(calibrated)} calibrated, against "
-          f"{fmt_s(analytic)} if each step were 16 float32 passes (read + write) over the weights at that bandwidth; the "
-          "calibrated figure carries the CPU's own overheads (Python, elementwise kernels that do not reach its "
-          "bandwidth) and is the pessimistic one")
+    print(f"  The weight-proportional work on a GPU has two bounds. High: the CPU run's seconds per weight x this CPU's "
+          f"copy bandwidth / the GPU's x {a.bw_efficiency:g}; it carries the CPU's own overheads (Python, float16 "
+          "conversions, elementwise kernels far below its bandwidth) over to the GPU. Low: Assume's bytes per weight at "
+          f"the GPU's bandwidth. E.g. learned's soft weights, {a.iters} steps of one 13B decoder layer on an H100: "
+          f"{fmt_s(calibrated)} high, {fmt_s(analytic)} low; GPTQ's column loop is at least columns x "
+          f"{a.column_launch_s * 1e3:g} ms either way.")
+
+
+def span(low: float, high: float) -> str:
+    return fmt_s(low) if fmt_s(low) == fmt_s(high) else f"{fmt_s(low)} - {fmt_s(high)}"
 
 
 def print_units(job: Job13B, units: list[Unit], cal: Calibration, a: Assume) -> None:
@@ -573,47 +599,49 @@ def print_units(job: Job13B, units: list[Unit], cal: Calibration, a: Assume) -> 
         for key, gpu in GPUS.items():
             for host in ((False, True) if key == "A10G" and seg == "language" else (False,)):
                 w = Where(gpu, host)
-                cells = []
-                for m in METHODS:
-                    f, st, wk = search_s(u, m, job, cal, w, a)
-                    cells.append(fmt_s(f + st + wk))
-                rows.append([f"{seg} x {count}", f"{u.params / 1e6:.1f}", f"{forward_flops(u, job.samples, a.causal_attention) / 1e12:.1f}",
+                cells = [span(sum(search_s(u, m, job, cal, w, a, "low")), sum(search_s(u, m, job, cal, w, a, "high")))
+                         for m in METHODS]
+                rows.append([f"{seg} x {count}", f"{u.params / 1e6:.1f}",
+                             f"{forward_flops(u, job.samples, a.causal_attention) / 1e12:.1f}",
                              key + (" (captures on host)" if host else ""), fmt_s(forward_s(u, job, w, a)), *cells])
-    print(f"\n  One unit's search, modelled ({a.iters} learned steps):")
+    print(f"\n  One unit's search, modelled ({a.iters} learned steps; low - high bound of the weight-proportional work):")
     print(table(["unit", "linear params M", "TFLOP per forward", "GPU", "one forward", *METHODS], rows))
 
 
-def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, a: Assume) -> None:
+def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[bool]:
+    """Which stages keep their captures in host memory: cluster/memory.py's fit for this GPU and method."""
     from cluster.memory import CalibrationSize, fit, stage_memory
 
+    quant = quant_for(method)
+    depth = quant.max_block_depth if quant.method == "qvlm" else 1
+    size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
+    return [fit(stage_memory(job.plan, s, size, depth, quant.method == "gptq"), gpu.memory, gpu.host // gpu.per_node,
+                True).keep_captures == "host" for s in range(len(job.plan.stages))]
+
+
+def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, a: Assume) -> None:
     print(f"\n3. THE JOB, modelled (LLaVA-13B, {job.samples} x {job.tokens}, W4A16 g128, {len(job.plan.stages)} stage "
-          "actors, one GPU each)")
-    rows, verdict_lines = [], []
+          "actors, one GPU each); where two figures stand, they are the low and the high bound of the weight-proportional "
+          "work")
+    rows = []
     for key, gpu in GPUS.items():
         for m in METHODS:
-            quant = quant_for(m)
-            depth = quant.max_block_depth if quant.method == "qvlm" else 1
-            size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
-            host = []
-            for s in range(len(job.plan.stages)):
-                f = fit(stage_memory(job.plan, s, size, depth, quant.method == "gptq"), gpu.memory,
-                        gpu.host // gpu.per_node, True)
-                host.append(f.keep_captures == "host")
-            p = phases(job, m, units, cal, gpu, measured, a, host)
-            fwd, st, wk, wr = p.search_parts
-            rows.append([key, m, fmt_s(p.start), fmt_s(p.load), fmt_s(p.capture), fmt_s(p.statistics),
-                         fmt_s(p.search_fp), fmt_s(p.search_quantized), fmt_s(p.export), fmt_s(p.total(False)),
-                         fmt_s(p.total(True)), f"{sum(host)}/{len(host)}",
-                         f"{fwd / (fwd + st + wk + wr):.0%} / {st / (fwd + st + wk + wr):.0%} / "
-                         f"{wk / (fwd + st + wk + wr):.0%} / {wr / (fwd + st + wk + wr):.0%}"])
+            host = host_captures(job, gpu, m)
+            lo, hi = (phases(job, m, units, cal, gpu, measured, a, host, bound) for bound in ("low", "high"))
+            parts = hi.search_parts
+            rows.append([key, m, fmt_s(hi.start), fmt_s(hi.load), fmt_s(hi.capture), fmt_s(hi.statistics),
+                         span(lo.search_fp, hi.search_fp), span(lo.search_quantized, hi.search_quantized),
+                         fmt_s(hi.export), span(lo.total(False), hi.total(False)), span(lo.total(True), hi.total(True)),
+                         f"{sum(host)}/{len(host)}", " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
     print(table(["GPUs", "method", "start", "load", "capture", "statistics", "search fp", "search quantized", "export",
-                 "TOTAL fp", "TOTAL quantized", "stages w/ host captures", "search: fwd / steps / weights / writes"], rows))
+                 "TOTAL fp", "TOTAL quantized", "host captures", "high: fwd / steps / weights / writes"], rows))
     print("  search fp: stages search their own blocks in parallel (the slowest stage); search quantized (the default "
           "propagation): each block waits for the quantized output of the block before it in its stream, across stages "
           "too, so the whole model's blocks run one after another, each also computing its quantized output (one more "
-          "forward), plus the carried outputs between stages. Captures on host: each use moves them over PCIe. load: the "
-          "largest stage's weights at the node's storage rate / its GPUs; capture: (batches + stages - 1) x the slowest "
-          "stage's batch; export: the unquantized tensors read and written once.")
+          "forward), plus the carried outputs between stages. Host captures: stages whose captures cluster/memory.py "
+          "puts in host memory; each use moves them over PCIe. load: the largest stage's weights at the node's storage "
+          "rate / its GPUs; capture: (batches + stages - 1) x the slowest stage's batch or the hop through the object "
+          "store (bench/gpu.py's put and get), whichever is slower; export: the unquantized tensors read and written once.")
 
 
 def main() -> None:
