@@ -496,7 +496,7 @@ def print_assumptions(a: Assume, job: Job13B, measured: dict, path: Path | None,
               f"per node, network {g.network / 1e9:g} GB/s")
     print(f"  calibration: {job.samples} samples x {job.tokens} tokens (decoder), {job.plan.image_tokens} tokens per "
           f"image (vision tower, projector), batch {job.batch}; W4 g128 symmetric; max_block_depth 3 for clip/learned/"
-          "best (memory); a block's time is the sum of its units' (every count above is per unit of the block)")
+          "best (memory); a block's time is the sum of its units' (every count below is per unit)")
     a_ = measured["args"]
     shown = os.path.relpath(path) if path else "no --measured file"
     print(f"  CPU calibration: {shown}: bench/gpu.py on {measured['device']}, "
