@@ -392,7 +392,7 @@ def estimated_peak_rows(job: Job13B, measured: dict) -> list:
     weights = 4 * args["hidden"] ** 2 + 3 * args["hidden"] * args["intermediate"]
     rows = []
     for key, gpu in GPUS.items():
-        for method in ("gptq", "learned", "best"):
+        for method in METHODS:
             quant = quant_for(method)
             depth = quant.max_block_depth if quant.method == "qvlm" else 1
             table_rows, _ = memory_rows(job, gpu, method)
