@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import shutil
 import tempfile
 import threading
 import time
@@ -351,11 +352,14 @@ def main() -> None:
           f"tokens in batches of {args.batch} (JSONL, no padding); method rtn, propagation quantized (the default); "
           f"each run on a fresh local Ray with workers + 1 logical CPUs, cpus_per_worker {args.cpus_per_worker:g} "
           f"(the machine has {multiprocessing.cpu_count()} cores)")
-    baseline = runtime_baseline(args, folder)
-    if not args.skip_jobs:
-        run_jobs(args, model_dir, cal, baseline)
-    if args.profile:
-        run_profile(model_dir, cal, args.workers[0], baseline)
+    try:
+        baseline = runtime_baseline(args, folder)
+        if not args.skip_jobs:
+            run_jobs(args, model_dir, cal, baseline)
+        if args.profile:
+            run_profile(model_dir, cal, args.workers[0], baseline)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the calibration files
     print(f"\nwhole script: {time.perf_counter() - t:.0f} s")
 
 
