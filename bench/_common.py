@@ -29,17 +29,19 @@ def init_ray(num_cpus: int) -> None:
              object_store_memory=512 * MIB)
 
 
-def settings(model_dir: Path, out: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int) -> Job:
+def settings(model_dir: Path, out: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int,
+             cpus_per_worker: float = 1) -> Job:
     return Job(f"bench-w{workers}", f"{workers:064d}", Locations(str(model_dir), str(out)), cal, quant,
-               Resources(workers=workers, cpus_per_worker=1))
+               Resources(workers=workers, cpus_per_worker=cpus_per_worker))
 
 
-def timed_job(model_dir: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int) -> dict:
+def timed_job(model_dir: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int,
+              cpus_per_worker: float = 1) -> dict:
     """Run one job into a fresh temp folder; its phase seconds, wall time and plan document."""
     tmp = Path(tempfile.mkdtemp(prefix="qvlm-bench-"))
     out = tmp / "out"
     t = time.perf_counter()
-    outcome = run_job(settings(model_dir, out, cal, quant, workers), echo=quiet)
+    outcome = run_job(settings(model_dir, out, cal, quant, workers, cpus_per_worker), echo=quiet)
     wall = time.perf_counter() - t
     plan = json.loads((out / "qvlm_plan.json").read_text())
     shutil.rmtree(tmp, ignore_errors=True)  # after timing; the 1 GB model's shards would pile up in /tmp

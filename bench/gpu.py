@@ -5,17 +5,21 @@
 
 The layer is a ``LlamaModel`` with one decoder layer (hidden 5120, MLP 13824, 40 heads; random weights) run
 by :class:`qvlm.stage.Stage`, the code a job's stage actors run: the capture is the model's own forward pass
-over random token ids; each method is one ``search_block`` of that layer (``learned`` at ``--iters``, ``clip``
-at ``--epochs``). Figures: seconds per phase and tokens per second, the peak device memory of each phase
-(GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS), the object store's put and get
-throughput of one boundary hidden state (batch x tokens x hidden, packed as the stages send it), and
-the throughput of ranged reads of the layer's weights from a safetensors file on local disk.
+over random token ids; each method is one ``search_block`` of that layer (``learned`` and ``best`` at
+``--iters``, W4 g128 symmetric). Figures: seconds per phase and tokens per second, the block evaluations, and
+the memory of each phase: before it and its peak (GPU: ``torch.cuda.memory_allocated`` and
+``max_memory_allocated``, reset before each phase; CPU: the process's RSS and its high-water mark, reset
+before each phase through ``/proc/self/clear_refs``), the object store's put and get throughput of one
+boundary hidden state (batch x tokens x hidden, packed as the stages send it), and the throughput of ranged
+reads of the layer's weights from a safetensors file on local disk, and the device's memory bandwidth for a
+large copy (what bench/projection.py scales by). ``--json PATH`` also writes every figure
+(bench/projection.py reads it).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +34,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _status(field: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+    return int(line.split()[1]) * 1024
+
+
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        import ctypes
+        import gc
+
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so a phase's RSS before it is what is live
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS (Linux 4.0 and later)
+
+
+def _now(device: torch.device) -> float:
+    return (torch.cuda.memory_allocated() if device.type == "cuda" else _status("VmRSS:")) / GIB
 
 
 def _peak(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return (torch.cuda.max_memory_allocated() if device.type == "cuda" else _status("VmHWM:")) / GIB
 
 
 def build_layer(args, device: torch.device):
@@ -53,16 +71,18 @@ def build_layer(args, device: torch.device):
     return model
 
 
-def timed(device: torch.device, fn):
+def timed(device: torch.device, fn) -> tuple:
+    """(value, seconds, memory before in GiB, peak during in GiB)."""
     _sync(device)
     _reset_peak(device)
+    before = _now(device)
     t = time.perf_counter()
     value = fn()
     _sync(device)
-    return value, time.perf_counter() - t, _peak(device)
+    return value, time.perf_counter() - t, before, _peak(device)
 
 
-def capture(stage, args, device) -> tuple[float, float]:
+def capture(stage, args, device) -> tuple[float, float, float]:
     generator = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 1024, (args.batch, args.tokens), generator=generator),
                 "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long)}
@@ -72,22 +92,25 @@ def capture(stage, args, device) -> tuple[float, float]:
         for batch in batches:
             stage.capture(batch, hand_over=False)
 
-    _, seconds, peak = timed(device, run)
-    return seconds, peak
+    _, seconds, before, peak = timed(device, run)
+    return seconds, before, peak
 
 
-def search(stage, args, device, method: str) -> tuple[float, float, float]:
+def search(stage, args, device, method: str) -> dict:
     from qvlm.config import QuantConfig
     from qvlm.method import Block, block_jobs
     from qvlm.quant import WeightScheme
 
     scheme = WeightScheme(4, 128, True)
-    config = QuantConfig(method="qvlm" if method in ("clip", "learned") else method, search=method if method in ("clip", "learned") else "clip",
+    searches = ("clip", "learned", "best")
+    config = QuantConfig(method="qvlm" if method in searches else method, search=method if method in searches else "clip",
                          weights=scheme, iters=args.iters, epochs=args.epochs)
     unit = stage.units[0]
     job = block_jobs([Block(0, 0, (unit.index,))], _layout(stage), {unit.linear_name(n): scheme for n in unit.linears})[0]
-    summary, seconds, peak = timed(device, lambda: stage.search_block(job, config))
-    return seconds, peak, summary.error_after / max(summary.error_before, 1e-30)
+    summary, seconds, before, peak = timed(device, lambda: stage.search_block(job, config))
+    stage.results.clear()  # each method's result is its own; none is kept into the next method's memory
+    return {"seconds": seconds, "before_gib": before, "peak_gib": peak, "evaluations": summary.evaluations,
+            "error_ratio": summary.error_after / max(summary.error_before, 1e-30)}
 
 
 def _layout(stage):
@@ -103,7 +126,8 @@ def object_store(args) -> tuple[float, float]:
 
     from workers.transport import nbytes, pack, unpack
 
-    state = torch.randn(args.batch, args.tokens, args.hidden).to(getattr(torch, args.dtype))
+    state = torch.randn(args.batch, args.boundary_tokens or args.tokens, args.boundary_hidden or args.hidden)
+    state = state.to(getattr(torch, args.dtype))
     packed = pack(state)
     size = nbytes(packed)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -124,6 +148,21 @@ def object_store(args) -> tuple[float, float]:
     get_s = time.perf_counter() - t
     ray.shutdown()
     return size / put_s / 1e9, size / get_s / 1e9
+
+
+def copy_gbps(device: torch.device) -> float:
+    """Memory bandwidth of a large copy on ``device`` (read + write, best of 10), GB/s: bench/projection.py moves
+    work measured here to other devices by the ratio of these."""
+    x = torch.ones(64 * 2**20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(10):
+        _sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() * 4 / best / 1e9
 
 
 def ranged_reads(model) -> list[tuple[int, float]]:
@@ -149,7 +188,7 @@ def ranged_reads(model) -> list[tuple[int, float]]:
     return rows
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=128)
@@ -159,11 +198,23 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=13824)
     parser.add_argument("--heads", type=int, default=40)
     parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "learned", "clip"])
+    parser.add_argument("--iters", type=int, default=200, help="learned rounding steps (learned, best)")
+    parser.add_argument("--epochs", type=int, default=2, help="coordinate passes of static activation ranges (none at W4A16)")
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "learned", "clip", "best"])
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--boundary-tokens", type=int, default=None, help="object store: tokens of the hidden state "
+                        "(default --tokens)")
+    parser.add_argument("--boundary-hidden", type=int, default=None, help="object store: its width (default --hidden)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    return parser.parse_args()
+
+
+def _label(method: str, args) -> str:
+    return f"{method} ({args.iters} it)" if method in ("learned", "best") else method
+
+
+def main() -> None:
+    args = arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -178,19 +229,33 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads; layer hidden {args.hidden}, "
           f"MLP {args.intermediate}, {args.heads} heads, {args.dtype}; calibration {args.samples} x {args.tokens} "
-          f"tokens in batches of {args.batch}")
-    seconds, peak = capture(stage, args, device)
-    print(f"\n{'phase':<16}{'seconds':>10}{'tokens/s':>12}{'peak GiB':>10}{'error after/before':>20}")
-    print(f"{'capture':<16}{seconds:>10.2f}{tokens / seconds:>12.0f}{peak:>10.2f}{'':>20}")
+          f"tokens in batches of {args.batch}; W4 g128 symmetric")
+    figures = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": {}}
+    seconds, before, peak = capture(stage, args, device)
+    figures["capture"] = {"seconds": seconds, "before_gib": before, "peak_gib": peak}
+    unit = "GPU GiB allocated" if device.type == "cuda" else "RSS GiB"
+    print(f"\n{'phase':<16}{'seconds':>10}{'tokens/s':>12}{'evaluations':>13}{'before ' + unit:>24}{'peak ' + unit:>22}"
+          f"{'error after/before':>20}")
+    print(f"{'capture':<16}{seconds:>10.2f}{tokens / seconds:>12.0f}{'':>13}{before:>24.2f}{peak:>22.2f}{'':>20}")
     for method in args.methods:
-        seconds, peak, ratio = search(stage, args, device, method)
-        label = f"{method} ({args.iters} it)" if method == "learned" else (f"clip ({args.epochs} ep)" if method == "clip" else method)
-        print(f"{label:<16}{seconds:>10.2f}{tokens / seconds:>12.0f}{peak:>10.2f}{ratio:>20.3f}")
+        m = figures["methods"][method] = search(stage, args, device, method)
+        print(f"{_label(method, args):<16}{m['seconds']:>10.2f}{tokens / m['seconds']:>12.0f}{m['evaluations']:>13}"
+              f"{m['before_gib']:>24.2f}{m['peak_gib']:>22.2f}{m['error_ratio']:>20.3f}")
     put, get = object_store(args)
-    print(f"\nobject store, one boundary hidden state ({args.batch} x {args.tokens} x {args.hidden} {args.dtype}): "
+    figures["object_store_gbps"] = {"put": put, "get": get}
+    figures["object_store_shape"] = [args.batch, args.boundary_tokens or args.tokens, args.boundary_hidden or args.hidden]
+    print(f"\nobject store, one boundary hidden state ({' x '.join(map(str, figures['object_store_shape']))} {args.dtype}): "
           f"put {put:.2f} GB/s, get in another process {get:.2f} GB/s")
+    figures["copy_gbps"] = copy_gbps(device)
+    print(f"memory bandwidth of a 256 MiB copy on the device (read + write, best of 10): {figures['copy_gbps']:.1f} GB/s")
+    figures["ranged_read_gbps"] = {}
     for parallel, rate in ranged_reads(model):
+        figures["ranged_read_gbps"][str(parallel)] = rate
         print(f"ranged reads of the layer's weights from local disk, {parallel} in flight: {rate:.2f} GB/s")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":
