@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qvlm.capture import call_unit
+from qvlm.capture import call_unit, valid_rows
 from qvlm.quant import QuantizedWeight, WeightScheme, grid_integers, grid_qparams, grouped, percentile_bounds
 
 
@@ -185,7 +185,6 @@ def _batch_loss(ws, b: int) -> tuple[torch.Tensor, int]:
     hidden = None
     for u, module in enumerate(ws.units):
         hidden = call_unit(module, ws.data.calls[u][b], hidden)
-    sq = (hidden.float() - ws.data.targets[b].float()) ** 2
-    mask = ws.data.calls[-1][b].mask
-    sq = sq[mask] if mask is not None else sq
+    target = ws.data.targets[b].to(hidden.device, non_blocking=True)  # kept in host memory when the GPU is full
+    sq = valid_rows((hidden.float() - target.float()) ** 2, ws.data.calls[-1][b].mask)
     return sq.sum(), sq.numel()

@@ -135,10 +135,8 @@ class _Workspace:
 def block_error(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], calls: Sequence[UnitCall]) -> float:
     """Mean squared error over the valid tokens of every batch, accumulated in float64."""
     total, count = 0.0, 0
-    for out, tgt, call in zip(outputs, targets, calls):
-        sq = (out.double() - tgt.double()) ** 2
-        if call.mask is not None:
-            sq = sq[call.mask]
+    for out, tgt, call in zip(outputs, targets, calls):  # targets may be kept in host memory, outputs on the GPU
+        sq = valid_rows((out.double() - tgt.to(out.device, non_blocking=True).double()) ** 2, call.mask)
         total += float(sq.sum())
         count += sq.numel()
     return total / max(count, 1)

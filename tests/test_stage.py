@@ -19,6 +19,8 @@ from qvlm.stage import Stage, compute_device
 
 CAL = CalibrationSettings(samples=8, eval_samples=0, max_length=32, batch_size=4)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (compute device, where captures are kept): on a GPU also in host memory, as a stage does when they do not fit
+PLACES = [("cpu", "cpu")] + ([("cuda", "cuda"), ("cuda", "cpu")] if torch.cuda.is_available() else [])
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,15 +42,16 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_everything_a_stage_touches_is_on_its_device(tiny_llama_dir, device):
+@pytest.mark.parametrize("device,keep", PLACES)
+def test_everything_a_stage_touches_is_on_its_device(tiny_llama_dir, device, keep):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    config = QuantConfig(method="gptq", propagation="quantized")
+    config = QuantConfig(search="best", iters=5, epochs=1, propagation="quantized")  # clip, gptq and learned
     layout = layout_of(model, config)
     stage = Stage(model, layout.units, first=True, device=compute_device([0] if device == "cuda" else []))
-    assert stage.device.type == device
+    stage.keep_captures_on("device" if keep == device else "host")
+    assert stage.device.type == device and stage.keep_on.type == keep
     for batch in calibration_batches(tiny_llama_dir, CAL):
         stage.capture(batch, hand_over=False)
     assert {p.device for p in model.parameters()} == {stage.device}
