@@ -33,17 +33,25 @@ _REL_SD_FLOOR = 1e-9
 # --------------------------------------------------------------------------------------------- signals
 
 
+_KURTOSIS_CHUNK = 1 << 22  # elements per float64 copy: a 13B MLP weight is never copied whole to float64
+
+
 def kurtosis(w: torch.Tensor) -> float:
-    """Pearson (non-excess) kurtosis over all elements, in float64; NaN for a constant tensor."""
+    """Pearson (non-excess) kurtosis over all elements, in float64 chunk by chunk; NaN for a constant tensor."""
     if w.numel() == 0:
         raise ValueError("kurtosis of an empty tensor")
-    x = w.detach().reshape(-1).to(torch.float64)
-    x = x - x.mean()
-    m2 = x.square().mean()
-    m4 = x.square().square().mean()
+    chunks = w.detach().reshape(-1).split(_KURTOSIS_CHUNK)
+    n = w.numel()
+    mean = sum(float(c.double().sum()) for c in chunks) / n
+    m2 = m4 = 0.0
+    for c in chunks:
+        sq = (c.double() - mean).square()
+        m2 += float(sq.sum())
+        m4 += float(sq.square().sum())
+    m2, m4 = m2 / n, m4 / n
     if m2 == 0:
         return math.nan
-    return float(m4 / (m2 * m2))
+    return m4 / (m2 * m2)
 
 
 def sensitivity_terms(weight: torch.Tensor, inputs: torch.Tensor, scheme: WeightScheme) -> tuple[float, float]:
