@@ -335,7 +335,7 @@ def block_write_s(u: Unit, w: Where) -> float:
 
 def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     """cluster/memory.py per stage for ``method`` on ``gpu``, and check_memory's verdict."""
-    from cluster.memory import CalibrationSize, check_memory, stage_memory
+    from cluster.memory import CalibrationSize, check_memory, runs_gptq, stage_memory
     from qvlm.config import CalibrationSettings
     from qvlm.errors import QvlmError
 
@@ -351,7 +351,7 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
         fits, verdict = None, f"refused (exit 2): {exc}"
     rows = []
     for s in range(len(job.plan.stages)):
-        m = stage_memory(job.plan, s, size, depth, quant.method == "gptq")
+        m = stage_memory(job.plan, s, size, depth, runs_gptq(quant))
         where = fits[s].keep_captures if fits else "-"
         on_gpu = m.total if where == "device" else m.weights + m.workspace
         rows.append([s, len(job.plan.stages[s]), f"{m.weights / GIB:.1f}", f"{m.captures / GIB:.1f}",
@@ -530,7 +530,8 @@ def print_memory(job: Job13B, a: Assume) -> dict:
         for method in ("gptq", "best"):
             rows, verdict = memory_rows(job, gpu, method)
             verdicts[key, method] = verdict
-            print(f"\n  {key}, method {method} ({'depth 1, Hessians counted' if method == 'gptq' else 'depth 3'}): {verdict}")
+            depth = "depth 1" if method == "gptq" else "depth 3"
+            print(f"\n  {key}, method {method} ({depth}, Hessians counted): {verdict}")  # best runs GPTQ too
             print(table(["stage", "units", "weights GiB", "captures GiB", "workspace GiB", "total GiB", "captures on",
                          "on the GPU GiB", "90% of GPU GiB"], rows))
     print("\n  Not in cluster/memory.py's model (estimated here from the code, per stage):")
@@ -610,12 +611,12 @@ def print_units(job: Job13B, units: list[Unit], cal: Calibration, a: Assume) -> 
 
 def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[bool]:
     """Which stages keep their captures in host memory: cluster/memory.py's fit for this GPU and method."""
-    from cluster.memory import CalibrationSize, fit, stage_memory
+    from cluster.memory import CalibrationSize, fit, runs_gptq, stage_memory
 
     quant = quant_for(method)
     depth = quant.max_block_depth if quant.method == "qvlm" else 1
     size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
-    return [fit(stage_memory(job.plan, s, size, depth, quant.method == "gptq"), gpu.memory, gpu.host // gpu.per_node,
+    return [fit(stage_memory(job.plan, s, size, depth, runs_gptq(quant)), gpu.memory, gpu.host // gpu.per_node,
                 True).keep_captures == "host" for s in range(len(job.plan.stages))]
 
 

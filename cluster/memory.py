@@ -115,10 +115,15 @@ def calibration_size(plan, cal) -> CalibrationSize:
     return CalibrationSize(cal.samples, cal.batch_size, cal.max_length, plan.image_tokens)
 
 
+def runs_gptq(quant) -> bool:
+    """Whether the job's block searches build GPTQ Hessians: method gptq, or search best (GPTQ is a candidate)."""
+    return quant.method == "gptq" or (quant.method == "qvlm" and quant.search == "best")
+
+
 def _stage_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> list[Fit]:
     depth = quant.max_block_depth if quant.method == "qvlm" else 1
     per_host = None if host is None else host // len(plan.stages)  # a local run's stages share this host
-    return [fit(stage_memory(plan, s, size, depth, quant.method == "gptq"), device, per_host, gpu)
+    return [fit(stage_memory(plan, s, size, depth, runs_gptq(quant)), device, per_host, gpu)
             for s in range(len(plan.stages))]
 
 
@@ -136,7 +141,7 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
     bad = next((s for s, f in enumerate(fits) if f.keep_captures is None), None)
     if bad is None:
         return fits
-    memory = stage_memory(plan, bad, size, quant.max_block_depth if quant.method == "qvlm" else 1, quant.method == "gptq")
+    memory = stage_memory(plan, bad, size, quant.max_block_depth if quant.method == "qvlm" else 1, runs_gptq(quant))
     has = (f"{device_bytes / GIB:.1f} GiB of GPU memory" if gpu and device_bytes else "") + \
           (f"{' and ' if gpu and device_bytes else ''}{host_bytes / GIB:.1f} GiB of host memory" if host_bytes else "")
     samples = _most_samples(plan, size, quant, gpu, device_bytes, host_bytes)

@@ -56,7 +56,7 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path
     """qvlm plan (and submit) refuse a job whose stage needs more than resources.gpu_memory_gb, before any work,
     naming how many samples would fit; the figure comes from the same memory model the plan prints. (Captures can
     move to host memory; the weights and the search workspace must fit the GPU.)"""
-    from cluster.memory import CalibrationSize, HEADROOM, stage_memory
+    from cluster.memory import CalibrationSize, HEADROOM, runs_gptq, stage_memory
     from cluster.plan import inspect_model
     from jobs.spec import load_job
 
@@ -66,7 +66,7 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path
     cal = job.calibration
     def need(samples):  # on the GPU: weights and search workspace
         size = CalibrationSize(samples, cal.batch_size, cal.max_length, plan.image_tokens)
-        memory = [stage_memory(plan, s, size, job.quant.max_block_depth, False) for s in range(len(plan.stages))]
+        memory = [stage_memory(plan, s, size, job.quant.max_block_depth, runs_gptq(job.quant)) for s in range(len(plan.stages))]
         return max(m.weights + m.workspace for m in memory)
 
     gib = (need(cal.samples // 2) + need(cal.samples)) / 2 / HEADROOM / 2**30  # room for half the samples, not all
