@@ -187,7 +187,7 @@ def evaluations(method: str, iters: int, improved: bool = True) -> int:
     weights (one more when learning did not help)."""
     learned = offers(iters) + 1
     return {"rtn": 1, "clip": 2, "gptq": 2, "learned": 1 + learned + (0 if improved else 1),
-            "best": 1 + 2 + learned + 1}[method]
+            "best": 1 + 2 + learned}[method]
 
 
 def uncounted(method: str) -> int:

@@ -285,9 +285,8 @@ def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
     start = min(("rtn", "gptq"), key=lambda k: (errors[k], k != "rtn"))
     found["learned"] = learn_rounding(ws, cfg, starts=found[start])
     errors["learned"] = _weights_error(ws, found["learned"])
-    chosen = min(found, key=lambda k: errors[k])
-    after = _weights_error(ws, found[chosen])
-    return _Found(_results(ws, cand, wp, ap, found[chosen]), before, after, ws.evaluations, errors, chosen)
+    chosen = min(found, key=lambda k: errors[k])  # each candidate's error was measured with its weights in place
+    return _Found(_results(ws, cand, wp, ap, found[chosen]), before, errors[chosen], ws.evaluations, errors, chosen)
 
 
 def clipped_weights(ws: _Workspace, cfg: SearchConfig) -> dict[str, QuantizedWeight]:
