@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from .quant import WeightScheme, fake_quantize_weight
+from .quant import WeightScheme, fake_quantize_weight, row_slices
 
 Method = Literal["divide", "subtract"]
 
@@ -55,16 +55,20 @@ def kurtosis(w: torch.Tensor) -> float:
 
 
 def sensitivity_terms(weight: torch.Tensor, inputs: torch.Tensor, scheme: WeightScheme) -> tuple[float, float]:
-    """(||W X - Q(W) X||^2, ||W X||^2) summed over all tokens of ``inputs`` [..., in]."""
+    """(||W X - Q(W) X||^2, ||W X||^2) summed over all tokens of ``inputs`` [..., in].
+
+    Output rows go a slice at a time (every group lies within one row, so quantizing a slice is quantizing the
+    rows it holds): the float32 copies are one slice of the weight, never the whole of a wide layer."""
     w = weight.detach()
-    delta = (w.float() - fake_quantize_weight(w, scheme).float()).t()
-    wt = w.float().t()
     x = inputs.detach().reshape(-1, inputs.shape[-1]).to(w.device)
     err = out = 0.0
-    for chunk in x.split(_TOKEN_CHUNK):  # bounds the [tokens, out] temporaries on wide layers
-        c = chunk.float()
-        err += float((c @ delta).double().square().sum())
-        out += float((c @ wt).double().square().sum())
+    for w_rows in row_slices(w):
+        wt = w_rows.float().t()
+        delta = wt - fake_quantize_weight(w_rows, scheme).float().t()
+        for chunk in x.split(_TOKEN_CHUNK):  # bounds the [tokens, out] temporaries on wide layers
+            c = chunk.float()
+            err += float((c @ delta).double().square().sum())
+            out += float((c @ wt).double().square().sum())
     return err, out
 
 

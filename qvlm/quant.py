@@ -9,7 +9,7 @@ a weight quantized by the search is written to the checkpoint without requantizi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -194,9 +194,31 @@ def quantize_with_qparams(
     return QuantizedWeight(q.to(torch.int8).reshape(w.shape), scale, zero, scheme)
 
 
+ROW_SLICE_ELEMENTS = 1 << 24  # a weight's float32 temporaries are made this many elements (64 MiB) at a time
+
+
+def row_slices(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``w`` [out, in] as views of whole rows, at most ``ROW_SLICE_ELEMENTS`` elements each. Every quantization
+    group lies within one row, so quantizing the slices one by one is quantizing the whole weight."""
+    return w.split(max(1, ROW_SLICE_ELEMENTS // max(1, w.shape[1])))
+
+
+def _by_row_slices(w: torch.Tensor, scheme: WeightScheme, quantize: Callable[[torch.Tensor], QuantizedWeight]
+                   ) -> QuantizedWeight:
+    scheme.groups(w.shape[1])
+    parts = [quantize(s) for s in row_slices(w)]
+    if len(parts) == 1:
+        return parts[0]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]), zero, scheme)
+
+
 def quantize_weight(w: torch.Tensor, scheme: WeightScheme, percentile: float = 1.0) -> QuantizedWeight:
     """Round-to-nearest with per-group clipping bounds at ``percentile`` (1.0 is plain RTN)."""
-    scheme.groups(w.shape[1])
+    return _by_row_slices(w, scheme, lambda rows: _quantize_rows(rows, scheme, percentile))
+
+
+def _quantize_rows(w: torch.Tensor, scheme: WeightScheme, percentile: float) -> QuantizedWeight:
     lo, hi = percentile_bounds(grouped(w.float(), scheme.group_size), percentile, scheme.symmetric)
     scale, zero = qparams_from_bounds(lo, hi, scheme.bits, scheme.symmetric, w.dtype)
     return quantize_with_qparams(w, scale, zero, scheme)
@@ -242,7 +264,11 @@ def quantize_clipped(w: torch.Tensor, scheme: WeightScheme, importance: torch.Te
                      shrinks: tuple[float, ...] = SHRINK_GRID) -> QuantizedWeight:
     """Round-to-nearest with each group's clipping picked from the MSE shrink grid (``mse_clip_bounds``);
     ``importance`` [in_features] is the mean square of each input channel (None = unweighted)."""
-    scheme.groups(w.shape[1])
+    return _by_row_slices(w, scheme, lambda rows: _clip_rows(rows, scheme, importance, shrinks))
+
+
+def _clip_rows(w: torch.Tensor, scheme: WeightScheme, importance: torch.Tensor | None, shrinks: tuple[float, ...]
+               ) -> QuantizedWeight:
     g = grouped(w.float(), scheme.group_size)
     imp = None if importance is None else grouped(importance.float().reshape(1, -1), scheme.group_size)
     lo, hi = mse_clip_bounds(g, scheme.bits, scheme.symmetric, w.dtype, imp, shrinks)

@@ -14,7 +14,7 @@ from qvlm.mixed_precision import (
     outlier_scores,
     sensitivity_terms,
 )
-from qvlm.quant import WeightScheme
+from qvlm.quant import WeightScheme, fake_quantize_weight
 
 
 def _gen(seed):
@@ -120,6 +120,22 @@ def test_sensitivity_ratio_decreases_with_bits():
     x = torch.randn(64, 128, generator=g)
     ratios = [group_sensitivity([sensitivity_terms(w, x, WeightScheme(b, 32))]) for b in (2, 4, 8)]
     assert ratios[0] > ratios[1] > ratios[2] > 0.0
+
+
+def test_sensitivity_of_a_weight_wider_than_one_slice_is_that_of_the_whole(monkeypatch):
+    import qvlm.quant
+
+    g = _gen(4)
+    w = (torch.randn(40, 256, generator=g) * 0.02).to(torch.float16)
+    x = torch.randn(2, 7, 256, generator=g)
+    scheme = WeightScheme(4, 64)
+    flat = x.reshape(-1, 256)
+    want_err = float((flat @ (w.float() - fake_quantize_weight(w, scheme).float()).t()).double().square().sum())
+    want_out = float((flat @ w.float().t()).double().square().sum())
+    monkeypatch.setattr(qvlm.quant, "ROW_SLICE_ELEMENTS", 256 * 3)  # 3 rows a slice: 14 slices, the last one short
+    err, out = sensitivity_terms(w, x, scheme)
+    assert err == pytest.approx(want_err, rel=1e-5) and out == pytest.approx(want_out, rel=1e-5)
+    assert err > 0.0
 
 
 def test_group_sensitivity_sums_then_divides():

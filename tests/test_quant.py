@@ -10,6 +10,7 @@ from qvlm.quant import (
     calibrate_act_range,
     fake_quantize_activation,
     percentile_bounds,
+    quantize_clipped,
     quantize_weight,
 )
 
@@ -128,7 +129,7 @@ def test_storage_bits_counts_scales_and_zeros():
 def test_mse_clipping_never_loses_to_rtn_per_group(scheme):
     """Each group picks its shrink by the importance-weighted error; 1.0 (RTN) is on the grid, so no group is
     worse than RTN, and the heavy-tailed weight makes most better."""
-    from qvlm.quant import grouped, quantize_clipped
+    from qvlm.quant import grouped
 
     g = torch.Generator().manual_seed(6)
     w = torch.distributions.StudentT(3.0).sample((32, 256)) * 0.02
@@ -142,3 +143,19 @@ def test_mse_clipping_never_loses_to_rtn_per_group(scheme):
     assert torch.all(group_err(clipped) <= group_err(rtn) * (1 + 1e-6))
     assert float(group_err(clipped).sum()) < 0.95 * float(group_err(rtn).sum())
     assert torch.all(clipped.scale <= rtn.scale)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_a_weight_quantized_a_slice_of_rows_at_a_time_is_the_whole_weight_quantized(monkeypatch, symmetric, group_size):
+    import qvlm.quant
+
+    w = (torch.randn(50, 128, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.float16)
+    scheme = WeightScheme(4, group_size, symmetric)
+    importance = torch.rand(128, generator=torch.Generator().manual_seed(6))
+    whole = [quantize_weight(w, scheme, 0.99), quantize_clipped(w, scheme, importance)]
+    monkeypatch.setattr(qvlm.quant, "ROW_SLICE_ELEMENTS", 128 * 7)  # 8 slices, the last of one row
+    sliced = [quantize_weight(w, scheme, 0.99), quantize_clipped(w, scheme, importance)]
+    for a, b in zip(whole, sliced):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+        assert (a.zero is None) == symmetric and (symmetric or torch.equal(a.zero, b.zero))
