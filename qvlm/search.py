@@ -96,18 +96,24 @@ class _Found:
 
 
 class _Workspace:
-    """Copies of the block's units with fake-quant linears, and the cached outputs of each unit."""
+    """Copies of the block's units with fake-quant linears, and the cached outputs of each unit.
+
+    The full-precision weights are the caller's own tensors, read and never written: the workspace adds one
+    copy of the block's target weights (the fake-quant linears' dequantized weights), not three."""
 
     def __init__(self, data: BlockData):
         self.data = data
-        self.units = [copy.deepcopy(m).requires_grad_(False) for m in data.units]
+        self.units: list[nn.Module] = []
         self.fq: dict[str, FakeQuantLinear] = {}
         self.unit_of: dict[str, int] = {}
-        for u, (module, name, rel) in enumerate(zip(self.units, data.unit_names, data.linears)):
-            for r, fq in swap_in_fake_quant(module, list(rel)).items():
+        self.fp_weight: dict[str, torch.Tensor] = {}
+        for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
+            unit, fqs = _fake_quant_copy(module, rel)
+            self.units.append(unit)
+            for r, fq in fqs.items():
                 self.fq[f"{name}.{r}"] = fq
                 self.unit_of[f"{name}.{r}"] = u
-        self.fp_weight = {n: fq.weight.detach().clone() for n, fq in self.fq.items()}
+                self.fp_weight[f"{name}.{r}"] = module.get_submodule(r).weight.detach()
         self.outputs: list[list[torch.Tensor]] = []
         self.evaluations = 0
 
@@ -130,6 +136,18 @@ class _Workspace:
         with torch.no_grad():
             self.outputs = self.run_from(0)
         return self.error(self.outputs[-1])
+
+
+def _fake_quant_copy(module: nn.Module, linears: Sequence[str]) -> tuple[nn.Module, dict[str, FakeQuantLinear]]:
+    """A copy of ``module`` with the named linears swapped for fake-quant ones that own a clone of their weight.
+    The deep copy skips those weights (the swap clones each once), so a wide layer is not copied twice."""
+    originals = [module.get_submodule(r).weight for r in linears]
+    unit = copy.deepcopy(module, {id(w): w for w in originals})
+    fqs = swap_in_fake_quant(unit, list(linears))
+    for fq in fqs.values():
+        if any(fq.weight is w for w in originals):  # the unit already held fake-quant linears: nothing was cloned
+            fq.weight = nn.Parameter(fq.weight.detach().clone(), requires_grad=False)
+    return unit.requires_grad_(False), fqs
 
 
 def block_error(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], calls: Sequence[UnitCall]) -> float:
