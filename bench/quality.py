@@ -106,12 +106,12 @@ def llava_subject(cal_seed: int = 0) -> Model:
     return Model(f"tiny LLaVA {path}", fp, batches_for(path, cal, settings), quality, "acc")
 
 
-def text_subject(layers: int = TEXT_RECIPE.layers) -> Model:
+def text_subject(layers: int = TEXT_RECIPE.layers, cal_seed: int = 0) -> Model:
     path = cached_model("text", layers=layers)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train, held = pydoc_texts()
     windows = text_windows(train, tokenizer, TEXT_RECIPE.seq_len)
-    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[:CAL_SAMPLES]
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cal_seed))[:CAL_SAMPLES]
     cal = window_batches(windows[pick.sort().values], CAL_BATCH)
     held_batches = window_batches(text_windows(held, tokenizer, TEXT_RECIPE.seq_len), 16)
     fp = LlamaForCausalLM.from_pretrained(path).eval()
@@ -218,6 +218,8 @@ def main() -> None:
                         help="decoder layers of the text model (another depth is trained and cached on first use)")
     parser.add_argument("--epochs", type=int, default=4, help="clip: coordinate passes per block")
     parser.add_argument("--iters", type=int, default=100, help="learned: optimisation steps per block")
+    parser.add_argument("--cal-seed", type=int, default=0,
+                        help="which calibration records (LLaVA: and held-out records) are drawn; shows what is noise")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (2 OpenMP threads spin-wait on each other when the 2 cores are shared)")
     args = parser.parse_args()
@@ -232,7 +234,7 @@ def main() -> None:
     for name, (w, a) in schemes().items():
         print(f"  {name}: {describe(w, a)}")
     headers = ["scheme", "method", "mixed", "prop", "boosted", "bits/w", "blocks", "SCORE", "KL", "top-1", "q-sec", "sec"]
-    subjects = {"llava": llava_subject, "text": lambda: text_subject(args.text_layers)}
+    subjects = {"llava": lambda: llava_subject(args.cal_seed), "text": lambda: text_subject(args.text_layers, args.cal_seed)}
     for key in args.only:
         t = time.perf_counter()
         subject = subjects[key]()
