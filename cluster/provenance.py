@@ -120,7 +120,8 @@ def provenance_lines(manifest: dict, layers: bool = False) -> list[str]:
         f"qvlm {q['version']} (commit {q['commit'] or 'unknown'}); "
         + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()),
         f"calibration: {cal['data']}, {cal['samples']} + {cal['eval_samples']} held-out records, "
-        f"sha256 {cal['records_sha256']}; seeds {prov['seeds']}",
+        f"sha256 {cal['records_sha256']}; seeds: "
+        + ", ".join(f"{k} {v}" for k, v in prov["seeds"].items()),
         f"devices: {dev['count']} ({', '.join(sorted({s['device'] for s in dev['stages']}))}) for "
         f"{len(dev['stages'])} stages",
         f"layers: {len(prov['layers'])} quantized; " + _layer_summary(prov["layers"]),
