@@ -102,8 +102,8 @@ def check_provenance(manifest: dict, plan_doc: dict | None) -> list[str]:
     if manifest.get("provenance_sha256") != seal(prov):
         return ["provenance: its sha256 does not match provenance_sha256 (the manifest was edited after the job)"]
     problems = []
-    job_file = prov.get("job_file")
-    if not isinstance(job_file, dict) or spec_hash_of(job_file) != manifest.get("spec_hash"):
+    job_file = prov.get("job_file")  # None for a job run from Python (cluster.driver.run_job) with no job file
+    if job_file is not None and (not isinstance(job_file, dict) or spec_hash_of(job_file) != manifest.get("spec_hash")):
         problems.append("provenance.job_file: does not hash to the manifest's spec_hash (not the job that ran)")
     if plan_doc is not None and prov.get("layers") != layers_of(plan_doc):
         problems.append(f"provenance.layers: differ from {PLAN_KEY} (bits, group size, method or block error)")
