@@ -214,7 +214,7 @@ def _publish_or_hold(job: Job, out, state: StateFile, files: dict, provenance: d
     if job.gate.is_set():
         state.echo(f"[{job.name}] the gate passed: {verdict}", flush=True)
     state.check()
-    publish(out, job, files, provenance)
+    publish(out, job, files, {**provenance, "gate": verdict})
     out.delete(HELD_KEY)
 
 

@@ -2,8 +2,8 @@
 
 The manifest's ``provenance`` holds the job file as run, a sha256 of the calibration and held-out records,
 qvlm's version and git commit (when known), the versions of torch, transformers, compressed-tensors and ray,
-the seeds, the devices the stages ran on, and per quantized layer its bits, group size, the method its block
-kept and the block's error. ``provenance_sha256`` seals it. ``qvlm verify`` checks the seal, that the job
+the seeds, the devices the stages ran on, per quantized layer its bits, group size, the method its block kept and the
+block's error, and the publish gate's verdict. ``provenance_sha256`` seals it. ``qvlm verify`` checks the seal, that the job
 file hashes to the manifest's spec hash, and that every layer's entry is what the plan document (itself a
 file the manifest vouches for) says.
 """
@@ -125,6 +125,7 @@ def provenance_lines(manifest: dict, layers: bool = False) -> list[str]:
         f"devices: {dev['count']} ({', '.join(sorted({s['device'] for s in dev['stages']}))}) for "
         f"{len(dev['stages'])} stages",
         f"layers: {len(prov['layers'])} quantized; " + _layer_summary(prov["layers"]),
+        f"publish gate: {prov.get('gate', 'not recorded')}",
     ]
     if layers:
         lines += [f"  {name}: {e['bits']} bits, group {e['group_size']}, block {e['block']} ({e['method']}, "

@@ -131,11 +131,12 @@ def test_the_manifest_holds_the_provenance_and_verify_prints_it(gated, tiny_llav
     for name, layer in prov["layers"].items():
         assert (layer["bits"], layer["group_size"]) == (plan["schemes"][name]["bits"], plan["schemes"][name]["group_size"])
         assert (layer["method"], layer["block_error"]) == errors[layer["block"]]
+    assert prov["gate"].startswith("KL ") and "(max_kl 1): pass" in prov["gate"]
     assert manifest["provenance_sha256"] == seal(prov)
     verify = gated["published"]["verify"]
     assert verify.exit_code == 0, verify.output
     assert f"qvlm {prov['qvlm']['version']}" in verify.output and f"torch {prov['versions']['torch']}" in verify.output
-    assert prov["calibration"]["records_sha256"] in verify.output
+    assert prov["calibration"]["records_sha256"] in verify.output and f"publish gate: {prov['gate']}" in verify.output
     some_layer = sorted(prov["layers"])[0]
     assert f"  {some_layer}: 4 bits, group 128, block" in verify.output
 
