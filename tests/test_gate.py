@@ -259,3 +259,22 @@ def test_a_gate_fails_without_figures_to_check():
     no_answers = replace(FIGURES, questions=0, fp_accuracy=None, q_accuracy=None)
     ok, verdict = gate_verdict(Gate(max_accuracy_drop=0.5), no_answers)
     assert not ok and "no held-out record has an answer" in verdict
+
+
+@pytest.mark.slow
+def test_a_held_output_whose_files_changed_is_resumed_not_published_blind(tmp_path, tiny_llava_dir, local_ray):
+    """The held record vouches for the held files only while they match: a block file changed since is searched
+    again (the others are resumed) before the looser gate publishes."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", "gate-changed", str(tiny_llava_dir), str(out),
+                    **{"calibration.eval_samples": 4, "quantization.method": "rtn", "output.gate": STRICT})
+    held = runner.invoke(app, ["submit", str(job)])
+    assert held.exit_code == 1 and "held by the gate" in held.output, held.output
+    total = json.loads((out / "_qvlm/state.json").read_text())["blocks_total"]
+    block = sorted(out.glob("model-*.safetensors"))[0]
+    block.write_bytes(block.read_bytes()[:-1] + b"!")
+    again = runner.invoke(app, ["submit", str(job), "--set", "output.gate.max_kl=1.0"])
+    assert again.exit_code == 0, again.output
+    assert f"held by the gate, but {block.name}: sha256 mismatch" in again.output
+    assert f"done: {total} blocks ({total - 1} resumed)" in again.output
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
