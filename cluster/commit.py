@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from qvlm.evaluate import Evaluation
 from qvlm.method import MethodResult
 from cluster.job import Job
+from cluster.provenance import seal
 from workers.shard import BlockRecord, CorruptRecord, read_record, record_key
 from workers.storage import StorageError
 
@@ -107,8 +108,9 @@ def _record_fields(record: BlockRecord) -> dict:
             "candidates": dict(record.candidates), "chosen": record.chosen, "quarantine": record.quarantine}
 
 
-def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: Evaluation | None) -> None:
-    """Write the plan document and the report, then the manifest (every file with size and sha256) last."""
+def write_documents(out, result: JobResult, checkpoint_files: dict, evaluation: Evaluation | None) -> tuple[dict, dict]:
+    """Write the plan document and the report; return every file of the output (with size and sha256) and the
+    plan document. Nothing vouches for them until :func:`publish` writes the manifest."""
     from cluster.report import render_html, report_document, report_from_plan
 
     plan_doc = _plan_document(result)
@@ -121,5 +123,11 @@ def commit_output(out, result: JobResult, checkpoint_files: dict, evaluation: Ev
     files = dict(checkpoint_files)
     for key, data in documents.items():
         files[key] = {"sha256": out.put_bytes(key, data), "size": len(data)}
-    manifest = {"job": result.job.name, "spec_hash": result.job.spec_hash, "files": files}
+    return files, plan_doc
+
+
+def publish(out, job: Job, files: dict, provenance: dict) -> None:
+    """The manifest, written last: every file with size and sha256, and the provenance with its seal."""
+    manifest = {"job": job.name, "spec_hash": job.spec_hash, "files": files, "provenance": provenance,
+                "provenance_sha256": seal(provenance)}
     out.put_bytes(MANIFEST_KEY, json.dumps(manifest, indent=1, sort_keys=True).encode())

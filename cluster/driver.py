@@ -10,6 +10,7 @@ its manifest and repaired (cluster/repair.py).
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from pathlib import Path
 
 from qvlm.method import Hooks, run_method
 from cluster import stopping
-from cluster.commit import MANIFEST_KEY, JobResult, commit_output, load_finished_blocks
+from cluster.commit import MANIFEST_KEY, JobResult, load_finished_blocks, publish, write_documents
+from cluster.gate import HELD_KEY, GateHeld, evaluation_skipped, gate_verdict, held_message, read_held, write_held
+from cluster.provenance import build_provenance
 from cluster.export import export_checkpoint
 from qvlm.errors import InputError, JobFailed
-from qvlm.evaluate import EvalSkipped, Evaluation
+from qvlm.evaluate import Evaluation
 from cluster.failures import one_line, root_cause
 from cluster.lock import OutputLock
 from cluster.memory import check_memory
@@ -30,7 +33,7 @@ from cluster.plan import JobPlan, inspect_model
 from cluster.repair import block_files, export_repairs, reexport
 from cluster.job import Job
 from cluster.state import JobState, StateFile
-from cluster.verify import check_output
+from cluster.verify import check_files, check_output
 from cluster.veo import VeoOutcome, tune_vision_encoder
 from workers.shard import file_name
 from workers.storage import redact
@@ -116,6 +119,10 @@ def _run_locked(job: Job, plan: JobPlan | None, address: str | None, echo, out, 
         outcome = _finished_again(job, address, echo, out, lock, previous)
         if outcome is not None:
             return outcome
+    if previous is not None and previous.phase == "held":
+        outcome = _held_again(job, echo, out, lock, previous)
+        if outcome is not None:
+            return outcome
     out.delete(MANIFEST_KEY)  # a manifest left by an interrupted commit must not vouch for files rewritten now
     state = StateFile(out, JobState(job.name, job.spec_hash), echo, guard=lock.check)
     state.update(phase="planning")
@@ -131,6 +138,8 @@ def _recorded(state: StateFile, lock: OutputLock):
     A run that lost its lock no longer owns the state file and records nothing."""
     try:
         yield
+    except GateHeld:
+        raise  # the state already says "held" and why
     except KeyboardInterrupt:
         if lock.lost is None:
             state.update(phase="stopped", error=f"stopped by {stopping.received()}; re-submit to resume")
@@ -172,6 +181,52 @@ def _finished_again(job: Job, address: str | None, echo, out, lock: OutputLock,
     return done
 
 
+def _held_again(job: Job, echo, out, lock: OutputLock, previous: JobState) -> JobOutcome | None:
+    """A job the gate held, submitted again (with another gate): when every file it held still matches, the
+    gate is checked again on the figures it was held on and the output published, searching and evaluating
+    nothing; None when the job must run again (as a resume: finished blocks are not searched again)."""
+    held = read_held(out)
+    failed = check_files(out, held[0]) if held is not None else {HELD_KEY: "it cannot be read"}
+    if failed:
+        echo(f"[{job.name}] held by the gate, but {next(iter(failed.values()))}; running the job again "
+             "(finished blocks whose files verify are not searched again)", flush=True)
+        return None
+    files, evaluation, provenance = held
+    if job.job_file is not None:
+        provenance = {**provenance, "job_file": json.loads(job.job_file)}  # the job file that passed the gate
+    state = StateFile(out, previous, echo, guard=lock.check)
+    with _recorded(state, lock):
+        state.update(phase="committing", error=None)
+        _publish_or_hold(job, out, state, files, provenance, evaluation)
+        total = previous.blocks_total
+        state.update(phase="finished", blocks_done=total, blocks_resumed=total)
+    return JobOutcome(job.where.output_uri, previous.blocks_total, previous.blocks_total, previous.seconds, evaluation)
+
+
+def _publish_or_hold(job: Job, out, state: StateFile, files: dict, provenance: dict, evaluation) -> None:
+    """Publish (the manifest, written last) when the evaluation passes the job's gate; otherwise keep what is
+    there, record it as held, and fail with the figures against the thresholds (exit 1)."""
+    passed, verdict = gate_verdict(job.gate, evaluation)
+    if not passed:
+        write_held(out, files, evaluation, provenance, verdict)
+        state.update(phase="held", error=f"held by the gate: {verdict}")
+        raise GateHeld(held_message(job.name, job.where.output_uri, verdict))
+    if job.gate.is_set():
+        state.echo(f"[{job.name}] the gate passed: {verdict}", flush=True)
+    state.check()
+    publish(out, job, files, {**provenance, "gate": verdict})
+    out.delete(HELD_KEY)
+
+
+def _calibration_sha256(job: Job) -> str:
+    """The digest of the calibration and held-out records the job drew (provenance)."""
+    from qvlm.batches import records_for
+    from qvlm.records import records_sha256
+
+    calibration, held_out = records_for(job.calibration)
+    return records_sha256([*calibration, *held_out])
+
+
 def _run_phases(ray, job: Job, plan: JobPlan, out, state: StateFile) -> JobOutcome:
     t0 = time.perf_counter()
     method, stages_info, load_seconds = _quantize_on_stages(ray, job, plan, out, state)
@@ -191,7 +246,8 @@ def _run_phases(ray, job: Job, plan: JobPlan, out, state: StateFile) -> JobOutco
     seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
     result = JobResult(job, plan, method, records, seconds, stages_info)
     state.check()  # never commit into an output whose lock another run has taken
-    commit_output(out, result, checkpoint, evaluation)
+    files, plan_doc = write_documents(out, result, checkpoint, evaluation)
+    _publish_or_hold(job, out, state, files, build_provenance(job, plan_doc, _calibration_sha256(job)), evaluation)
     state.update(phase="finished", blocks_done=len(method.blocks), seconds=dict(seconds))
     resumed = len(method.done)
     return JobOutcome(job.where.output_uri, len(method.blocks), resumed, seconds, evaluation)
@@ -307,11 +363,11 @@ def _stage_died(exc: Exception, attempt: int, job: Job, state: StateFile) -> Non
 
 def _evaluate(ray, job: Job, plan: JobPlan) -> Evaluation:
     """Held-out comparison with full precision, in one worker, for models small enough to load whole."""
-    from workers.eval_task import EVAL_MAX_BYTES, evaluate_checkpoint
+    from workers.eval_task import evaluate_checkpoint
 
-    if plan.total_bytes > EVAL_MAX_BYTES:
-        return EvalSkipped(f"the model has {plan.total_bytes / 2**30:.1f} GiB of tensors; evaluating models over "
-                           f"{EVAL_MAX_BYTES / 2**30:.0f} GiB across stages is not implemented yet")
+    skipped = evaluation_skipped(plan)
+    if skipped is not None:
+        return skipped
     task = ray.remote(evaluate_checkpoint).options(num_cpus=job.resources.cpus_per_worker,
                                                    num_gpus=job.resources.gpus_per_worker or 0)
     return ray.get(task.remote(job.where, job.calibration))

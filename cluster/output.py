@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from qvlm.errors import InputError
+from cluster.gate import HELD_KEY
 from cluster.lock import LOCK_KEY
 from cluster.state import STATE_KEY, JobState, read_state
 from cluster.verify import MANIFEST_KEY
@@ -59,7 +60,7 @@ def is_bookkeeping(key: str) -> bool:
     """A key qvlm owns by its place: a ledger, a block or VEO record, the state file, the lock, or a probe of
     the S3 server's conditional writes that a crash left behind."""
     ledger = key.startswith(LEDGER_PREFIX) and key.endswith(".json") and "/" not in key[len(LEDGER_PREFIX):]
-    return (ledger or key in (STATE_KEY, LOCK_KEY, VEO_RECORD_KEY) or bool(_RECORD.fullmatch(key))
+    return (ledger or key in (STATE_KEY, LOCK_KEY, VEO_RECORD_KEY, HELD_KEY) or bool(_RECORD.fullmatch(key))
             or key.startswith(PROBE_PREFIX))
 
 

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from qvlm.errors import InputError
 
 STATE_KEY = "_qvlm/state.json"
-PHASES = ("planning", "capturing", "statistics", "searching", "committing", "finished", "failed", "stopped")
-FINAL_PHASES = ("finished", "failed", "stopped")
+PHASES = ("planning", "capturing", "statistics", "searching", "committing", "finished", "held", "failed", "stopped")
+FINAL_PHASES = ("finished", "held", "failed", "stopped")  # held: written and evaluated, but the gate failed
 STEP_UNITS = {"capturing": "batches", "committing": "files"}  # searching counts blocks in its own fields
 
 

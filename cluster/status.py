@@ -23,8 +23,8 @@ class OutputStatus:
 
     @property
     def exit_code(self) -> int:
-        """0 finished or running, 1 failed or stopped."""
-        return 1 if self.stopped or self.state.phase in ("failed", "stopped") else 0
+        """0 finished or running, 1 failed, stopped or held by the gate (not published)."""
+        return 1 if self.stopped or self.state.phase in ("failed", "stopped", "held") else 0
 
 
 def output_status(storage, now: float | None = None) -> OutputStatus | None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qvlm.errors import InputError
+from cluster.gate import check_gate_applies
 from cluster.job import Job
 from cluster.places import output_meets
 from cluster.memory import check_memory
@@ -34,6 +35,7 @@ def validate(job: Job, local_run: bool = False) -> JobPlan:
     records = _calibration_records(job)
     _check_records_reach_units(plan, records)
     _check_veo(plan, job.quant)
+    check_gate_applies(job.gate, plan, records[1])
     _check_batches(config_dir, records, job)
     return plan
 

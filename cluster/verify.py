@@ -6,6 +6,7 @@ import hashlib
 import json
 import reprlib
 
+from cluster.provenance import PLAN_KEY, check_provenance
 from workers.storage import CHUNK, NotFound, Storage, StorageError
 
 MANIFEST_KEY = "qvlm_manifest.json"  # the same key cluster.commit writes last
@@ -56,10 +57,27 @@ def check_output(storage: Storage) -> tuple[dict | None, dict[str, str]]:
     manifest, problem = _load_manifest(storage)
     if manifest is None:
         return None, {MANIFEST_KEY: problem}
-    problems = {key: _check_file(storage, key, entry) for key, entry in sorted(manifest["files"].items())}
-    return manifest, {key: p for key, p in problems.items() if p is not None}
+    return manifest, check_files(storage, manifest["files"])
+
+
+def check_files(storage: Storage, files: dict) -> dict[str, str]:
+    """For each of ``files`` (key -> {size, sha256}) that fails, its problem."""
+    problems = {key: _check_file(storage, key, entry) for key, entry in sorted(files.items())}
+    return {key: p for key, p in problems.items() if p is not None}
+
+
+def verify_report(storage: Storage) -> tuple[dict | None, list[str]]:
+    """The manifest and the problems with the output in ``storage``: its files (each problem names the file
+    key), then its provenance (cluster/provenance.py), checked against the plan document once that verifies."""
+    manifest, failed = check_output(storage)
+    if manifest is None:
+        return None, list(failed.values())
+    plan = None
+    if PLAN_KEY in manifest["files"] and PLAN_KEY not in failed:
+        plan = json.loads(storage.get_bytes(PLAN_KEY, manifest["files"][PLAN_KEY]["sha256"]))
+    return manifest, list(failed.values()) + check_provenance(manifest, plan)
 
 
 def verify_output(storage: Storage) -> list[str]:
-    """Problems with the output in ``storage`` (each names the file key); empty when complete and intact."""
-    return list(check_output(storage)[1].values())
+    """Problems with the output in ``storage``; empty when complete and intact."""
+    return verify_report(storage)[1]

@@ -201,19 +201,25 @@ def list_jobs(address: Optional[str] = AddressOption, debug: bool = DebugOption)
 
 
 @app.command()
-def verify(target: str, endpoint_url: Optional[str] = EndpointOption, debug: bool = DebugOption):
-    """Check an output against its manifest (every file's size and sha256); exit 1 on any problem."""
+def verify(target: str, endpoint_url: Optional[str] = EndpointOption,
+           layers: bool = typer.Option(False, "--layers", help="Also print each quantized layer's provenance."),
+           debug: bool = DebugOption):
+    """Check an output against its manifest (every file's size and sha256, and the provenance) and print the
+    provenance; exit 1 on any problem."""
 
     def body():
-        from cluster.verify import verify_output
+        from cluster.provenance import provenance_lines
+        from cluster.verify import verify_report
         from workers.storage import open_storage
 
-        problems = verify_output(open_storage(target, endpoint_url))
+        manifest, problems = verify_report(open_storage(target, endpoint_url))
         for p in problems:
             typer.echo(p)
         if problems:
             raise typer.Exit(1)
         typer.echo(f"{target}: every file matches its manifest")
+        for line in provenance_lines(manifest, layers):
+            typer.echo(line)
 
     guarded(body, debug)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from qvlm.errors import ClusterError, JobFailed
+from cluster.provenance import COMMIT_ENV, source_commit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -49,6 +50,9 @@ def submission_metadata(job) -> dict[str, str]:
 def submit_remote(address: str, spec, job, wait: bool = True) -> None:
     client = _client(address)
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": ["/.venv", "/out", "/models", "/.git"]}
+    commit = source_commit()  # the code travels without .git: its commit goes with it for the provenance
+    if commit:
+        runtime_env["env_vars"] = {COMMIT_ENV: commit}
     try:
         job_id = client.submit_job(entrypoint=entrypoint_for(spec), runtime_env=runtime_env,
                                    submission_id=job.submission_id, metadata=submission_metadata(job))

@@ -11,7 +11,6 @@ file is read with bounds (size, and YAML nodes after alias expansion), so no job
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       ValidationInfo, field_validator)
 
-from cluster.job import Job, Resources
+from cluster.job import Gate, Job, Resources, spec_hash_of
 from cluster.places import meets as _meets, place as _place
 from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig, VeoConfig
 from qvlm.errors import InputError
@@ -272,10 +271,19 @@ class QuantizationSpec(Strict):
         return value
 
 
+class GateSpec(Strict):
+    """The publish gate: the held-out evaluation must meet every threshold set, or the output is held."""
+
+    max_kl: Optional[Annotated[StrictFloat, Field(ge=0)]] = None  # mean KL(FP || quantized), nats
+    min_top1: Optional[Annotated[StrictFloat, Field(ge=0, le=1)]] = None  # top-1 agreement, 0..1
+    max_accuracy_drop: Optional[Annotated[StrictFloat, Field(ge=0, le=1)]] = None  # FP minus quantized accuracy
+
+
 class OutputSpec(Strict):
     uri: StrictStr
     overwrite: StrictBool = False
     endpoint_url: Optional[StrictStr] = None
+    gate: GateSpec = GateSpec()
 
     @field_validator("uri")
     @classmethod
@@ -339,10 +347,22 @@ class JobSpec(Strict):
                                          "write the output where it holds none of the job's inputs")
         return output
 
+    @field_validator("output")
+    @classmethod
+    def _gate_has_an_evaluation(cls, output: OutputSpec, info: ValidationInfo) -> OutputSpec:
+        calibration = info.data.get("calibration")
+        gated = any(v is not None for v in output.gate.model_dump().values())
+        if gated and calibration is not None and calibration.eval_samples == 0:
+            raise FieldProblem(("gate",), "the gate checks the held-out evaluation, but calibration.eval_samples is "
+                                          "0 (no evaluation runs); hold out records (e.g. calibration.eval_samples: 8) "
+                                          "or remove output.gate")
+        return output
+
     def spec_hash(self) -> str:
-        """sha256 hex of the canonical JSON of the spec: names the Ray submission and detects a changed job."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """sha256 hex of the canonical JSON of the spec: names the Ray submission and detects a changed job.
+        The gate is left out: it decides only whether the output is published, so a re-submit with another gate
+        is the same job and publishes what is there."""
+        return spec_hash_of(self.model_dump(mode="json"))
 
     def compile(self) -> Job:
         """The typed, frozen job this file describes: what every layer below the command line reads."""
@@ -350,7 +370,8 @@ class JobSpec(Strict):
         where = Locations(str(self.model.path), str(out.uri), self.model.endpoint_url or out.endpoint_url,
                           out.endpoint_url)
         return Job(self.name, self.spec_hash(), where, CalibrationSettings(**cal.model_dump()), self.to_quant_config(),
-                   Resources(**res.model_dump()), out.overwrite)
+                   Resources(**res.model_dump()), out.overwrite, Gate(**out.gate.model_dump()),
+                   json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
     def to_quant_config(self) -> QuantConfig:
         """The typed ``qvlm.config.QuantConfig`` of this job."""

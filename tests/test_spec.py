@@ -105,7 +105,8 @@ def test_minimal_file_gets_documented_defaults(tmp_path):
     assert dumped["name"] == "tiny-llava-w4"
     assert dumped["model"] == {"path": str(tmp_path / "models/tiny-llava"), "revision": None,
                                "trust_remote_code": False, "endpoint_url": None}
-    assert dumped["output"] == {"uri": str(tmp_path / "out/tiny-llava-w4"), "overwrite": False, "endpoint_url": None}
+    assert dumped["output"] == {"uri": str(tmp_path / "out/tiny-llava-w4"), "overwrite": False, "endpoint_url": None,
+                                "gate": {"max_kl": None, "min_top1": None, "max_accuracy_drop": None}}
     assert {k: dumped[k] for k in DEFAULTS} == DEFAULTS
 
 
