@@ -146,7 +146,7 @@ def modelled(model_dir: Path, cal: CalibrationSettings, workers: int):
     plan = make_plan(str(model_dir), CheckpointIndex.open(LocalStorage(model_dir)), QuantConfig(method="rtn"), workers,
                      cal.max_length)
     size = CalibrationSize(cal.samples, cal.batch_size, cal.max_length, plan.image_tokens)
-    return plan, [stage_memory(plan, s, size, 1, False) for s in range(len(plan.stages))]
+    return plan, [stage_memory(plan, s, size, QuantConfig(method="rtn")) for s in range(len(plan.stages))]
 
 
 def boundary_bytes(model_dir: Path, cal: CalibrationSettings) -> tuple[int, int]:

@@ -335,12 +335,11 @@ def block_write_s(u: Unit, w: Where) -> float:
 
 def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     """cluster/memory.py per stage for ``method`` on ``gpu``, and check_memory's verdict."""
-    from cluster.memory import CalibrationSize, check_memory, runs_gptq, stage_memory
+    from cluster.memory import CalibrationSize, check_memory, stage_memory
     from qvlm.config import CalibrationSettings
     from qvlm.errors import QvlmError
 
     quant = quant_for(method)
-    depth = quant.max_block_depth if quant.method == "qvlm" else 1
     size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
     cal = CalibrationSettings(samples=job.samples, max_length=job.tokens, batch_size=job.batch)
     host = gpu.host // gpu.per_node * len(job.plan.stages)
@@ -351,7 +350,7 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
         fits, verdict = None, f"refused (exit 2): {exc}"
     rows = []
     for s in range(len(job.plan.stages)):
-        m = stage_memory(job.plan, s, size, depth, runs_gptq(quant))
+        m = stage_memory(job.plan, s, size, quant)
         where = fits[s].keep_captures if fits else "-"
         on_gpu = m.total if where == "device" else m.weights + m.workspace
         rows.append([s, len(job.plan.stages[s]), f"{m.weights / GIB:.1f}", f"{m.captures / GIB:.1f}",
@@ -360,22 +359,11 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     return rows, verdict
 
 
-def autograd_bytes(job: Job13B) -> int:
-    """Rough: what autograd keeps for one learned-rounding step through one decoder layer on one batch (SDPA):
-    float16 inputs of the linears and of the attention and MLP products (7 x hidden + 4 x MLP per token) and the
-    float32 copies LlamaRMSNorm makes of its input (2 norms x 2 tensors x hidden)."""
-    h, i = 5120, 13824
-    return job.batch * job.tokens * ((7 * h + 4 * i) * 2 + 2 * 2 * h * 4)
-
-
 def unmodelled_rows(job: Job13B) -> list:
     """What a decoder-layer stage holds beyond cluster/memory.py's model, estimated (GiB)."""
     layers = max(sum(1 for k in s if job.plan.units[k].segment == "language") for s in job.plan.stages)
     gptq = 4 * 13824**2 * 8  # float64: H's copy, its permutation, the Cholesky factor and the inverse
     return [
-        ["learned rounding (learned, best): autograd of one step, per decoder layer of the block (rough)",
-         f"{autograd_bytes(job) / GIB:.1f}", f"x depth (<= 3): {3 * autograd_bytes(job) / GIB:.1f}",
-         "the model's transient is 4 x batch x tokens x widest for the whole block"],
         ["GPTQ (gptq, and best's candidate): float64 work on the widest input (down_proj, 13824)", f"{gptq / GIB:.1f}",
          "one linear at a time", "counted as Hessians only for method gptq; not at all for search best"],
         ["int8 results a stage keeps for every block it searched (BlockResult.qweight)", f"{317.2e6 / GIB:.2f} per layer",
@@ -387,7 +375,9 @@ def unmodelled_rows(job: Job13B) -> list:
 
 def estimated_peak_rows(job: Job13B, measured: dict) -> list:
     """Per GPU and method: the model's bytes on the GPU for the largest decoder stage, plus the estimates above and
-    the weight-proportional bytes bench/gpu.py measured beyond the 2 x weights the model counts."""
+    the weight-proportional bytes bench/gpu.py measured beyond the bytes per weight the model counts."""
+    from cluster.memory import SEARCH_BYTES_PER_WEIGHT, search_cost
+
     args = measured["args"]
     weights = 4 * args["hidden"] ** 2 + 3 * args["hidden"] * args["intermediate"]
     rows = []
@@ -398,9 +388,9 @@ def estimated_peak_rows(job: Job13B, measured: dict) -> list:
             table_rows, _ = memory_rows(job, gpu, method)
             on_gpu = max(float(r[7]) for r in table_rows[1:]) * GIB  # a decoder-only stage
             fig = measured["methods"][method]
-            per_weight = max((fig["peak_gib"] - fig["before_gib"]) * GIB / weights - 4.0, 0.0)
+            counted = SEARCH_BYTES_PER_WEIGHT[search_cost(quant).kind]
+            per_weight = max((fig["peak_gib"] - fig["before_gib"]) * GIB / weights - counted, 0.0)
             extra = depth * 317.2e6 * per_weight + 5 * 317.2e6  # + the int8 results of a stage's 5 layers
-            extra += depth * autograd_bytes(job) if method in ("learned", "best") else 0
             total = on_gpu + extra
             rows.append([key, method, depth, f"{on_gpu / GIB:.1f}", f"{extra / GIB:.1f}", f"{total / GIB:.1f}",
                          f"{0.9 * gpu.memory / GIB:.1f}", "yes" if total <= 0.9 * gpu.memory else "NO"])
@@ -611,12 +601,11 @@ def print_units(job: Job13B, units: list[Unit], cal: Calibration, a: Assume) -> 
 
 def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[bool]:
     """Which stages keep their captures in host memory: cluster/memory.py's fit for this GPU and method."""
-    from cluster.memory import CalibrationSize, fit, runs_gptq, stage_memory
+    from cluster.memory import CalibrationSize, fit, stage_memory
 
     quant = quant_for(method)
-    depth = quant.max_block_depth if quant.method == "qvlm" else 1
     size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
-    return [fit(stage_memory(job.plan, s, size, depth, runs_gptq(quant)), gpu.memory, gpu.host // gpu.per_node,
+    return [fit(stage_memory(job.plan, s, size, quant), gpu.memory, gpu.host // gpu.per_node,
                 True).keep_captures == "host" for s in range(len(job.plan.stages))]
 
 

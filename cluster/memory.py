@@ -3,8 +3,10 @@
 A stage holds its units' weights; the captures of its units (each unit's input for every calibration sample,
 plus the last unit's output: a unit's output is the next unit's input, kept once) and the extra arguments its
 layer list takes per batch (an attention mask of batch x tokens x tokens); and, while it searches a block, a
-workspace: a copy of the block's weights, the block's cached unit outputs for every sample, GPTQ's Hessians,
-and one batch's intermediate activations. Everything is in the model's dtype, as the stage computes.
+workspace: per weight of the block what its search holds (``SEARCH_BYTES_PER_WEIGHT``), the block's cached unit
+outputs for every sample, GPTQ's Hessians, one batch's intermediate activations and, for learned rounding,
+what autograd keeps of one batch through the block. Activations are in the
+model's dtype, as the stage computes.
 
 With a GPU the captures stay on the GPU when everything fits there, else in the worker's host memory (moved to
 the GPU one batch at a time); the weights and the workspace must fit the GPU. Without a GPU everything is in
@@ -63,27 +65,61 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
     return hidden + masks
 
 
-def workspace_bytes(plan, stage: int, size: CalibrationSize, depth: int, gptq: bool) -> int:
-    """The largest block search of the stage: ``depth`` consecutive units with the most weights."""
+# Bytes a block search holds per weight element of the block, besides the stage's own weights: measured on the CPU
+# with bench/gpu.py on one decoder layer of 51M weights in float32 and in bfloat16, the larger of the two
+# (BENCHMARKS.md, "Search workspace per weight"). "plain" (rtn, clip, gptq): the fake-quant copy, the int8
+# candidate and the quantizer's temporaries; "learned": also its float32 rounding offsets, their gradients, the
+# best-so-far copy and the soft weight's autograd intermediates; "best": learned plus the other candidates.
+SEARCH_BYTES_PER_WEIGHT = {"plain": 9, "learned": 37, "best": 51}
+
+
+@dataclass(frozen=True)
+class SearchCost:
+    """What sizes a stage's largest block search: units per block, the kind of search, GPTQ's Hessians or not."""
+
+    depth: int
+    kind: str  # a key of SEARCH_BYTES_PER_WEIGHT
+    hessians: bool
+
+
+def search_cost(quant) -> SearchCost:
+    if quant.method != "qvlm":
+        return SearchCost(1, "plain", quant.method == "gptq")
+    kind = quant.search if quant.search in ("learned", "best") else "plain"
+    return SearchCost(quant.max_block_depth, kind, quant.search == "best")  # best has a GPTQ candidate
+
+
+def workspace_bytes(plan, stage: int, size: CalibrationSize, cost: SearchCost) -> int:
+    """The largest block search of the stage: ``cost.depth`` consecutive units with the most weights."""
     element = plan.weight_element_bytes
     own = list(plan.stages[stage])
-    windows = [own[k:k + depth] for k in range(max(1, len(own) - depth + 1))]
+    windows = [own[k:k + cost.depth] for k in range(max(1, len(own) - cost.depth + 1))]
     best = 0
     for window in windows:
         units = [plan.units[i] for i in window]
-        weights = 2 * sum(plan.unit_bytes[i] for i in window)  # the search's copy + the full-precision reference
+        weights = SEARCH_BYTES_PER_WEIGHT[cost.kind] * sum(plan.unit_bytes[i] for i in window) // element
         outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
         widest = max(out for u in units for n in u.linears for out, _ in [plan.linear_shapes[u.linear_name(n)]])
         transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * element
         hessians = 4 * sum(inp**2 for u in units for n in u.linears
-                           for _, inp in [plan.linear_shapes[u.linear_name(n)]]) if gptq else 0
-        best = max(best, weights + outputs + transient + hessians)
+                           for _, inp in [plan.linear_shapes[u.linear_name(n)]]) if cost.hessians else 0
+        autograd = sum(_autograd_bytes(plan, u, size) for u in units) if cost.kind != "plain" else 0
+        best = max(best, weights + outputs + transient + hessians + autograd)
     return best
 
 
-def stage_memory(plan, stage: int, size: CalibrationSize, depth: int, gptq: bool) -> StageMemory:
+def _autograd_bytes(plan, unit, size: CalibrationSize) -> int:
+    """What one learned-rounding step keeps for its backward through ``unit`` on one batch: every linear's input
+    and output in the model's dtype (the weights train, so each input is saved) and the float32 copies that the
+    norms make of the hidden state (about 16 bytes per channel)."""
+    widths = sum(out + inp for n in unit.linears for out, inp in [plan.linear_shapes[unit.linear_name(n)]])
+    per_token = widths * plan.weight_element_bytes + 16 * _unit_width(plan, unit)
+    return size.batch_size * unit_tokens(unit, size) * per_token
+
+
+def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     return StageMemory(plan.stage_bytes(stage), capture_bytes(plan, stage, size),
-                       workspace_bytes(plan, stage, size, depth, gptq))
+                       workspace_bytes(plan, stage, size, search_cost(quant)))
 
 
 @dataclass(frozen=True)
@@ -115,16 +151,9 @@ def calibration_size(plan, cal) -> CalibrationSize:
     return CalibrationSize(cal.samples, cal.batch_size, cal.max_length, plan.image_tokens)
 
 
-def runs_gptq(quant) -> bool:
-    """Whether the job's block searches build GPTQ Hessians: method gptq, or search best (GPTQ is a candidate)."""
-    return quant.method == "gptq" or (quant.method == "qvlm" and quant.search == "best")
-
-
 def _stage_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> list[Fit]:
-    depth = quant.max_block_depth if quant.method == "qvlm" else 1
     per_host = None if host is None else host // len(plan.stages)  # a local run's stages share this host
-    return [fit(stage_memory(plan, s, size, depth, runs_gptq(quant)), device, per_host, gpu)
-            for s in range(len(plan.stages))]
+    return [fit(stage_memory(plan, s, size, quant), device, per_host, gpu) for s in range(len(plan.stages))]
 
 
 def plan_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> bool:
@@ -141,19 +170,29 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
     bad = next((s for s, f in enumerate(fits) if f.keep_captures is None), None)
     if bad is None:
         return fits
-    memory = stage_memory(plan, bad, size, quant.max_block_depth if quant.method == "qvlm" else 1, runs_gptq(quant))
+    memory = stage_memory(plan, bad, size, quant)
     has = (f"{device_bytes / GIB:.1f} GiB of GPU memory" if gpu and device_bytes else "") + \
           (f"{' and ' if gpu and device_bytes else ''}{host_bytes / GIB:.1f} GiB of host memory" if host_bytes else "")
     samples = _most_samples(plan, size, quant, gpu, device_bytes, host_bytes)
     workers = next((w for w in range(len(plan.stages) + 1, len(plan.streams[-1]) + 1)
                     if plan_fits(plan.with_workers(w), size, quant, gpu, device_bytes, host_bytes)), None)
+    depth = _deepest_block_that_fits(plan, size, quant, gpu, device_bytes, host_bytes)
     fixes = ([f"calibration.samples: {samples} would fit"] if samples else []) + \
-            ([f"resources.workers: {workers} would fit"] if workers else [])
+            ([f"resources.workers: {workers} would fit"] if workers else []) + \
+            ([f"quantization.qvlm.max_block_depth: {depth} would fit"] if depth else [])
     raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
                      f"of weights, {memory.captures / GIB:.2f} GiB of captures and {memory.workspace / GIB:.2f} GiB "
                      f"of search workspace ({size.samples} samples x {size.tokens} tokens), against {has}; "
                      + ("; ".join(fixes) if fixes else "give the workers more memory (resources.gpus_per_worker, "
                                                        "resources.gpu_memory_gb)"))
+
+
+def _deepest_block_that_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> int:
+    """The largest qvlm block depth below the job's that fits (blocks of fewer units need less workspace), 0 if none."""
+    if quant.method != "qvlm":
+        return 0
+    return next((d for d in range(quant.max_block_depth - 1, 0, -1)
+                 if plan_fits(plan, size, replace(quant, max_block_depth=d), gpu, device, host)), 0)
 
 
 def _most_samples(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> int:

@@ -232,15 +232,14 @@ def record_bytes(plan: JobPlan, tokens: int) -> int:
 
 def memory_lines(plan: JobPlan, quant, samples: int, tokens: int, batch_size: int) -> list[str]:
     """Per stage: weights + captures + search workspace, in the model's dtype (cluster/memory.py)."""
-    from cluster.memory import CalibrationSize, runs_gptq, stage_memory
+    from cluster.memory import CalibrationSize, stage_memory
 
     size = CalibrationSize(samples, batch_size, tokens, plan.image_tokens)
-    depth = quant.max_block_depth if quant.method == "qvlm" else 1
     lines = [f"memory per stage worker ({samples} samples x {tokens} tokens"
              + (f", {plan.image_tokens} per image" if plan.image_tokens else "")
              + f", {plan.weight_element_bytes}-byte activations as the model's dtype):"]
     for s in range(len(plan.stages)):
-        m = stage_memory(plan, s, size, depth, runs_gptq(quant))
+        m = stage_memory(plan, s, size, quant)
         lines.append(f"  stage {s}: {_size(m.weights)} weights + {_size(m.captures)} captures + "
                      f"{_size(m.workspace)} search workspace = {_size(m.total)}")
     return lines

@@ -56,7 +56,7 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path
     """qvlm plan (and submit) refuse a job whose stage needs more than resources.gpu_memory_gb, before any work,
     naming how many samples would fit; the figure comes from the same memory model the plan prints. (Captures can
     move to host memory; the weights and the search workspace must fit the GPU.)"""
-    from cluster.memory import CalibrationSize, HEADROOM, runs_gptq, stage_memory
+    from cluster.memory import CalibrationSize, HEADROOM, stage_memory
     from cluster.plan import inspect_model
     from jobs.spec import load_job
 
@@ -66,7 +66,7 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path
     cal = job.calibration
     def need(samples):  # on the GPU: weights and search workspace
         size = CalibrationSize(samples, cal.batch_size, cal.max_length, plan.image_tokens)
-        memory = [stage_memory(plan, s, size, job.quant.max_block_depth, runs_gptq(job.quant)) for s in range(len(plan.stages))]
+        memory = [stage_memory(plan, s, size, job.quant) for s in range(len(plan.stages))]
         return max(m.weights + m.workspace for m in memory)
 
     gib = (need(cal.samples // 2) + need(cal.samples)) / 2 / HEADROOM / 2**30  # room for half the samples, not all
@@ -77,6 +77,32 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path
     assert f"calibration.samples: {cal.samples // 2} would fit" in result.output and "Traceback" not in result.output
     assert runner.invoke(app, args[:-1] + [f"resources.gpu_memory_gb={gib * 4}"]).exit_code == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_a_search_that_fits_only_with_shallower_blocks_is_refused_naming_the_depth(tmp_path, tiny_llava_dir):
+    """Learned rounding's state grows with the weights of a block; when blocks of one unit fit and blocks of three
+    do not, the refusal names the depth that would fit, and that depth is accepted."""
+    from dataclasses import replace
+
+    from cluster.memory import CalibrationSize, HEADROOM, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+
+    path = _job(tmp_path, tiny_llava_dir, **{"quantization.qvlm.max_block_depth": 3, "resources.workers": 1})
+    job = load_job(path).compile()
+    plan = inspect_model(job)[0]
+    cal = job.calibration
+    size = CalibrationSize(cal.samples, cal.batch_size, cal.max_length, plan.image_tokens)
+    def need(depth):
+        quant = replace(job.quant, max_block_depth=depth)
+        return max(m.weights + m.workspace for m in (stage_memory(plan, s, size, quant) for s in range(len(plan.stages))))
+
+    assert need(1) < need(2) < need(3)
+    gib = (need(1) + need(2)) / 2 / HEADROOM / 2**30
+    args = ["plan", str(path), "--set", "resources.gpus_per_worker=1", "--set", f"resources.gpu_memory_gb={gib}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "quantization.qvlm.max_block_depth: 1 would fit" in result.output, result.output
+    assert runner.invoke(app, args + ["--set", "quantization.qvlm.max_block_depth=1"]).exit_code == 0
 
 
 def test_status_of_an_output_with_no_job_is_an_input_error(tmp_path):
