@@ -96,7 +96,7 @@ def make_tiny_gemma3(seed: int = 0):
     config = Gemma3Config(
         text_config={**_TEXT, **_token_ids(tokenizer), "head_dim": 32, "query_pre_attn_scalar": 32,
                      "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
-        vision_config={"model_type": "siglip_vision_model", **_VISION},
+        vision_config={"model_type": "siglip_vision_model", **_VISION, "vision_use_head": False},
         mm_tokens_per_image=4, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
         image_token_index=ids["image_token"], tie_word_embeddings=False,
     )
