@@ -23,7 +23,7 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from qvlm.capture import disable_kv_cache
 from qvlm.errors import InputError
-from qvlm.families import supported_families
+from qvlm.families import MODEL_TYPES, supported_families
 
 
 class ModelError(InputError, ValueError):
@@ -59,7 +59,17 @@ def load_config(config_dir: str | Path, shown: str) -> PretrainedConfig:
         model_class(config)
     except ValueError as exc:
         raise ModelError(f"{shown}: {exc}") from None
+    check_family(config, shown)
     return config
+
+
+def check_family(config: PretrainedConfig, shown: str) -> None:
+    """Refuse a vision-language model of a family no test proves (its inputs, units or streams may differ from
+    every supported one); text-only decoders and encoders are found from their module tree alone."""
+    multimodal = hasattr(config, "vision_config") and hasattr(config, "text_config")
+    if multimodal and config.model_type not in MODEL_TYPES:
+        raise ModelError(f"{shown}: model_type {config.model_type!r} is a vision-language family qvlm does not "
+                         f"support yet; supported: {supported_families()}")
 
 
 def model_class(config: PretrainedConfig) -> type:

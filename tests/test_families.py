@@ -18,13 +18,14 @@ from qvlm.calibration import collate_rows, load_records, make_batches
 from qvlm.config import CalibrationSettings
 from qvlm.driver import quantize
 from qvlm.families import FAMILIES
+from qvlm.tiny_families import FAMILY_MAKERS
 from qvlm.loading import model_class
 from tests.outputs import block_tensors
 
 pytestmark = pytest.mark.timeout(600)
 runner = CliRunner()
 CAL = CalibrationSettings(samples=2, eval_samples=0, max_length=64, batch_size=2)
-QUANT = {"qvlm": {"epochs": 1, "iters": 5}}
+QUANT = {"qvlm": {"epochs": 1, "search": "clip"}}  # the cheapest search: this test is about the data path
 COSINE = 0.999  # logits of the loaded checkpoint against the in-memory quantized model
 
 
@@ -49,7 +50,7 @@ def _load(path):
     return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path).eval()
 
 
-@pytest.mark.parametrize("family", [f.tiny for f in FAMILIES if f.tiny != "llava"])
+@pytest.mark.parametrize("family", sorted(FAMILY_MAKERS))
 def test_batched_rows_give_the_logits_of_each_prompt_alone(family_dir, family):
     """Every input the processor makes for the model is batched right: each row of a padded batch gives the
     logits that prompt gives alone (image_sizes, image_grid_thw, token types, aspect ratios, cross-attention mask)."""
@@ -95,12 +96,13 @@ def _submit(tmp_path, model_dir, workers: int):
     return tmp_path / "out"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [f.tiny for f in FAMILIES])
 def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
-    """qvlm-submit with images on two workers; the checkpoint loads with no missing keys, its blocks hold the
+    """qvlm-submit with images (on the family's stage workers); the checkpoint loads with no missing keys, its blocks hold the
     tensors the one-process quantize finds (cut into the same stages), and its logits agree with that model."""
     path = family_dir(family)
-    out = _submit(tmp_path, path, workers=2)
+    out = _submit(tmp_path, path, workers=next(f.workers for f in FAMILIES if f.tiny == family))
     plan, written = block_tensors(out)
     batches = calibration_batches(path, CAL)
     quant = load_job(tmp_path / "job.yaml").compile().quant  # the job's own settings
@@ -119,3 +121,35 @@ def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
     if family == "llava_next":  # the image newline is a parameter, not a linear: written as it was
         assert "model.image_newline" not in json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
         torch.testing.assert_close(loaded.model.image_newline, _load(path).model.image_newline, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command", ["plan", "submit"])
+def test_unsupported_family_exits_2_naming_the_supported_ones(tmp_path, command):
+    """A vision-language family no test proves (BLIP-2 here) is refused before any work, naming those that are."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    model_dir = tmp_path / "blip2"
+    config = Blip2Config(vision_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1,
+                                        "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+                         qformer_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1,
+                                         "num_attention_heads": 4, "encoder_hidden_size": 128},
+                         text_config={"model_type": "opt", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 1,
+                                      "num_attention_heads": 4, "vocab_size": 64, "word_embed_proj_dim": 128})
+    Blip2ForConditionalGeneration(config).save_pretrained(model_dir)
+    job = {"name": "blip", "model": {"path": str(model_dir)}, "output": {"uri": str(tmp_path / "out")},
+           "calibration": {"samples": 2, "eval_samples": 0, "max_length": 64, "batch_size": 2}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = runner.invoke(app, [command, str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "'blip-2'" in result.output and "does not support" in result.output
+    for family in FAMILIES:
+        assert f"{family.name} ({family.model_type})" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_readme_table_is_the_registry():
+    from pathlib import Path
+
+    from qvlm.families import readme_table
+
+    assert readme_table() in (Path(__file__).parents[1] / "README.md").read_text()
