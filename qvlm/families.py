@@ -5,9 +5,6 @@ quantizes (``qvlm.tiny_families``; ``qvlm.tiny`` for LLaVA) and what qvlm finds 
 encoders need no row: their layers are found from the module tree alone (``qvlm.structure``).
 The README's table is written from these rows (``python -m qvlm.families``).
 
-Mllama is not a row yet: its decoder interleaves self- and cross-attention layers of two classes, which
-``qvlm.structure`` does not take for one layer list, so only its vision layers would be quantized; a job on it
-is refused with the list below.
 """
 
 from __future__ import annotations
@@ -20,23 +17,23 @@ class Family:
     name: str
     model_type: str
     tiny: str  # the tiny model the end-to-end test quantizes (a key of qvlm.tiny's builders)
-    # Stage workers the test runs; 1 where later stages would replay one layer's arguments for layers that take
-    # others (Gemma 3's sliding and global layers get different masks and rotary tables).
-    workers: int
     units: str  # what qvlm quantizes, in the family's own words
     kept: str  # what stays unquantized
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("LLaVA 1.5", "llava", "llava", 2, "CLIP layers, projector, decoder layers", "embeddings, norms, lm_head"),
-    Family("LLaVA-NeXT", "llava_next", "llava_next", 2, "CLIP layers, projector, decoder layers",
+    Family("LLaVA 1.5", "llava", "llava", "CLIP layers, projector, decoder layers", "embeddings, norms, lm_head"),
+    Family("LLaVA-NeXT", "llava_next", "llava_next", "CLIP layers, projector, decoder layers",
            "image newline, embeddings, norms, lm_head"),
-    Family("Qwen2.5-VL", "qwen2_5_vl", "qwen2_5_vl", 2, "vision blocks, patch merger, decoder layers (3-D rotary positions)",
+    Family("Qwen2.5-VL", "qwen2_5_vl", "qwen2_5_vl", "vision blocks, patch merger, decoder layers (3-D rotary positions)",
            "patch embedding, embeddings, norms, lm_head"),
-    Family("Gemma 3", "gemma3", "gemma3", 1, "SigLIP layers, sliding and global decoder layers (one stage worker)",
+    Family("Gemma 3", "gemma3", "gemma3", "SigLIP layers, sliding and global decoder layers",
            "multi-modal projector (a bare weight matrix, not a linear layer), embeddings, norms, lm_head"),
-    Family("Idefics3", "idefics3", "idefics3", 2, "vision layers, connector, decoder layers",
+    Family("Idefics3", "idefics3", "idefics3", "vision layers, connector, decoder layers",
            "patch embedding, embeddings, norms, lm_head"),
+    Family("Mllama", "mllama", "mllama", "vision layers (local and global), self- and cross-attention decoder layers",
+           "multi-modal projector (registered after the decoder), patch embedding, gated positional embeddings, "
+           "embeddings, norms, lm_head"),
 )
 
 MODEL_TYPES = {f.model_type: f for f in FAMILIES}

@@ -99,10 +99,10 @@ def _submit(tmp_path, model_dir, workers: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f.tiny for f in FAMILIES])
 def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
-    """qvlm-submit with images (on the family's stage workers); the checkpoint loads with no missing keys, its blocks hold the
+    """qvlm-submit with images on two stage workers; the checkpoint loads with no missing keys, its blocks hold the
     tensors the one-process quantize finds (cut into the same stages), and its logits agree with that model."""
     path = family_dir(family)
-    out = _submit(tmp_path, path, workers=next(f.workers for f in FAMILIES if f.tiny == family))
+    out = _submit(tmp_path, path, workers=2)
     plan, written = block_tensors(out)
     batches = calibration_batches(path, CAL)
     quant = load_job(tmp_path / "job.yaml").compile().quant  # the job's own settings
@@ -153,3 +153,24 @@ def test_readme_table_is_the_registry():
     from qvlm.families import readme_table
 
     assert readme_table() in (Path(__file__).parents[1] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MAKERS))
+def test_a_later_stage_replays_each_layer_exactly(family_dir, family):
+    """Cut after the first decoder layer, the second stage's layers get the arguments the model's own forward pass
+    gives them (Gemma 3's global layer its own mask and rotary table, Qwen2.5-VL's 3-D positions, Mllama's
+    cross-attention layer the vision states): their captured outputs equal those of one uncut forward pass."""
+    from qvlm.capture import capture_units
+    from qvlm.stage import Stage
+    from qvlm.structure import find_units
+
+    path = family_dir(family)
+    model = _load(path)
+    units = find_units(model)
+    cut = next(u.index for u in units if u.segment == "language") + 1
+    batch = make_batches(load_records("builtin:shapes", 2, seed=4), load_preprocessor(path)[1], 64, 2)[0]
+    first, second = Stage(model, units[:cut], first=True), Stage(model, units[cut:], first=False)
+    second.capture(first.capture(batch), hand_over=False)
+    whole = capture_units(model, units, [batch])
+    for unit in units[cut:]:
+        torch.testing.assert_close(second.captures[unit.index].outputs[0], whole[unit.index].outputs[0], rtol=0, atol=0)
