@@ -168,9 +168,7 @@ def load_processor(model_dir: str | Path, config: PretrainedConfig) -> object:
         raise ModelError(f"{model_dir}: the processor {name} cannot load here ({_first_line(exc)}); install what it "
                          "names, e.g. torchvision built for your torch (torch==2.14.1 with torchvision==0.29.1)") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ModelError(f"{model_dir}: the processor {name} cannot load ({_first_line(exc)}); save the model's "
-                         "processor next to it with save_pretrained, or install torchvision built for your torch "
-                         "if it needs one") from None
+        raise ModelError(f"{model_dir}: the processor {name} cannot load ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -174,3 +174,20 @@ def test_a_later_stage_replays_each_layer_exactly(family_dir, family):
     whole = capture_units(model, units, [batch])
     for unit in units[cut:]:
         torch.testing.assert_close(second.captures[unit.index].outputs[0], whole[unit.index].outputs[0], rtol=0, atol=0)
+
+
+def test_a_processor_that_cannot_load_exits_2_naming_it(family_dir, tmp_path):
+    """A Qwen2.5-VL folder without its processor files: one line naming the processor class, exit 2."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in family_dir("qwen2_5_vl").iterdir():
+        if f.name == "config.json" or f.name.startswith("model"):
+            shutil.copy(f, model_dir / f.name)
+    job = {"name": "noproc", "model": {"path": str(model_dir)}, "output": {"uri": str(tmp_path / "out")},
+           "calibration": {"samples": 2, "eval_samples": 0, "max_length": 64, "batch_size": 2}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = runner.invoke(app, ["submit", "--dry-run", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "Qwen2_5_VLProcessor cannot load" in result.output and "Traceback" not in result.output
