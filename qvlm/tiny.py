@@ -193,21 +193,18 @@ BUILDERS = {"llava": build_tiny_llava, "llama": build_tiny_llama, "clip": build_
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m qvlm.tiny [llava|llama|clip|bert|FAMILY] DIR``: write a tiny model unless DIR already has one."""
+    """``python -m qvlm.tiny [llava|llama|clip|bert] DIR``: write a tiny model unless DIR already has one."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m qvlm.tiny", description=main.__doc__)
-    from qvlm.tiny_families import FAMILY_MAKERS, build_tiny_family
-
-    builders = {**BUILDERS, **{f: lambda p, s, f=f: build_tiny_family(f, p, s) for f in FAMILY_MAKERS}}
-    parser.add_argument("kind", choices=sorted(builders))
+    parser.add_argument("kind", choices=sorted(BUILDERS))
     parser.add_argument("path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if (Path(args.path) / "config.json").exists():
         print(f"{args.path} already holds a model; leaving it")
         return
-    print(f"wrote {builders[args.kind](args.path, args.seed)}")
+    print(f"wrote {BUILDERS[args.kind](args.path, args.seed)}")
 
 
 if __name__ == "__main__":

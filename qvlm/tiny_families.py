@@ -2,7 +2,7 @@
 processor (the shapes tokenizer plus the family's special tokens, the family's PIL image processor), for tests.
 
 Every linear width is a multiple of 128 (the default weight group size); one or two layers per stack.
-``qvlm.tiny`` saves them like real sharded checkpoints (``python -m qvlm.tiny qwen2_5_vl DIR``).
+Saved like real sharded checkpoints (``python -m qvlm.tiny_families qwen2_5_vl DIR``).
 """
 
 from __future__ import annotations
@@ -150,3 +150,19 @@ FAMILY_MAKERS = {
 def build_tiny_family(family: str, path: str | Path, seed: int = 0) -> Path:
     """Save the tiny model of ``family`` (a key of ``FAMILY_MAKERS``) and its processor at ``path``."""
     return _build(FAMILY_MAKERS[family], path, seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m qvlm.tiny_families FAMILY DIR``: write the family's tiny model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qvlm.tiny_families", description=main.__doc__)
+    parser.add_argument("family", choices=sorted(FAMILY_MAKERS))
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"wrote {build_tiny_family(args.family, args.path, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()
