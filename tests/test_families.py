@@ -24,7 +24,7 @@ from tests.outputs import block_tensors
 
 pytestmark = pytest.mark.timeout(600)
 runner = CliRunner()
-CAL = CalibrationSettings(samples=2, eval_samples=0, max_length=64, batch_size=2)
+CAL = CalibrationSettings(samples=2, eval_samples=2, max_length=64, batch_size=2)
 QUANT = {"qvlm": {"epochs": 1, "search": "clip"}}  # the cheapest search: this test is about the data path
 COSINE = 0.999  # logits of the loaded checkpoint against the in-memory quantized model
 
@@ -87,12 +87,13 @@ def test_collate_pads_tokens_and_batches_the_rest():
 
 def _submit(tmp_path, model_dir, workers: int):
     job = {"name": "family", "model": {"path": str(model_dir)}, "output": {"uri": str(tmp_path / "out")},
-           "calibration": {"samples": CAL.samples, "eval_samples": 0, "max_length": CAL.max_length,
+           "calibration": {"samples": CAL.samples, "eval_samples": CAL.eval_samples, "max_length": CAL.max_length,
                            "batch_size": CAL.batch_size},
            "quantization": QUANT, "resources": {"workers": workers}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = runner.invoke(app, ["submit", str(tmp_path / "job.yaml")])
     assert result.exit_code == 0, result.output
+    assert "evaluation: skipped" not in result.output  # the held-out records went through the checkpoint too
     return tmp_path / "out"
 
 
