@@ -135,7 +135,12 @@ def make_tiny_mllama(seed: int = 0):
     )
     image_processor = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=2)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return _seeded(MllamaForConditionalGeneration, config, seed), processor
+    model = _seeded(MllamaForConditionalGeneration, config, seed)
+    with torch.no_grad():  # the cross-attention gates start at 0 (tanh(0) = 0: the image would not reach the text)
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
+    return model, processor
 
 
 FAMILY_MAKERS = {
