@@ -102,7 +102,6 @@ def _submit(tmp_path, model_dir, workers: int, quant: dict):
     return tmp_path / "out"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", [f.tiny for f in FAMILIES])
 def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
     """qvlm-submit with images on two stage workers, VEO on the vision tower and the evaluation on held-out records;
