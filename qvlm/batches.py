@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from qvlm.config import CalibrationSettings
+from qvlm.loading import load_processor
 from qvlm.calibration import load_records, make_batches, make_pixel_batches
 from qvlm.records import CalibrationRecord
 from qvlm.answers import find_answer_spans
@@ -37,10 +38,11 @@ def records_for(settings: CalibrationSettings) -> tuple[list[CalibrationRecord],
 def load_preprocessor(model_dir: str | Path) -> tuple[str, Any]:
     """(kind, preprocessor): an image processor for a vision encoder, a processor for a multimodal model,
     else a tokenizer."""
-    kind = _kind(AutoConfig.from_pretrained(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    kind = _kind(config)
     if kind == "vision":
         return kind, AutoImageProcessor.from_pretrained(model_dir)
-    return kind, AutoProcessor.from_pretrained(model_dir) if kind == "multimodal" else AutoTokenizer.from_pretrained(model_dir)
+    return kind, load_processor(model_dir, config) if kind == "multimodal" else AutoTokenizer.from_pretrained(model_dir)
 
 
 def make_batches_of(kind: str, preprocessor: Any, records: list[CalibrationRecord], settings: CalibrationSettings,

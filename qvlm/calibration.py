@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -190,10 +189,70 @@ def _make_batch(chunk, processor, max_length: int, include_answer: bool, start: 
     if not any(with_image):
         enc = processor(text=texts)
         return _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, None, start)
-    enc = processor(text=texts, images=[r.image for r in chunk])
-    batch = _pad(enc["input_ids"], _pad_id(processor.tokenizer), max_length, _image_token_id(processor), start)
-    batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(p)) for p in enc["pixel_values"]])
+    # One call per prompt, its image in a list of its own: the form every processor takes (Gemma 3 and Mllama
+    # refuse a flat list of a batch's images); the rows are then batched here (collate_rows).
+    rows = [processor(text=[t], images=[r.image], return_tensors="pt") for r, t in zip(chunk, texts)]
+    inputs = set(getattr(processor, "model_input_names", ())) or None
+    return collate_rows(rows, _pad_id(processor.tokenizer), max_length, _image_token_id(processor), start, inputs)
+
+
+# Per-token inputs, [1, tokens, ...] per prompt: truncated to max_length and right-padded (input_ids with the pad
+# id, the rest with 0). Every other input is batched along its first dimension (zero-padded to the largest row).
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
+# Per-token inputs that mark a prompt's image tokens (non-zero), where the processor gives them.
+_IMAGE_TOKEN_MARKS = ("mm_token_type_ids", "token_type_ids")
+
+
+def collate_rows(rows: Sequence[Mapping[str, Any]], pad_id: int, max_length: int, image_id: int | None, start: int,
+                 inputs: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """One batch of the processor's per-prompt outputs: every tensor the model takes (``inputs``, the processor's
+    ``model_input_names``; None = every tensor), per-token inputs truncated to ``max_length`` (never dropping an
+    image token) and right-padded to the longest row, the others batched along their first dimension."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, torch.Tensor) and (inputs is None or k in inputs)]
+    for i, row in enumerate(rows):
+        _check_image_tokens(row, image_id, max_length, start + i)
+    width = min(max_length, max(int(r["input_ids"].shape[1]) for r in rows))
+    batch = {}
+    for key in keys:
+        if key in TOKEN_INPUTS:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([_padded(r[key][:, :width], 1, width, fill) for r in rows])
+        else:
+            batch[key] = _stack_padded([r[key] for r in rows])
     return batch
+
+
+def _check_image_tokens(row: Mapping[str, Any], image_id: int | None, max_length: int, index: int) -> None:
+    ids = row["input_ids"][0]
+    mark = next((row[k][0] for k in _IMAGE_TOKEN_MARKS if isinstance(row.get(k), torch.Tensor)), None)
+    image = (mark != 0) if mark is not None else (ids == image_id) if image_id is not None else None
+    if image is None or not bool(image.any()):
+        return
+    last = int(image.nonzero().max()) + 1
+    if last > max_length:
+        raise CalibrationError(
+            f"calibration record {index}: its image expands to {int(image.sum())} image tokens "
+            f"(ending at position {last}) but max_length={max_length}; "
+            f"fix: max_length must be at least {last} (plus room for the text)"
+        )
+
+
+def _padded(x: torch.Tensor, dim: int, size: int, fill: float) -> torch.Tensor:
+    if x.shape[dim] >= size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, torch.full(shape, fill, dtype=x.dtype)], dim=dim)
+
+
+def _stack_padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated along dim 0, each first zero-padded in every other dimension to the largest."""
+    if parts[0].dim() == 0:
+        return torch.stack(list(parts))
+    sizes = [max(int(p.shape[d]) for p in parts) for d in range(1, parts[0].dim())]
+    for d, size in enumerate(sizes, start=1):
+        parts = [_padded(p, d, size, 0) for p in parts]
+    return torch.cat(list(parts))
 
 
 def _with_image_placeholder(record: CalibrationRecord, text: str, placeholder: str, index: int) -> str:

@@ -45,6 +45,55 @@ class UnitCall:
         return found
 
 
+@dataclass
+class Handover:
+    """What a stage hands the next one per calibration batch: the stream's hidden state and token mask, and the
+    arguments each unit ahead takes. Units of one layer list may take different ones (Gemma 3's sliding and
+    global layers get different masks and rotary tables, Mllama's cross-attention layers the vision states), so
+    each unit gets the arguments the model's own forward pass gave it; sets shared by several units travel once."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    arguments: list[tuple[tuple, dict]]  # distinct (args, kwargs) after the hidden state
+    unit_arguments: dict[int, int]  # unit index -> its entry in ``arguments``
+
+    def call_for(self, unit_index: int, hidden: torch.Tensor) -> UnitCall:
+        args, kwargs = self.arguments[self.unit_arguments[unit_index]]
+        return UnitCall(hidden, args, kwargs, self.mask)
+
+    def with_hidden(self, hidden: torch.Tensor) -> "Handover":
+        return Handover(hidden, self.mask, self.arguments, self.unit_arguments)
+
+    def to(self, device: torch.device | str, memo: dict | None = None) -> "Handover":
+        memo = {} if memo is None else memo
+        return Handover(move(self.hidden, device, memo), move(self.mask, device, memo),
+                        move(self.arguments, device, memo), dict(self.unit_arguments))
+
+
+def handover(hidden: torch.Tensor, mask: torch.Tensor | None, ahead: Sequence["UnitCapture"]) -> Handover:
+    """The hand-over of ``hidden`` to the units ``ahead`` (their captured arguments, the same set once)."""
+    arguments, index, unit_arguments = [], {}, {}
+    for cap in ahead:
+        call = cap.calls[-1]
+        key = _identity((call.args, call.kwargs))
+        if key not in index:
+            index[key] = len(arguments)
+            arguments.append((call.args, call.kwargs))
+        unit_arguments[cap.unit.index] = index[key]
+    return Handover(hidden, mask, arguments, unit_arguments)
+
+
+def _identity(value: Any) -> str:
+    """A key equal for two argument sets made of the same tensor objects and the same other values."""
+    if isinstance(value, torch.Tensor):
+        return f"T{id(value)}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_identity(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_identity(v)}" for k, v in sorted(value.items())) + "}"
+    return repr(value)
+
+
 def move(value: Any, device: torch.device | str, memo: dict | None = None) -> Any:
     """``value`` with every tensor inside it (tuples, lists, dicts) moved to ``device``; a tensor met twice is
     moved once (``memo`` maps id -> moved copy), so the hidden state a layer returns and the next layer takes
@@ -170,14 +219,20 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture_units(
-    model: nn.Module, units: Sequence[Unit], batches: Sequence[dict[str, torch.Tensor]], stop_after_last: bool = False
+    model: nn.Module, units: Sequence[Unit], batches: Sequence[dict[str, torch.Tensor]], stop_after_last: bool = False,
+    ahead: Sequence[Unit] = (),
 ) -> list[UnitCapture]:
     """Run ``model`` on every batch and record every unit's inputs and outputs, in unit order.
 
     With ``stop_after_last`` the forward pass ends right after the last given unit, so modules after it
-    may have no weights (a pipeline stage that owns only the first units).
+    may have no weights (a pipeline stage that owns only the first units). Units ``ahead`` (later units of
+    the last unit's layer list, owned by later stages) are not run: each passes its input through unchanged
+    and only its arguments are recorded (their captures, after the others, hold calls and no outputs); the
+    forward pass then ends after the last of them.
     """
     captures = [UnitCapture(u) for u in units]
+    ahead_captures = [UnitCapture(u) for u in ahead]
+    stop_at = ahead_captures[-1] if ahead_captures else captures[-1]
     token_mask: list[torch.Tensor | None] = [None]
     handles = []
     for cap in captures:
@@ -190,10 +245,12 @@ def capture_units(
                 mask = None
             cap.calls.append(UnitCall(hidden.detach(), _detach(rest), _detach(kw), mask))
             cap.outputs.append(unit_output(out).detach())
-            if stop_after_last and cap is captures[-1]:
+            if stop_after_last and cap is stop_at:
                 raise _StopForward
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    passed = [_pass_through(model.get_submodule(cap.unit.name), cap, stop_after_last and cap is stop_at)
+              for cap in ahead_captures]
     try:
         with kv_cache_disabled(model):
             for batch in batches:
@@ -206,7 +263,24 @@ def capture_units(
     finally:
         for h in handles:
             h.remove()
-    return captures
+        for module in passed:
+            del module.forward  # the class's forward again
+    return captures + ahead_captures
+
+
+def _pass_through(module: nn.Module, cap: UnitCapture, stop: bool) -> nn.Module:
+    """Make ``module`` record its arguments into ``cap`` and return its input unchanged (its weights may be on
+    the meta device), ending the forward pass when ``stop``."""
+
+    def forward(*args, **kwargs):
+        hidden, rest, kw = _split_inputs(args, kwargs)
+        cap.calls.append(UnitCall(hidden.detach(), _detach(rest), _detach(kw)))
+        if stop:
+            raise _StopForward
+        return hidden
+
+    module.forward = forward
+    return module
 
 
 def row_counts(calls: Sequence[UnitCall]) -> list[int]:

@@ -23,6 +23,7 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 
 from qvlm.capture import disable_kv_cache
 from qvlm.errors import InputError
+from qvlm.families import MODEL_TYPES, supported_families
 
 
 class ModelError(InputError, ValueError):
@@ -58,7 +59,17 @@ def load_config(config_dir: str | Path, shown: str) -> PretrainedConfig:
         model_class(config)
     except ValueError as exc:
         raise ModelError(f"{shown}: {exc}") from None
+    check_family(config, shown)
     return config
+
+
+def check_family(config: PretrainedConfig, shown: str) -> None:
+    """Refuse a vision-language model of a family no test proves (its inputs, units or streams may differ from
+    every supported one); text-only decoders and encoders are found from their module tree alone."""
+    multimodal = hasattr(config, "vision_config") and hasattr(config, "text_config")
+    if multimodal and config.model_type not in MODEL_TYPES:
+        raise ModelError(f"{shown}: model_type {config.model_type!r} is a vision-language family qvlm does not "
+                         f"support yet; supported: {supported_families()}")
 
 
 def model_class(config: PretrainedConfig) -> type:
@@ -126,3 +137,40 @@ def materialize(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     model.load_state_dict(dict(tensors), strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def without_video(processor_class: type) -> type:
+    """``processor_class`` without its video processor: a job never passes videos, and transformers builds video
+    processors only with torchvision (not a qvlm dependency). The image processor and tokenizer load as usual."""
+    if "video_processor" not in processor_class.get_attributes():
+        return processor_class
+
+    def get_attributes(cls):
+        return [a for a in processor_class.get_attributes() if a != "video_processor"]
+
+    return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes),
+                                                               "__module__": processor_class.__module__})
+
+
+def load_processor(model_dir: str | Path, config: PretrainedConfig) -> object:
+    """The multimodal processor saved in ``model_dir`` (its image processor and tokenizer, no video processor),
+    refused with one line naming the processor and what to install when transformers cannot build it here."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    processor_class = getattr(transformers, name, None) if name else None
+    if processor_class is None:
+        raise ModelError(f"{model_dir}: transformers {transformers.__version__} has no processor for model_type "
+                         f"{config.model_type!r}; qvlm supports {supported_families()}")
+    try:
+        return without_video(processor_class).from_pretrained(model_dir)
+    except ImportError as exc:  # a backend (torchvision, ...) that this processor cannot do without
+        raise ModelError(f"{model_dir}: the processor {name} cannot load here ({_first_line(exc)}); install what it "
+                         "names, e.g. torchvision built for your torch (torch==2.14.1 with torchvision==0.29.1)") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{model_dir}: the processor {name} cannot load ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

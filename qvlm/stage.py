@@ -18,14 +18,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from qvlm.capture import UnitCall, UnitCapture, call_unit, capture_units, move
+from qvlm.capture import Handover, UnitCapture, call_unit, capture_units, handover, move
 from qvlm.config import QuantConfig
 from qvlm.dependency import pair_dependency, unit_entropy, unit_rows
 from qvlm.fakequant import swap_in_fake_quant
 from qvlm.quant import WeightScheme
 from qvlm.search import BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block
 from qvlm.stats import UnitStats, unit_statistics
-from qvlm.structure import Unit
+from qvlm.structure import Unit, find_units
 
 Batch = dict[str, torch.Tensor]
 
@@ -71,6 +71,12 @@ def to_device(model: nn.Module, device: torch.device) -> None:
                     registry[name] = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
 
 
+def _units_ahead(model: nn.Module, units: Sequence[Unit]) -> list[Unit]:
+    """The units after the last of ``units`` in its layer list (owned by later stages)."""
+    parent = units[-1].name.rsplit(".", 1)[0]
+    return [u for u in find_units(model) if u.index > units[-1].index and u.name.rsplit(".", 1)[0] == parent]
+
+
 class Stage:
     def __init__(self, model: nn.Module, units: Sequence[Unit], first: bool, device: torch.device | str = "cpu",
                  keep_on: torch.device | str | None = None):
@@ -81,6 +87,7 @@ class Stage:
         self.captures = {u.index: UnitCapture(u) for u in self.units}
         self.results: dict[int, BlockResult] = {}  # searched or loaded blocks, by block index
         self._carried: list[torch.Tensor] | None = None
+        self.ahead = _units_ahead(self.model, self.units) if first else []
 
     def keep_captures_on(self, where: str) -> None:
         """Keep what is captured from now on on the stage's ``device`` or in ``host`` memory (when it does not
@@ -93,28 +100,31 @@ class Stage:
     # --- capture ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def capture(self, item: Batch | UnitCall, hand_over: bool = True) -> UnitCall | None:
-        """Capture one calibration batch; returns the call that continues the stream in the next stage (None
-        without ``hand_over``: the last stage)."""
+    def capture(self, item: Batch | Handover, hand_over: bool = True) -> Handover | None:
+        """Capture one calibration batch; returns what continues the stream in the next stage (None without
+        ``hand_over``: the last stage)."""
         if self.first:
             batch = {k: v.to(self.device) for k, v in item.items()}
-            new = capture_units(self.model, self.units, [batch], stop_after_last=True)
+            new = capture_units(self.model, self.units, [batch], stop_after_last=True, ahead=self.ahead)
+            new, ahead = new[: len(self.units)], new[len(self.units) :]
+            item = handover(new[-1].outputs[-1], new[-1].calls[-1].mask, ahead)
         else:
-            new = self._run_units(item.to(self.device))
+            item = item.to(self.device)
+            new = self._run_units(item)
         memo: dict = {}  # one kept copy of a tensor that is both an output and the next unit's input
         for cap in new:
             mine = self.captures[cap.unit.index]
             mine.calls += [c.to(self.keep_on, memo) for c in cap.calls]
             mine.outputs += [move(o, self.keep_on, memo) for o in cap.outputs]
         last = self.captures[self.units[-1].index]
-        return last.calls[-1].with_hidden(last.outputs[-1]) if hand_over else None
+        return item.with_hidden(last.outputs[-1]) if hand_over else None
 
-    def _run_units(self, call: UnitCall) -> list[UnitCapture]:
-        captures = []
+    def _run_units(self, item: Handover) -> list[UnitCapture]:
+        captures, hidden = [], item.hidden
         for unit in self.units:
-            out = call_unit(self.module(unit.index), call)
-            captures.append(UnitCapture(unit, [call], [out]))
-            call = call.with_hidden(out)
+            call = item.call_for(unit.index, hidden)
+            hidden = call_unit(self.module(unit.index), call)
+            captures.append(UnitCapture(unit, [call], [hidden]))
         return captures
 
     def reset_captures(self) -> None:

@@ -38,10 +38,13 @@ def _linear_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def _is_layer_list(module: nn.Module) -> bool:
+    """A ModuleList of layers that hold linears: all of one class, or of several layer classes (Mllama interleaves
+    self- and cross-attention decoder layers in one list), never of bare linears of several classes."""
     if not isinstance(module, nn.ModuleList) or len(module) == 0:
         return False
     first = type(module[0])
-    return all(type(m) is first for m in module) and all(_linear_names(m) for m in module)
+    one_class = all(type(m) is first for m in module)
+    return (one_class or not any(isinstance(m, nn.Linear) for m in module)) and all(_linear_names(m) for m in module)
 
 
 def _contains_layer_list(module: nn.Module) -> bool:

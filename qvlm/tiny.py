@@ -8,7 +8,7 @@ multi-gigabyte checkpoints the distributed loader reads shard by shard.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -35,14 +35,18 @@ PATCH_SIZE = 8
 MIN_SHARDS = 3  # at least 2 are required; 3 leaves room for tensor-size rounding
 
 
-def build_shapes_tokenizer(spec: ShapesSpec | None = None) -> PreTrainedTokenizerFast:
+def build_shapes_tokenizer(spec: ShapesSpec | None = None, special: Mapping[str, str] | None = None) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the shapes vocabulary; prepends ``<s>`` like Llama's tokenizer.
 
     ``spec`` adds the words of a harder task (e.g. ``qvlm.shapes.HARD_SHAPES``); without it the vocabulary
-    is the default task's, which the untrained tiny models' configs depend on.
+    is the default task's, which the untrained tiny models' configs depend on. ``special`` adds a model
+    family's own special tokens after the words (attribute name -> token, e.g. ``boi_token``), so the
+    default ids stay as they are.
     """
+    special = dict(special or {})
     words = sorted(set(SHAPES_VOCAB) | set(EXTRA_WORDS) | set(shapes_vocab(spec) if spec else ()))
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words))}
+    added = [t for t in dict.fromkeys(special.values()) if t not in SPECIAL_TOKENS]
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *words, *added))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(
@@ -54,7 +58,8 @@ def build_shapes_tokenizer(spec: ShapesSpec | None = None) -> PreTrainedTokenize
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        additional_special_tokens=["<image>"],
+        # transformers 5 names extra special tokens either as a list or as attributes (a dict), not both
+        extra_special_tokens={"image_token": "<image>", **special} if special else ["<image>"],
         padding_side="right",
         model_max_length=256,
     )

@@ -187,8 +187,13 @@ def _jacobian_weights(model, seen_fn, batch, ref_logits, n_pairs: int) -> torch.
     """w_k = |dE/dX^(k)| for the first unit of each pair, E the relative logits error; mean 1."""
     logits, seen = seen_fn(batch)
     outs = seen["language"][:n_pairs]
-    grads = torch.autograd.grad(_relative_error(logits, ref_logits), outs, allow_unused=True)
-    norms = torch.tensor([float(g.norm()) if g is not None else 0.0 for g in grads], dtype=torch.float64)
+    # A layer the vision features do not reach (Mllama's self-attention layers before its first cross-attention
+    # layer) has no gradient: its weight is 0.
+    reached = [o for o in outs if o.requires_grad]
+    grads = dict(zip(map(id, reached), torch.autograd.grad(_relative_error(logits, ref_logits), reached,
+                                                           allow_unused=True))) if reached else {}
+    norms = torch.tensor([float(g.norm()) if (g := grads.get(id(o))) is not None else 0.0 for o in outs],
+                         dtype=torch.float64)
     return norms / norms.mean() if float(norms.sum()) > 0 else torch.ones(n_pairs, dtype=torch.float64)
 
 

@@ -44,8 +44,9 @@ def evaluate_checkpoint(where: Locations, calibration: CalibrationSettings) -> E
 
 
 def _evaluate(source: Path, output: Path, records, calibration: CalibrationSettings) -> EvalResult:
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CompressedTensorsConfig
+    from transformers import AutoConfig, CompressedTensorsConfig
 
+    from qvlm.batches import load_preprocessor
     from qvlm.evaluate import evaluate_records
     from qvlm.export import ACTIVATIONS_FILE, apply_activation_ranges
     from qvlm.loading import model_class
@@ -55,9 +56,6 @@ def _evaluate(source: Path, output: Path, records, calibration: CalibrationSetti
     q = cls.from_pretrained(output, use_safetensors=True, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     if (output / ACTIVATIONS_FILE).exists():
         apply_activation_ranges(q, (output / ACTIVATIONS_FILE).read_bytes())
-    try:
-        processor = AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError):
-        processor = AutoTokenizer.from_pretrained(source)
+    _, processor = load_preprocessor(source)  # a multimodal model's processor without its video processor
     result = evaluate_records(fp, q, processor, records, calibration.max_length, calibration.batch_size)
     return result
