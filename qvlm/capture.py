@@ -55,10 +55,10 @@ class Handover:
     hidden: torch.Tensor
     mask: torch.Tensor | None
     arguments: list[tuple[tuple, dict]]  # distinct (args, kwargs) after the hidden state
-    unit_arguments: dict[int, int]  # unit index -> its entry in ``arguments``
+    unit_arguments: dict[str, int]  # unit (module) name -> its entry in ``arguments``
 
-    def call_for(self, unit_index: int, hidden: torch.Tensor) -> UnitCall:
-        args, kwargs = self.arguments[self.unit_arguments[unit_index]]
+    def call_for(self, unit_name: str, hidden: torch.Tensor) -> UnitCall:
+        args, kwargs = self.arguments[self.unit_arguments[unit_name]]
         return UnitCall(hidden, args, kwargs, self.mask)
 
     def with_hidden(self, hidden: torch.Tensor) -> "Handover":
@@ -79,7 +79,7 @@ def handover(hidden: torch.Tensor, mask: torch.Tensor | None, ahead: Sequence["U
         if key not in index:
             index[key] = len(arguments)
             arguments.append((call.args, call.kwargs))
-        unit_arguments[cap.unit.index] = index[key]
+        unit_arguments[cap.unit.name] = index[key]
     return Handover(hidden, mask, arguments, unit_arguments)
 
 

@@ -72,9 +72,12 @@ def to_device(model: nn.Module, device: torch.device) -> None:
 
 
 def _units_ahead(model: nn.Module, units: Sequence[Unit]) -> list[Unit]:
-    """The units after the last of ``units`` in its layer list (owned by later stages)."""
+    """The units after the last of ``units`` in its layer list (owned by later stages). Found by module name: a
+    job's units are numbered among the units it quantizes (``targets``, ``ignore``), not among all the model's."""
+    everything = find_units(model)
+    last = [u.name for u in everything].index(units[-1].name)
     parent = units[-1].name.rsplit(".", 1)[0]
-    return [u for u in find_units(model) if u.index > units[-1].index and u.name.rsplit(".", 1)[0] == parent]
+    return [u for u in everything[last + 1:] if u.name.rsplit(".", 1)[0] == parent]
 
 
 class Stage:
@@ -122,7 +125,7 @@ class Stage:
     def _run_units(self, item: Handover) -> list[UnitCapture]:
         captures, hidden = [], item.hidden
         for unit in self.units:
-            call = item.call_for(unit.index, hidden)
+            call = item.call_for(unit.name, hidden)
             hidden = call_unit(self.module(unit.index), call)
             captures.append(UnitCapture(unit, [call], [hidden]))
         return captures
