@@ -28,7 +28,7 @@ CASES = {
     "w8-channel": QuantConfig(method="rtn", weights=WeightScheme(8, -1, True)),
     "w4-asym": QuantConfig(method="rtn", weights=WeightScheme(4, 64, False)),
     "w8a8": QuantConfig(method="rtn", weights=WeightScheme(8, -1, True), activations=ActScheme(8, "token", True)),
-    "w4a4-static": QuantConfig(method="qvlm", epochs=1, activations=ActScheme(4, "channel", False)),
+    "w4a4-static": QuantConfig(method="qvlm", epochs=1, iters=10, activations=ActScheme(4, "channel", False)),
 }
 
 
