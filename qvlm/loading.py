@@ -9,6 +9,7 @@ own conversion rules (transformers 5 saves LLaVA as ``language_model.model.layer
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -149,7 +150,23 @@ def without_video(processor_class: type) -> type:
         return [a for a in processor_class.get_attributes() if a != "video_processor"]
 
     return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes),
+                                                               "__init__": _video_processor_optional(processor_class.__init__),
                                                                "__module__": processor_class.__module__})
+
+
+def _video_processor_optional(init):
+    """``init`` with ``video_processor`` (and every parameter after it) defaulting to None where it has no default
+    (SmolVLM's processor requires one). A copy of the function, not a wrapper: ``from_pretrained`` reads the
+    processor's settings off the code object of ``__init__``."""
+    code = init.__code__
+    names = code.co_varnames[1 : code.co_argcount]
+    defaults = init.__defaults__ or ()
+    if "video_processor" not in names or len(names) - names.index("video_processor") <= len(defaults):
+        return init
+    missing = len(names) - names.index("video_processor") - len(defaults)
+    optional = types.FunctionType(code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__)
+    optional.__kwdefaults__, optional.__qualname__, optional.__doc__ = init.__kwdefaults__, init.__qualname__, init.__doc__
+    return optional
 
 
 def load_processor(model_dir: str | Path, config: PretrainedConfig) -> object:

@@ -10,6 +10,7 @@ vision layer list and a language layer list in module order (``lm_head``, pooler
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -18,6 +19,7 @@ from torch import nn
 Segment = Literal["vision", "projector", "language"]
 SEGMENTS: tuple[Segment, ...] = ("vision", "projector", "language")
 _VISION_WORDS = ("vision", "visual")
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")  # CLIPVisionModel -> CLIP, Vision, Model
 SUPPORTED = ("decoder LLMs (e.g. LlamaForCausalLM), LLaVA-style vision-language models (e.g. "
              "LlavaForConditionalGeneration) and transformer encoders (e.g. BertModel, CLIPVisionModel)")
 
@@ -52,8 +54,10 @@ def _contains_layer_list(module: nn.Module) -> bool:
 
 
 def _is_vision(path: str, ancestors: list[nn.Module]) -> bool:
-    words = [p.lower() for p in path.split(".")] + [type(a).__name__.lower() for a in ancestors]
-    return any(v in w for w in words for v in _VISION_WORDS)
+    """A word of the path or of an ancestor's class name is "vision" or "visual". Whole words, split at ``_``, ``.``
+    and case changes: LLaVA-OneVision's model class (``LlavaOnevisionModel``) holds its decoder too."""
+    names = [path] + [type(a).__name__ for a in ancestors]
+    return any(w.lower() in _VISION_WORDS for name in names for w in _WORD.findall(name))
 
 
 def _walk(module: nn.Module, path: str, ancestors: list[nn.Module], found: list) -> None:

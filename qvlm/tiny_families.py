@@ -20,18 +20,29 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     MllamaConfig,
     MllamaForConditionalGeneration,
     MllamaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMProcessor,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from qvlm.loading import without_video
 from qvlm.tiny import IMAGE_SIZE, PATCH_SIZE, _build, _clip_vision_config, _llama_config, _token_ids, build_shapes_tokenizer
@@ -65,27 +76,67 @@ def make_tiny_llava_next(seed: int = 0):
     return _seeded(LlavaNextForConditionalGeneration, config, seed), processor
 
 
-def make_tiny_qwen2_5_vl(seed: int = 0):
-    """Qwen2.5-VL (windowed vision blocks, patch merger, decoder with 3-D multimodal rotary positions)."""
+def make_tiny_llava_onevision(seed: int = 0):
+    """LLaVA-OneVision (any-resolution tiles of a SigLIP tower, the image newline parameter, a Qwen2 decoder)."""
+    tokenizer = build_shapes_tokenizer(special={"image_token": "<image>", "video_token": "<video>"})
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    config = LlavaOnevisionConfig(
+        vision_config={"model_type": "siglip_vision_model", **_VISION, "vision_use_head": False},
+        text_config={"model_type": "qwen2", **_TEXT, **_token_ids(tokenizer)},
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=False,
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = without_video(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full", image_token="<image>", video_token="<video>")
+    return _seeded(LlavaOnevisionForConditionalGeneration, config, seed), processor
+
+
+def _qwen_vl_tokenizer():
+    """The shapes tokenizer with the Qwen2-VL/Qwen2.5-VL vision tokens, and their ids for the config."""
     special = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
                "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     tokenizer = build_shapes_tokenizer(special=special)
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in special.items()}
-    text = {k: v for k, v in _TEXT.items() if k != "tie_word_embeddings"}
+    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(v) for k, v in special.items()}
+    return tokenizer, ids
+
+
+def _qwen_vl_processor(processor_class, tokenizer):
+    image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+    return without_video(processor_class)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+_QWEN_VL_TEXT = {**{k: v for k, v in _TEXT.items() if k != "tie_word_embeddings"},
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
+
+
+def make_tiny_qwen2_vl(seed: int = 0):
+    """Qwen2-VL (vision blocks, patch merger, decoder with 3-D multimodal rotary positions)."""
+    tokenizer, ids = _qwen_vl_tokenizer()
+    config = Qwen2VLConfig(
+        text_config={**_QWEN_VL_TEXT, **_token_ids(tokenizer)},
+        vision_config={"depth": 2, "embed_dim": 128, "hidden_size": 128, "mlp_ratio": 2, "num_heads": 4,
+                       "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        **ids, tie_word_embeddings=False,
+    )
+    return _seeded(Qwen2VLForConditionalGeneration, config, seed), _qwen_vl_processor(Qwen2VLProcessor, tokenizer)
+
+
+def make_tiny_qwen2_5_vl(seed: int = 0):
+    """Qwen2.5-VL (windowed vision blocks, patch merger, decoder with 3-D multimodal rotary positions)."""
+    tokenizer, ids = _qwen_vl_tokenizer()
     config = Qwen2_5_VLConfig(
-        text_config={**text, **_token_ids(tokenizer),
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}},
+        text_config={**_QWEN_VL_TEXT, **_token_ids(tokenizer)},
         vision_config={"depth": 2, "hidden_size": 128, "intermediate_size": 256, "num_heads": 4, "patch_size": 8,
                        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32, "out_hidden_size": 128,
                        "fullatt_block_indexes": [1]},
-        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
-        tie_word_embeddings=False,
+        **ids, tie_word_embeddings=False,
     )
-    image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
-    processor = without_video(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
-    return _seeded(Qwen2_5_VLForConditionalGeneration, config, seed), processor
+    return _seeded(Qwen2_5_VLForConditionalGeneration, config, seed), _qwen_vl_processor(Qwen2_5_VLProcessor, tokenizer)
 
 
 def make_tiny_gemma3(seed: int = 0):
@@ -120,6 +171,21 @@ def make_tiny_idefics3(seed: int = 0):
     return _seeded(Idefics3ForConditionalGeneration, config, seed), processor
 
 
+def make_tiny_smolvlm(seed: int = 0):
+    """SmolVLM (SigLIP-like tower, pixel-shuffle connector, Llama decoder: Idefics3's layout)."""
+    special = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+               "global_image_token": "<global-img>"}
+    tokenizer = build_shapes_tokenizer(special=special)
+    config = SmolVLMConfig(
+        vision_config={**_VISION}, text_config=_llama_config(tokenizer, layers=2).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
+    )
+    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
+                                               max_image_size={"longest_edge": IMAGE_SIZE})
+    processor = without_video(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
+    return _seeded(SmolVLMForConditionalGeneration, config, seed), processor
+
+
 def make_tiny_mllama(seed: int = 0):
     """Mllama (tiled vision encoder with global layers, decoder with interleaved cross-attention layers)."""
     special = {"image_token": "<|image|>"}
@@ -145,9 +211,12 @@ def make_tiny_mllama(seed: int = 0):
 
 FAMILY_MAKERS = {
     "llava_next": make_tiny_llava_next,
+    "llava_onevision": make_tiny_llava_onevision,
+    "qwen2_vl": make_tiny_qwen2_vl,
     "qwen2_5_vl": make_tiny_qwen2_5_vl,
     "gemma3": make_tiny_gemma3,
     "idefics3": make_tiny_idefics3,
+    "smolvlm": make_tiny_smolvlm,
     "mllama": make_tiny_mllama,
 }
 

@@ -129,7 +129,7 @@ def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
         for batch in batches:
             got, want = loaded.eval()(**batch).logits.flatten(), qmodel(**batch).logits.flatten()
             assert torch.nn.functional.cosine_similarity(got, want, dim=0) > COSINE
-    if family == "llava_next":  # the image newline is a parameter, not a linear: written as it was
+    if family in ("llava_next", "llava_onevision"):  # the image newline is a parameter, not a linear: written as it was
         assert "model.image_newline" not in json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
         torch.testing.assert_close(loaded.model.image_newline, _load(path).model.image_newline, rtol=0, atol=0)
 
@@ -202,3 +202,13 @@ def test_a_processor_that_cannot_load_exits_2_naming_it(family_dir, tmp_path):
     result = runner.invoke(app, ["submit", "--dry-run", str(tmp_path / "job.yaml")])
     assert result.exit_code == 2, result.output
     assert "Qwen2_5_VLProcessor cannot load" in result.output and "Traceback" not in result.output
+
+
+def test_a_model_class_named_onevision_does_not_make_its_decoder_vision(family_dir):
+    """LLaVA-OneVision's decoder sits inside ``LlavaOnevisionModel``: vision is told by whole words, so its decoder
+    layers are language units (a substring match put the whole model in the vision segment)."""
+    from qvlm.structure import find_units
+
+    units = find_units(_load(family_dir("llava_onevision")))
+    assert [u.segment for u in units] == ["vision"] * 2 + ["projector"] + ["language"] * 2
+    assert units[-1].name == "model.language_model.layers.1"
