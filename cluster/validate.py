@@ -107,6 +107,9 @@ def _check_output_apart_from_images(job) -> None:
                              f"uses; write the output where it holds none of the job's inputs")
 
 
+VEO_NOT_YET = ("Mllama",)  # tests/test_families.py WITHOUT_VEO: its job and one-process VEO differ (open)
+
+
 def _check_veo(plan, quant) -> None:
     from workers.veo_task import VEO_MAX_BYTES
 
@@ -115,6 +118,9 @@ def _check_veo(plan, quant) -> None:
     if not any(u.segment == "vision" for u in plan.units):
         raise InputError(f"quantization.qvlm.veo.enabled: the model ({plan.model_class}) has no vision tower "
                          "among its quantized units; turn veo off")
+    if plan.model_class.startswith(VEO_NOT_YET):
+        raise InputError(f"quantization.qvlm.veo.enabled: VEO is not supported for {plan.model_class} yet (a job and "
+                         "the one-process run tune its two-part vision tower differently); turn veo off")
     if plan.total_bytes > VEO_MAX_BYTES:
         raise InputError(f"quantization.qvlm.veo.enabled: VEO runs in one worker that holds the whole model, and this "
                          f"model has {plan.total_bytes / 2**30:.1f} GiB of tensors (limit {VEO_MAX_BYTES / 2**30:.0f} GiB); "

@@ -102,6 +102,17 @@ def _submit(tmp_path, model_dir, workers: int, quant: dict):
     return tmp_path / "out"
 
 
+def test_veo_on_a_family_whose_job_and_one_process_differ_is_refused(tmp_path, family_dir):
+    """Mllama's VEO gives the job and the one-process run different scales (above): refused, not run, until fixed."""
+    job = {"name": "family", "model": {"path": str(family_dir("mllama"))}, "output": {"uri": str(tmp_path / "out")},
+           "quantization": {"qvlm": {"veo": {"enabled": True}}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "quantization.qvlm.veo.enabled: VEO is not supported for MllamaForConditionalGeneration" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", [f.tiny for f in FAMILIES])
 def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
     """qvlm-submit with images on two stage workers, VEO on the vision tower and the evaluation on held-out records;
