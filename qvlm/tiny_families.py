@@ -156,34 +156,31 @@ def make_tiny_gemma3(seed: int = 0):
     return _seeded(Gemma3ForConditionalGeneration, config, seed), processor
 
 
-def make_tiny_idefics3(seed: int = 0):
-    """Idefics3 (SigLIP-like tower, pixel-shuffle connector, Llama decoder)."""
+def _idefics3_layout(config_cls, processor_cls, image_processor_cls, model_cls, seed: int):
+    """SigLIP-like tower, pixel-shuffle connector, Llama decoder: Idefics3's layout, which SmolVLM shares."""
     special = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                "global_image_token": "<global-img>"}
     tokenizer = build_shapes_tokenizer(special=special)
-    config = Idefics3Config(
+    config = config_cls(
         vision_config={**_VISION}, text_config=_llama_config(tokenizer, layers=2).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
     )
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
-                                                max_image_size={"longest_edge": IMAGE_SIZE})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
-    return _seeded(Idefics3ForConditionalGeneration, config, seed), processor
+    image_processor = image_processor_cls(size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
+                                          max_image_size={"longest_edge": IMAGE_SIZE})
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
+    return _seeded(model_cls, config, seed), processor
+
+
+def make_tiny_idefics3(seed: int = 0):
+    """Idefics3."""
+    return _idefics3_layout(Idefics3Config, Idefics3Processor, Idefics3ImageProcessorPil,
+                            Idefics3ForConditionalGeneration, seed)
 
 
 def make_tiny_smolvlm(seed: int = 0):
-    """SmolVLM (SigLIP-like tower, pixel-shuffle connector, Llama decoder: Idefics3's layout)."""
-    special = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-               "global_image_token": "<global-img>"}
-    tokenizer = build_shapes_tokenizer(special=special)
-    config = SmolVLMConfig(
-        vision_config={**_VISION}, text_config=_llama_config(tokenizer, layers=2).to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
-    )
-    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, do_image_splitting=False,
-                                               max_image_size={"longest_edge": IMAGE_SIZE})
-    processor = without_video(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
-    return _seeded(SmolVLMForConditionalGeneration, config, seed), processor
+    """SmolVLM (its processor built without the video processor)."""
+    return _idefics3_layout(SmolVLMConfig, without_video(SmolVLMProcessor), SmolVLMImageProcessorPil,
+                            SmolVLMForConditionalGeneration, seed)
 
 
 def make_tiny_mllama(seed: int = 0):
