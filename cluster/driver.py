@@ -1,9 +1,10 @@
-"""The job driver: plan, start the stage actors, run the method on them, export, evaluate, commit.
+"""The job driver: plan, start the stage actors, run the method on them, evaluate through them, export, commit.
 
 Phases (written to the state file as they change): planning -> capturing -> statistics -> searching ->
-committing -> finished (or failed; or stopped, by SIGINT or SIGTERM: see cluster/stopping.py). The method's
-sequence is qvlm.method.run_method, the one the one-process quantize runs; here its stages are Ray actors that
-load their own weights from storage, search their own blocks and write each finished block's checkpoint file.
+evaluating -> committing -> finished (or failed; or stopped, by SIGINT or SIGTERM: see cluster/stopping.py).
+The method's sequence is qvlm.method.run_method, the one the one-process quantize runs; here its stages are Ray
+actors that load their own weights from storage, search their own blocks and write each finished block's
+checkpoint file; the held-out evaluation runs through the same actors (cluster/evaluation.py).
 The driver moves only small records and object references. A finished job submitted again is checked against
 its manifest and repaired (cluster/repair.py).
 """
@@ -16,11 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvlm.method import Hooks, run_method
+from qvlm.method import Hooks, MethodResult, run_method
 from cluster import stopping
 from cluster.commit import MANIFEST_KEY, JobResult, load_finished_blocks, publish, write_documents
-from cluster.gate import HELD_KEY, GateHeld, evaluation_skipped, gate_verdict, held_message, read_held, write_held
+from cluster.gate import HELD_KEY, GateHeld, gate_verdict, held_message, read_held, write_held
 from cluster.provenance import build_provenance
+from cluster.evaluation import evaluate_on_stages
 from cluster.export import export_checkpoint
 from qvlm.errors import InputError, JobFailed
 from qvlm.evaluate import Evaluation
@@ -227,33 +229,45 @@ def _calibration_sha256(job: Job) -> str:
     return records_sha256([*calibration, *held_out])
 
 
+@dataclass(frozen=True)
+class StagesRun:
+    """What the stage actors did before they were stopped: the method, the verified block records, the
+    held-out evaluation, what each stage used, and the seconds of each phase."""
+
+    method: MethodResult
+    records: dict  # block index -> BlockRecord
+    evaluation: Evaluation
+    stages_info: list[dict]
+    seconds: dict
+
+
 def _run_phases(ray, job: Job, plan: JobPlan, out, state: StateFile) -> JobOutcome:
     t0 = time.perf_counter()
-    method, stages_info, load_seconds = _quantize_on_stages(ray, job, plan, out, state)
-    records = load_finished_blocks(out, method.blocks, plan.units, _files(plan, method.blocks), state.echo)
-    missing = [b.index for b in method.blocks if b.index not in records]
-    if missing:
-        raise JobFailed(f"blocks {missing[:5]} have no verified record after the search; re-submit the job to search them")
-    seconds = {"load": load_seconds, **vars(method.seconds)}
+    run = _quantize_on_stages(ray, job, plan, out, state)
+    method, records, seconds = run.method, run.records, dict(run.seconds)
     state.update(phase="committing", seconds=dict(seconds))
     t_export = time.perf_counter()
     checkpoint = export_checkpoint(ray, job, plan.rest_chunks, tuple(records[b.index] for b in method.blocks),
                                    method.schemes, state)
     seconds["export"] = time.perf_counter() - t_export
-    t_eval = time.perf_counter()
-    evaluation = _evaluate(ray, job, plan)
-    seconds["evaluate"] = time.perf_counter() - t_eval
     seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
-    result = JobResult(job, plan, method, records, seconds, stages_info)
+    result = JobResult(job, plan, method, records, seconds, run.stages_info)
     state.check()  # never commit into an output whose lock another run has taken
-    files, plan_doc = write_documents(out, result, checkpoint, evaluation)
-    _publish_or_hold(job, out, state, files, build_provenance(job, plan_doc, _calibration_sha256(job)), evaluation)
+    files, plan_doc = write_documents(out, result, checkpoint, run.evaluation)
+    _publish_or_hold(job, out, state, files, build_provenance(job, plan_doc, _calibration_sha256(job)), run.evaluation)
     state.update(phase="finished", blocks_done=len(method.blocks), seconds=dict(seconds))
-    resumed = len(method.done)
-    return JobOutcome(job.where.output_uri, len(method.blocks), resumed, seconds, evaluation)
+    return JobOutcome(job.where.output_uri, len(method.blocks), len(method.done), seconds, run.evaluation)
 
 
-def _quantize_on_stages(ray, job: Job, plan: JobPlan, out, state: StateFile):
+def _verified_records(out, method: MethodResult, plan: JobPlan, state: StateFile) -> dict:
+    records = load_finished_blocks(out, method.blocks, plan.units, _files(plan, method.blocks), state.echo)
+    missing = [b.index for b in method.blocks if b.index not in records]
+    if missing:
+        raise JobFailed(f"blocks {missing[:5]} have no verified record after the search; re-submit the job to search them")
+    return records
+
+
+def _quantize_on_stages(ray, job: Job, plan: JobPlan, out, state: StateFile) -> StagesRun:
     """Run the method on a fresh set of stage actors; when one dies (its captures are lost with it), start the
     stages again and capture again, up to ``resources.max_retries`` times. Finished blocks are in the output's
     ledger, so a new attempt searches only what is missing."""
@@ -264,7 +278,8 @@ def _quantize_on_stages(ray, job: Job, plan: JobPlan, out, state: StateFile):
             _stage_died(exc, attempt, job, state)
 
 
-def _attempt(ray, job: Job, plan: JobPlan, out, state: StateFile):
+def _attempt(ray, job: Job, plan: JobPlan, out, state: StateFile) -> StagesRun:
+    """Start the stages, run the method on them, then evaluate the written blocks through them."""
     from cluster.placement import start_stages, stop_stages
 
     t0 = time.perf_counter()
@@ -278,13 +293,18 @@ def _attempt(ray, job: Job, plan: JobPlan, out, state: StateFile):
             raise InputError("calibration.samples: calibration produced no batches; give at least one sample")
         method = run_method(pipe, plan.layout, plan.linear_shapes, range(n_batches), job.quant,
                             JobHooks(ray, pipe, plan, job, out, state).hooks())
+        sent = ray.get([s.transfer_bytes.remote() for s in stages])  # the method's hand-overs, not the evaluation's
+        records = _verified_records(out, method, plan, state)
+        t_eval = time.perf_counter()
+        evaluation = evaluate_on_stages(pipe, plan, job, method.blocks, records, state)
+        eval_seconds = time.perf_counter() - t_eval
         rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
-        sent = ray.get([s.transfer_bytes.remote() for s in stages])
     finally:
         stop_stages(ray, stages, pg)
     info = [{**i, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(k), "transfer_bytes": b}
             for k, (i, r, b) in enumerate(zip(stage_info, rss, sent))]
-    return method, info, load_seconds
+    seconds = {"load": load_seconds, **vars(method.seconds), "evaluate": eval_seconds}
+    return StagesRun(method, records, evaluation, info, seconds)
 
 
 def _place_captures(ray, stages, info: list[dict], plan: JobPlan, job: Job) -> None:
@@ -359,15 +379,3 @@ def _stage_died(exc: Exception, attempt: int, job: Job, state: StateFile) -> Non
                        "or raise resources.max_retries") from exc
     state.echo(f"[{job.name}] a stage worker died during {state.state.phase} ({cause}); starting the stages again "
                f"(attempt {attempt + 1} of {attempts}); finished blocks are kept", flush=True)
-
-
-def _evaluate(ray, job: Job, plan: JobPlan) -> Evaluation:
-    """Held-out comparison with full precision, in one worker, for models small enough to load whole."""
-    from workers.eval_task import evaluate_checkpoint
-
-    skipped = evaluation_skipped(plan)
-    if skipped is not None:
-        return skipped
-    task = ray.remote(evaluate_checkpoint).options(num_cpus=job.resources.cpus_per_worker,
-                                                   num_gpus=job.resources.gpus_per_worker or 0)
-    return ray.get(task.remote(job.where, job.calibration))

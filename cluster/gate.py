@@ -23,25 +23,11 @@ class GateHeld(JobFailed):
     """The gate failed: the output is held, not published (exit 1)."""
 
 
-def evaluation_skipped(plan) -> EvalSkipped | None:
-    """Why the driver will not evaluate this job's checkpoint (then a gate is refused at submission), or None."""
-    from workers.eval_task import EVAL_MAX_BYTES
-
-    if plan.total_bytes > EVAL_MAX_BYTES:
-        return EvalSkipped(f"the model has {plan.total_bytes / 2**30:.1f} GiB of tensors; evaluating models over "
-                           f"{EVAL_MAX_BYTES / 2**30:.0f} GiB across stages is not implemented yet")
-    return None
-
-
-def check_gate_applies(gate: Gate, plan, held_out) -> None:
-    """Refuse (exit 2, naming the field) a gate that could only fail or pass unchecked: no evaluation will run,
-    or ``max_accuracy_drop`` without a held-out record that has an answer."""
+def check_gate_applies(gate: Gate, held_out) -> None:
+    """Refuse (exit 2, naming the field) a gate that could only fail: ``max_accuracy_drop`` without a held-out
+    record that has an answer (a gate without held-out records is refused with the job file)."""
     if not gate.is_set():
         return
-    skipped = evaluation_skipped(plan)
-    if skipped is not None:
-        raise InputError(f"output.gate: the held-out evaluation will not run ({skipped.reason}), so the gate cannot "
-                         "be checked; remove output.gate for this model")
     if gate.max_accuracy_drop is not None and not any(r.answer for r in held_out):
         raise InputError(f"output.gate.max_accuracy_drop: none of the {len(held_out)} held-out records has an answer, "
                          "so answer accuracy cannot be measured; use calibration data with answers, or remove it")

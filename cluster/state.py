@@ -2,7 +2,8 @@
 
 Each update is also printed as one progress line. The phases that move through countable steps show them,
 with an ETA once a step has been timed: capturing (calibration batches), searching (blocks; blocks resumed
-from an earlier run are not timed) and committing (checkpoint files written by the export).
+from an earlier run are not timed), evaluating (held-out batches) and committing (checkpoint files written by
+the export).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from qvlm.errors import InputError
 
 STATE_KEY = "_qvlm/state.json"
-PHASES = ("planning", "capturing", "statistics", "searching", "committing", "finished", "held", "failed", "stopped")
+PHASES = ("planning", "capturing", "statistics", "searching", "evaluating", "committing",
+          "finished", "held", "failed", "stopped")
 FINAL_PHASES = ("finished", "held", "failed", "stopped")  # held: written and evaluated, but the gate failed
-STEP_UNITS = {"capturing": "batches", "committing": "files"}  # searching counts blocks in its own fields
+STEP_UNITS = {"capturing": "batches", "evaluating": "batches", "committing": "files"}  # searching counts blocks in its own fields
 
 
 class StateError(InputError, ValueError):

@@ -35,7 +35,7 @@ def validate(job: Job, local_run: bool = False) -> JobPlan:
     records = _calibration_records(job)
     _check_records_reach_units(plan, records)
     _check_veo(plan, job.quant)
-    check_gate_applies(job.gate, plan, records[1])
+    check_gate_applies(job.gate, records[1])
     _check_batches(config_dir, records, job)
     return plan
 

@@ -13,6 +13,7 @@ from qvlm.loading import load_processor
 from qvlm.calibration import load_records, make_batches, make_pixel_batches
 from qvlm.records import CalibrationRecord
 from qvlm.answers import find_answer_spans
+from qvlm.evaluate import Comparison, EvalSkipped, answered_batches
 
 Batch = dict[str, torch.Tensor]
 
@@ -83,3 +84,14 @@ def answer_masks(model_dir: str | Path, records: list[CalibrationRecord], settin
 def calibration_answer_masks(model_dir: str | Path, settings: CalibrationSettings) -> list[torch.Tensor] | None:
     """``answer_masks`` of the calibration records, aligned with ``calibration_batches``."""
     return answer_masks(model_dir, records_for(settings)[0], settings)
+
+
+def held_out_comparison(model_dir: str | Path, settings: CalibrationSettings) -> Comparison | EvalSkipped:
+    """The held-out records' batches (with answers) and answer spans, ready to tally; or why there are none."""
+    records = records_for(settings)[1]
+    if not records:
+        return EvalSkipped("calibration.eval_samples is 0")
+    kind, preprocessor = load_preprocessor(model_dir)
+    if kind == "vision":
+        return EvalSkipped("a vision encoder alone has no next-token logits to compare")
+    return Comparison(*answered_batches(records, preprocessor, settings.max_length, settings.batch_size))

@@ -283,6 +283,28 @@ def _pass_through(module: nn.Module, cap: UnitCapture, stop: bool) -> nn.Module:
     return module
 
 
+@torch.no_grad()
+def finish_forward(model: nn.Module, layer_list: str, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``batch`` when the layer list named ``layer_list`` outputs ``hidden`` (computed
+    elsewhere, by the stages that own those layers): every layer of the list returns ``hidden`` without running
+    (whichever the model skips), so only what comes before it (embeddings, vision tower) and after it (final
+    norm, head, any logit capping) computes, as the model's own forward pass does it."""
+    layers = list(model.get_submodule(layer_list))
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: hidden
+    try:
+        with kv_cache_disabled(model):
+            logits = model(**batch).logits
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+    if tuple(logits.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise RuntimeError(f"finishing the forward pass after {layer_list} gave logits of shape {tuple(logits.shape)} "
+                           f"for hidden states of shape {tuple(hidden.shape)}: this model's layers return something "
+                           "other than the hidden state, which the evaluation through the stages does not support")
+    return logits
+
+
 def row_counts(calls: Sequence[UnitCall]) -> list[int]:
     """Valid token rows of each call's hidden state (masked positions, or every position without a mask)."""
     return [int(c.mask.sum()) if c.mask is not None else c.hidden[..., 0].numel() for c in calls]

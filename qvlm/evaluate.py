@@ -7,8 +7,9 @@ argmax at every answer position predicts the answer token, all in the one forwar
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +55,27 @@ def evaluation_line(evaluation: Evaluation | None) -> str:
 
 
 @dataclass
-class _Tally:
+class Tally:
     tokens: int = 0
     kl_sum: float = 0.0
     agree: int = 0
     questions: int = 0
     fp_correct: int = 0
     q_correct: int = 0
+
+    def add(self, fp: torch.Tensor, q: torch.Tensor, batch: Batch, spans: Sequence[Span]) -> None:
+        """One batch's logits of both models (float32, on one device)."""
+        mask = batch["attention_mask"].bool().to(fp.device)
+        valid = mask[:, :-1] & mask[:, 1:]  # position t and its next token t + 1 are both real tokens
+        log_p = F.log_softmax(fp[:, :-1][valid], dim=-1)
+        log_q = F.log_softmax(q[:, :-1][valid], dim=-1)
+        input_ids = batch["input_ids"].to(fp.device)
+        self.tokens += int(valid.sum())
+        self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+        self.questions += sum(span is not None for span in spans)
+        self.fp_correct += _correct(fp, input_ids, spans)
+        self.q_correct += _correct(q, input_ids, spans)
 
     def result(self) -> EvalResult:
         def share(n: int, total: int) -> float | None:
@@ -92,17 +107,6 @@ def _correct(logits: torch.Tensor, input_ids: torch.Tensor, spans: Sequence[Span
     return correct
 
 
-def _add_batch(tally: _Tally, fp: torch.Tensor, q: torch.Tensor, batch: Batch, spans: Sequence[Span]) -> None:
-    mask = batch["attention_mask"].bool()
-    valid = mask[:, :-1] & mask[:, 1:]  # position t and its next token t + 1 are both real tokens
-    log_p = F.log_softmax(fp[:, :-1][valid], dim=-1)
-    log_q = F.log_softmax(q[:, :-1][valid], dim=-1)
-    tally.tokens += int(valid.sum())
-    tally.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-    tally.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
-    tally.questions += sum(span is not None for span in spans)
-    tally.fp_correct += _correct(fp, batch["input_ids"], spans)
-    tally.q_correct += _correct(q, batch["input_ids"], spans)
 
 
 def compare_models(fp_model: Any, q_model: Any, batches: list[Batch],
@@ -113,16 +117,68 @@ def compare_models(fp_model: Any, q_model: Any, batches: list[Batch],
     """
     if answer_spans is not None and len(answer_spans) != len(batches):
         raise ValueError(f"answer_spans has {len(answer_spans)} batches, batches has {len(batches)}")
-    tally = _Tally()
+    tally = Tally()
     for i, batch in enumerate(batches):
         spans = answer_spans[i] if answer_spans is not None else [None] * batch["input_ids"].shape[0]
-        _add_batch(tally, _logits(fp_model, batch), _logits(q_model, batch), batch, spans)
+        tally.add(_logits(fp_model, batch), _logits(q_model, batch), batch, spans)
     return tally.result()
+
+
+def answered_batches(records: Sequence[CalibrationRecord], processor: Any, max_length: int,
+                     batch_size: int) -> tuple[list[Batch], list[list[Span]]]:
+    """Batches with the answers, and each row's answer span (from the same records tokenized without them)."""
+    full = make_batches(records, processor, max_length, batch_size, include_answer=True)
+    prompts = make_batches(records, processor, max_length, batch_size, include_answer=False)
+    return full, find_answer_spans(prompts, full, records, max_length)
 
 
 def evaluate_records(fp_model: Any, q_model: Any, processor: Any, records: Sequence[CalibrationRecord],
                      max_length: int, batch_size: int) -> EvalResult:
-    """Batches with answers, answer spans from the same records tokenized without them, then compare."""
-    full = make_batches(records, processor, max_length, batch_size, include_answer=True)
-    prompts = make_batches(records, processor, max_length, batch_size, include_answer=False)
-    return compare_models(fp_model, q_model, full, find_answer_spans(prompts, full, records, max_length))
+    """The two whole models on the records' batches (with answers)."""
+    return compare_models(fp_model, q_model, *answered_batches(records, processor, max_length, batch_size))
+
+
+class Comparison:
+    """The held-out batches of a run through stages, and the tally of their logits as they come back: a batch's
+    full-precision logits wait here for its quantized ones."""
+
+    def __init__(self, batches: list[Batch], spans: list[list[Span]]):
+        self.batches, self.spans = batches, spans
+        self.tally = Tally()
+        self._fp: dict[int, torch.Tensor] = {}
+
+    def add(self, index: int, logits: torch.Tensor, quantized: bool) -> None:
+        if not quantized:
+            self._fp[index] = logits.float()
+            return
+        self.tally.add(self._fp.pop(index), logits.float(), self.batches[index], self.spans[index])
+
+    def result(self) -> EvalResult:
+        if self._fp:
+            raise RuntimeError(f"held-out batches {sorted(self._fp)} have full-precision logits but no quantized ones")
+        return self.tally.result()
+
+
+def evaluation_phase(pipe: Any, n_batches: int, progress: Callable[[int, int], None]) -> EvalResult:
+    """Every held-out batch through the stages twice, in full precision and quantized (each stage switches its
+    own linears); the first stage finishes each forward pass and tallies. ``pipe`` is a
+    :class:`qvlm.method.Pipeline` whose stages hold their evaluation (``Stage.prepare_evaluation``). Forward
+    passes run as many batches ahead of the tallies as there are stages, so that the stages overlap."""
+
+    def forward(index: int, quantized: bool) -> Any:
+        ref = pipe.call(0, "evaluate_forward", index, quantized)
+        for s in range(1, pipe.n_stages):
+            ref = pipe.call(s, "evaluate_forward", ref, quantized)
+        return ref
+
+    ahead: deque = deque()
+    tallied: list = []
+    for index in range(n_batches):
+        ahead.append((index, forward(index, False), forward(index, True)))
+        while len(ahead) > pipe.n_stages or (ahead and index == n_batches - 1):
+            done, fp, q = ahead.popleft()
+            tallied += [pipe.call(0, "evaluate_head", done, fp, False), pipe.call(0, "evaluate_head", done, q, True)]
+    for count, _ in enumerate(pipe.completed(tallied), start=1):
+        if count % 2 == 0:
+            progress(count // 2, n_batches)
+    return pipe.get(pipe.call(0, "evaluation"))

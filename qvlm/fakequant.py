@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,18 @@ def swap_in_fake_quant(root: nn.Module, names: list[str]) -> dict[str, FakeQuant
     """Replace the named linears under ``root`` by FakeQuantLinear copies (in place); returns them by name."""
     swapped = {}
     for name in names:
+        linear = root.get_submodule(name)
+        swapped[name] = linear if isinstance(linear, FakeQuantLinear) else FakeQuantLinear.from_linear(linear)
+    put_modules(root, swapped)
+    return swapped
+
+
+def put_modules(root: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Set each named submodule of ``root`` to the given module (in place); returns the ones replaced, by name."""
+    replaced = {}
+    for name, module in modules.items():
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        linear = getattr(parent, child)
-        fq = linear if isinstance(linear, FakeQuantLinear) else FakeQuantLinear.from_linear(linear)
-        setattr(parent, child, fq)
-        swapped[name] = fq
-    return swapped
+        replaced[name] = getattr(parent, child)
+        setattr(parent, child, module)
+    return replaced

@@ -12,16 +12,18 @@ A one-process run is one stage that owns every unit (``qvlm.driver.quantize``); 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from qvlm.capture import Handover, UnitCapture, call_unit, capture_units, handover, move
+from qvlm.capture import Handover, UnitCapture, call_unit, capture_units, finish_forward, handover, move
 from qvlm.config import QuantConfig
 from qvlm.dependency import pair_dependency, unit_entropy, unit_rows
-from qvlm.fakequant import swap_in_fake_quant
+from qvlm.evaluate import Comparison, EvalResult
+from qvlm.fakequant import FakeQuantLinear, put_modules, swap_in_fake_quant
 from qvlm.quant import WeightScheme
 from qvlm.search import BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block
 from qvlm.stats import UnitStats, unit_statistics
@@ -91,6 +93,9 @@ class Stage:
         self.results: dict[int, BlockResult] = {}  # searched or loaded blocks, by block index
         self._carried: list[torch.Tensor] | None = None
         self.ahead = _units_ahead(self.model, self.units) if first else []
+        self._originals: dict[str, nn.Module] = {}  # linears as loaded, before apply() swapped in quantized ones
+        self._quantized: dict[str, FakeQuantLinear] = {}  # the evaluation's quantized linears (not in the model)
+        self.comparison: Comparison | None = None  # the first stage's held-out batches and tally
 
     def keep_captures_on(self, where: str) -> None:
         """Keep what is captured from now on on the stage's ``device`` or in ``host`` memory (when it does not
@@ -211,4 +216,54 @@ class Stage:
     def apply(self, results: Sequence[BlockResult], act) -> None:
         """Run this stage's model with the given blocks' quantizers from here on (fake-quant linears)."""
         linears = [r for b in results for r in b.linears]
+        for r in linears:
+            self._originals.setdefault(r.name, self.model.get_submodule(r.name))
         apply_linear_results(swap_in_fake_quant(self.model, [r.name for r in linears]), linears, act)
+
+    # --- evaluation -------------------------------------------------------------------------------------
+
+    def prepare_evaluation(self, results: Sequence[BlockResult], act, comparison: Comparison | None = None) -> None:
+        """Hold the quantized linears of this stage's blocks beside the full-precision ones, to switch between
+        them per forward pass; the first stage also holds the held-out batches (``comparison``)."""
+        self._quantized = {}
+        for r in (r for b in results for r in b.linears):
+            original = self._originals.get(r.name, self.model.get_submodule(r.name))
+            self._quantized[r.name] = FakeQuantLinear.from_linear(original)
+        apply_linear_results(self._quantized, [r for b in results for r in b.linears], act)
+        self.comparison = comparison if self.first else None
+
+    @contextmanager
+    def _linears(self, quantized: bool):
+        """The model with this stage's quantized linears, or with every linear as loaded, for one pass."""
+        chosen = self._quantized if quantized else {
+            name: self._originals.get(name, self.model.get_submodule(name)) for name in self._quantized}
+        replaced = put_modules(self.model, chosen)
+        try:
+            yield
+        finally:
+            put_modules(self.model, replaced)
+
+    @torch.no_grad()
+    def evaluate_forward(self, item: int | Handover, quantized: bool) -> Handover:
+        """One held-out batch (the first stage: its index) through this stage's units; what the next stage
+        takes, or, from the last stage, the final hidden state for :meth:`evaluate_head`."""
+        with self._linears(quantized):
+            if not self.first:
+                item = item.to(self.device)
+                return item.with_hidden(self._run_units(item)[-1].outputs[-1])
+            batch = {k: v.to(self.device) for k, v in self.comparison.batches[item].items()}
+            new = capture_units(self.model, self.units, [batch], stop_after_last=True, ahead=self.ahead)
+            return handover(new[len(self.units) - 1].outputs[-1], None, new[len(self.units) :])
+
+    @torch.no_grad()
+    def evaluate_head(self, index: int, last: Handover, quantized: bool) -> None:
+        """Finish batch ``index``'s forward pass (the first stage holds the model's glue: final norm, head) from
+        the last stage's hidden state, and tally its logits."""
+        batch = {k: v.to(self.device) for k, v in self.comparison.batches[index].items()}
+        layer_list = self.units[-1].name.rsplit(".", 1)[0]
+        with self._linears(quantized):
+            logits = finish_forward(self.model, layer_list, batch, last.hidden.to(self.device))
+        self.comparison.add(index, logits, quantized)
+
+    def evaluation(self) -> EvalResult:
+        return self.comparison.result()

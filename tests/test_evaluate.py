@@ -90,3 +90,42 @@ def test_records_without_answers_or_truncated_are_not_questions(setup):
     assert find_answer_spans(cut_prompts, cut, records, length) == [[None, None]]
     result = compare_models(fp, fp, full, find_answer_spans(prompts, full, records, MAX_LENGTH))
     assert result.questions == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluation_through_three_stages_equals_the_whole_models(setup, dtype):
+    """The held-out batches run through stages (vision + the first decoder layer, then one layer each), each
+    switching its own linears between full precision and its blocks' quantizers, with the first stage finishing
+    every pass: the figures of the whole full-precision model against the whole quantized one, and the stages'
+    model is full precision again afterwards."""
+    from qvlm.config import QuantConfig
+    from qvlm.driver import LocalPipeline, layout_of, quantize
+    from qvlm.evaluate import Comparison, answered_batches, evaluation_phase
+    from qvlm.quant import WeightScheme
+    from qvlm.stage import Stage
+    from qvlm.structure import find_units
+
+    _, processor, records = setup
+    fp = make_tiny_llava(seed=0)[0].to(dtype).eval()
+    units = find_units(fp)
+    language = [u.index for u in units if u.segment == "language"]
+    cut = [[u.index for u in units if u.segment != "language"] + language[:1], language[1:2], language[2:]]
+    config = QuantConfig(method="rtn", weights=WeightScheme(3, 32))
+    batches, spans = answered_batches(records, processor, MAX_LENGTH, batch_size=3)
+    quantized, result = quantize(make_tiny_llava(seed=0)[0].to(dtype), batches[:1], config, stages=cut)
+    layout = layout_of(fp, config, cut)
+    stages = [Stage(fp, [units[i] for i in s], first=(k == 0)) for k, s in enumerate(cut)]
+    for k, stage in enumerate(stages):
+        mine = [r for b, r in zip(result.blocks, result.block_results) if layout.stage_of(b.units[0]) == k]
+        stage.prepare_evaluation(mine, config.activations, Comparison(batches, spans))
+    steps = []
+    staged = evaluation_phase(LocalPipeline(stages), len(batches), lambda done, total: steps.append((done, total)))
+    whole = compare_models(make_tiny_llava(seed=0)[0].to(dtype).eval(), quantized, batches, spans)
+    assert staged.tokens == whole.tokens and staged.questions == whole.questions == len(records)
+    assert staged.kl_mean == pytest.approx(whole.kl_mean, rel=1e-4) and staged.kl_mean > 1e-3
+    assert (staged.top1_agreement, staged.fp_accuracy, staged.q_accuracy) == \
+        (whole.top1_agreement, whole.fp_accuracy, whole.q_accuracy)
+    assert steps[-1] == (len(batches), len(batches))
+    twin = make_tiny_llava(seed=0)[0].to(dtype).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fp(**batches[0]).logits, twin(**batches[0]).logits, rtol=0, atol=0)

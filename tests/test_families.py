@@ -140,9 +140,24 @@ def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
         for batch in batches:
             got, want = loaded.eval()(**batch).logits.flatten(), qmodel(**batch).logits.flatten()
             assert torch.nn.functional.cosine_similarity(got, want, dim=0) > COSINE
+    _assert_the_evaluation_is_the_checkpoints(path, out)
     if family in ("llava_next", "llava_onevision"):  # the image newline is a parameter, not a linear: written as it was
         assert "model.image_newline" not in json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
         torch.testing.assert_close(loaded.model.image_newline, _load(path).model.image_newline, rtol=0, atol=0)
+
+
+def _assert_the_evaluation_is_the_checkpoints(model_dir, out) -> None:
+    """The figures the job measured through its two stages are those of the written checkpoint loaded whole with
+    ``from_pretrained`` (workers/eval_task.py) on the same held-out records."""
+    from workers.eval_task import evaluate_checkpoint
+    from workers.locations import Locations
+
+    staged = json.loads((out / "qvlm_report.json").read_text())["evaluation"]
+    whole = evaluate_checkpoint(Locations(str(model_dir), str(out)), CAL)
+    assert staged["tokens"] == whole.tokens > 0 and staged["questions"] == whole.questions
+    assert staged["kl_mean"] == pytest.approx(whole.kl_mean, rel=1e-3, abs=1e-6)
+    for name in ("top1_agreement", "fp_accuracy", "q_accuracy"):
+        assert staged[name] == pytest.approx(getattr(whole, name), abs=1.5 / whole.tokens), name
 
 
 @pytest.mark.parametrize("command", ["plan", "submit"])

@@ -1,8 +1,8 @@
-"""Evaluate the written checkpoint against full precision on the held-out records, in one worker.
+"""The whole-model evaluation of a written checkpoint against full precision on the held-out records.
 
-This loads the whole model twice (FP and quantized), so the driver runs it only for models under
-``EVAL_MAX_BYTES`` and says so in the report otherwise. The quantized model is the checkpoint as written,
-loaded with ``from_pretrained``, so the figures describe what users will serve.
+It loads the whole model twice (the source, and the checkpoint as written with ``from_pretrained``), so it is
+for models that fit one process: the check (tests, ``bench/evaluation.py``) that a job's evaluation through its
+stages (cluster/evaluation.py) gives the figures of the checkpoint users will load.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from qvlm.evaluate import EvalResult, EvalSkipped
 from qvlm.batches import records_for
 from workers.locations import Locations
 from workers.storage import LocalStorage, open_storage
-
-EVAL_MAX_BYTES = 4 * 2**30
 
 
 def _local_copy(storage, skip_prefix: str = "_qvlm/") -> Path:
@@ -36,14 +34,15 @@ def evaluate_checkpoint(where: Locations, calibration: CalibrationSettings) -> E
         return EvalSkipped("calibration.eval_samples is 0")
     source, output = _local_copy(where.model()), _local_copy(open_storage(where.output_uri, where.output_endpoint))
     try:
-        return _evaluate(source, output, records, calibration)
+        return evaluate_folders(source, output, records, calibration)
     finally:
         for copy, uri in ((source, where.model_uri), (output, where.output_uri)):
             if str(copy) != uri and copy.name.startswith("qvlm-eval-"):
                 shutil.rmtree(copy, ignore_errors=True)
 
 
-def _evaluate(source: Path, output: Path, records, calibration: CalibrationSettings) -> EvalResult:
+def evaluate_folders(source: Path, output: Path, records, calibration: CalibrationSettings) -> EvalResult:
+    """The source model and the checkpoint in ``output`` (both local folders), loaded whole, on ``records``."""
     from transformers import AutoConfig, CompressedTensorsConfig
 
     from qvlm.batches import load_preprocessor

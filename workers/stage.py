@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import torch
 
 from qvlm.config import CalibrationSettings, QuantConfig
-from qvlm.batches import calibration_batches
+from qvlm.batches import calibration_batches, held_out_comparison
+from qvlm.evaluate import EvalSkipped
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
 from qvlm.structure import Unit
@@ -104,6 +105,25 @@ class StageWorker(Stage):
         prefixes = {r.name: self.shard.prefix(r.name) for r in result.linears}
         write_block(self.output(), job.index, file_name(job.index, self.n_files), result, prefixes,
                     config.activations, self.dense)
+
+    def load_evaluation(self, settings: CalibrationSettings) -> int | EvalSkipped:
+        """Build the held-out batches here (the first stage); returns how many, or why there is no evaluation."""
+        comparison = held_out_comparison(self.shard.local_dir, settings)
+        if isinstance(comparison, EvalSkipped):
+            return comparison
+        self.comparison = comparison
+        return len(comparison.batches)
+
+    def prepare_evaluation(self, records: Sequence[BlockRecord], act) -> None:
+        """Hold this stage's blocks as the checkpoint has them (read back from their files) for the evaluation."""
+        super().prepare_evaluation([read_block(self.output(), r) for r in records], act, self.comparison)
+
+    def evaluate_forward(self, item: int | Any, quantized: bool) -> Any:
+        arrived = item if isinstance(item, int) else unpack(item, owned=self.device.type == "cpu")
+        return pack(super().evaluate_forward(arrived, quantized))
+
+    def evaluate_head(self, index: int, last: Any, quantized: bool) -> None:
+        super().evaluate_head(index, unpack(last, owned=self.device.type == "cpu"), quantized)
 
     def output(self):
         """This worker's handle on the output (one ledger of what it writes, for the whole job)."""
