@@ -224,8 +224,10 @@ class Stage:
 
     def prepare_evaluation(self, results: Sequence[BlockResult], act, comparison: Comparison | None = None) -> None:
         """Hold the quantized linears of this stage's blocks beside the full-precision ones, to switch between
-        them per forward pass; the first stage also holds the held-out batches (``comparison``)."""
-        self._quantized = {}
+        them per forward pass; the first stage also holds the held-out batches (``comparison``). The captures are
+        dropped first: the searches are over, and their memory is what the quantized copies take."""
+        self.reset_captures()
+        self._carried, self._quantized = None, {}
         for r in (r for b in results for r in b.linears):
             original = self._originals.get(r.name, self.model.get_submodule(r.name))
             self._quantized[r.name] = FakeQuantLinear.from_linear(original)

@@ -43,10 +43,17 @@ def evaluate_checkpoint(where: Locations, calibration: CalibrationSettings) -> E
 
 def evaluate_folders(source: Path, output: Path, records, calibration: CalibrationSettings) -> EvalResult:
     """The source model and the checkpoint in ``output`` (both local folders), loaded whole, on ``records``."""
+    from qvlm.evaluate import evaluate_records
+
+    fp, q, processor = load_whole(source, output)
+    return evaluate_records(fp, q, processor, records, calibration.max_length, calibration.batch_size)
+
+
+def load_whole(source: Path, output: Path):
+    """(full-precision model, checkpoint as written with its static activation ranges, processor)."""
     from transformers import AutoConfig, CompressedTensorsConfig
 
     from qvlm.batches import load_preprocessor
-    from qvlm.evaluate import evaluate_records
     from qvlm.export import ACTIVATIONS_FILE, apply_activation_ranges
     from qvlm.loading import model_class
 
@@ -55,6 +62,4 @@ def evaluate_folders(source: Path, output: Path, records, calibration: Calibrati
     q = cls.from_pretrained(output, use_safetensors=True, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     if (output / ACTIVATIONS_FILE).exists():
         apply_activation_ranges(q, (output / ACTIVATIONS_FILE).read_bytes())
-    _, processor = load_preprocessor(source)  # a multimodal model's processor without its video processor
-    result = evaluate_records(fp, q, processor, records, calibration.max_length, calibration.batch_size)
-    return result
+    return fp, q, load_preprocessor(source)[1]  # a multimodal model's processor without its video processor
