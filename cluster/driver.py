@@ -232,11 +232,12 @@ def _calibration_sha256(job: Job) -> str:
 @dataclass(frozen=True)
 class StagesRun:
     """What the stage actors did before they were stopped: the method, the verified block records, the
-    held-out evaluation, what each stage used, and the seconds of each phase."""
+    held-out evaluation, the checkpoint's files, what each stage used, and the seconds of each phase."""
 
     method: MethodResult
     records: dict  # block index -> BlockRecord
     evaluation: Evaluation
+    checkpoint: dict  # checkpoint file -> {"sha256", "size"}
     stages_info: list[dict]
     seconds: dict
 
@@ -244,16 +245,10 @@ class StagesRun:
 def _run_phases(ray, job: Job, plan: JobPlan, out, state: StateFile) -> JobOutcome:
     t0 = time.perf_counter()
     run = _quantize_on_stages(ray, job, plan, out, state)
-    method, records, seconds = run.method, run.records, dict(run.seconds)
-    state.update(phase="committing", seconds=dict(seconds))
-    t_export = time.perf_counter()
-    checkpoint = export_checkpoint(ray, job, plan.rest_chunks, tuple(records[b.index] for b in method.blocks),
-                                   method.schemes, state)
-    seconds["export"] = time.perf_counter() - t_export
-    seconds["total"] = time.perf_counter() - t0  # up to the commit, which writes these figures
-    result = JobResult(job, plan, method, records, seconds, run.stages_info)
+    method, seconds = run.method, {**run.seconds, "total": time.perf_counter() - t0}  # total: up to the commit
+    result = JobResult(job, plan, method, run.records, seconds, run.stages_info)
     state.check()  # never commit into an output whose lock another run has taken
-    files, plan_doc = write_documents(out, result, checkpoint, run.evaluation)
+    files, plan_doc = write_documents(out, result, run.checkpoint, run.evaluation)
     _publish_or_hold(job, out, state, files, build_provenance(job, plan_doc, _calibration_sha256(job)), run.evaluation)
     state.update(phase="finished", blocks_done=len(method.blocks), seconds=dict(seconds))
     return JobOutcome(job.where.output_uri, len(method.blocks), len(method.done), seconds, run.evaluation)
@@ -279,7 +274,8 @@ def _quantize_on_stages(ray, job: Job, plan: JobPlan, out, state: StateFile) -> 
 
 
 def _attempt(ray, job: Job, plan: JobPlan, out, state: StateFile) -> StagesRun:
-    """Start the stages, run the method on them, then evaluate the written blocks through them."""
+    """Start the stages; run the method on them, evaluate the written blocks through them and export the rest of
+    the checkpoint from the first; stop them."""
     from cluster.placement import start_stages, stop_stages
 
     t0 = time.perf_counter()
@@ -295,16 +291,20 @@ def _attempt(ray, job: Job, plan: JobPlan, out, state: StateFile) -> StagesRun:
                             JobHooks(ray, pipe, plan, job, out, state).hooks())
         sent = ray.get([s.transfer_bytes.remote() for s in stages])  # the method's hand-overs, not the evaluation's
         records = _verified_records(out, method, plan, state)
-        t_eval = time.perf_counter()
+        clock = time.perf_counter()
         evaluation = evaluate_on_stages(pipe, plan, job, method.blocks, records, state)
-        eval_seconds = time.perf_counter() - t_eval
+        seconds = {"load": load_seconds, **vars(method.seconds), "evaluate": time.perf_counter() - clock}
+        state.update(phase="committing", seconds=dict(seconds))
+        clock = time.perf_counter()
+        checkpoint = export_checkpoint(ray, job, plan.rest_chunks, tuple(records[b.index] for b in method.blocks),
+                                       method.schemes, state, stage=stages[0])
+        seconds["export"] = time.perf_counter() - clock
         rss = ray.get([s.peak_rss_bytes.remote() for s in stages])
     finally:
         stop_stages(ray, stages, pg)
     info = [{**i, "peak_rss_bytes": r, "weight_bytes": plan.stage_bytes(k), "transfer_bytes": b}
             for k, (i, r, b) in enumerate(zip(stage_info, rss, sent))]
-    seconds = {"load": load_seconds, **vars(method.seconds), "evaluate": eval_seconds}
-    return StagesRun(method, records, evaluation, info, seconds)
+    return StagesRun(method, records, evaluation, checkpoint, info, seconds)
 
 
 def _place_captures(ray, stages, info: list[dict], plan: JobPlan, job: Job) -> None:

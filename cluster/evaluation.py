@@ -33,4 +33,6 @@ def evaluate_on_stages(pipe, plan: JobPlan, job, blocks, records: dict, state: S
     def progress(done: int, total: int) -> None:
         state.update(steps_done=done, steps_total=total, steps_seconds=time.perf_counter() - started)
 
-    return evaluation_phase(pipe, n_batches, progress)
+    result = evaluation_phase(pipe, n_batches, progress)
+    pipe.get([pipe.call(s, "end_evaluation") for s in range(pipe.n_stages)])
+    return result

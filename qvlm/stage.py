@@ -269,3 +269,7 @@ class Stage:
 
     def evaluation(self) -> EvalResult:
         return self.comparison.result()
+
+    def end_evaluation(self) -> None:
+        """Let the quantized copies and the held-out batches go."""
+        self._quantized, self.comparison = {}, None

@@ -21,6 +21,7 @@ from qvlm.evaluate import EvalSkipped
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
 from qvlm.structure import Unit
+from workers.export_task import ExportRequest, checkpoint_files
 from workers.fault_hooks import fault_point
 from workers.locations import Locations
 from workers.model_shard import ModelShard
@@ -125,6 +126,11 @@ class StageWorker(Stage):
 
     def evaluate_head(self, index: int, last: Any, quantized: bool) -> None:
         super().evaluate_head(index, unpack(last, owned=self.device.type == "cpu"), quantized)
+
+    def export_files(self, request: ExportRequest):
+        """The checkpoint's other files, written from here once the stages are done (a generator: one step per
+        file, as workers/export_task.py yields them)."""
+        yield from checkpoint_files(request)
 
     def output(self):
         """This worker's handle on the output (one ledger of what it writes, for the whole job)."""
