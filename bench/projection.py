@@ -352,7 +352,7 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     for s in range(len(job.plan.stages)):
         m = stage_memory(job.plan, s, size, quant)
         where = fits[s].keep_captures if fits else "-"
-        on_gpu = m.total if where == "device" else m.weights + m.workspace
+        on_gpu = m.total if where == "device" else m.weights + max(m.workspace, m.evaluation)
         rows.append([s, len(job.plan.stages[s]), f"{m.weights / GIB:.1f}", f"{m.captures / GIB:.1f}",
                      f"{m.workspace / GIB:.1f}", f"{m.total / GIB:.1f}", where, f"{on_gpu / GIB:.1f}",
                      f"{0.9 * gpu.memory / GIB:.1f}"])

@@ -6,7 +6,9 @@ layer list takes per batch (an attention mask of batch x tokens x tokens); and, 
 workspace: per weight of the block what its search holds (``SEARCH_BYTES_PER_WEIGHT``), the block's cached unit
 outputs for every sample, GPTQ's Hessians, one batch's intermediate activations and, for learned rounding,
 what autograd keeps of one batch through the block. Activations are in the
-model's dtype, as the stage computes.
+model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds a
+quantized copy of the stage's linears beside the full-precision ones, one batch's activations and, in the first
+stage, the float32 logits of both passes of one batch (cluster/evaluation.py).
 
 With a GPU the captures stay on the GPU when everything fits there, else in the worker's host memory (moved to
 the GPU one batch at a time); the weights and the workspace must fit the GPU. Without a GPU everything is in
@@ -33,11 +35,12 @@ class CalibrationSize:
 class StageMemory:
     weights: int
     captures: int
-    workspace: int
+    workspace: int  # the largest block search
+    evaluation: int = 0  # after the searches, when the captures are gone
 
     @property
     def total(self) -> int:
-        return self.weights + self.captures + self.workspace
+        return self.weights + max(self.captures + self.workspace, self.evaluation)
 
 
 def _unit_width(plan, unit) -> int:
@@ -117,9 +120,22 @@ def _autograd_bytes(plan, unit, size: CalibrationSize) -> int:
     return size.batch_size * unit_tokens(unit, size) * per_token
 
 
+def evaluation_bytes(plan, stage: int, size: CalibrationSize) -> int:
+    """The held-out evaluation: the quantized copies of the stage's linears, one batch's activations through its
+    widest linear, and in the first stage one batch's logits three times in float32 (the full-precision pass's,
+    kept for the quantized one, the quantized pass's, and the model's output before its float32 copy; the
+    log-softmax is taken a few rows at a time, qvlm.evaluate.ROWS_AT_ONCE)."""
+    units = [plan.units[i] for i in plan.stages[stage]]
+    copies = sum(plan.unit_bytes[i] for i in plan.stages[stage])
+    widest = max(out for u in units for n in u.linears for out, _ in [plan.linear_shapes[u.linear_name(n)]])
+    transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * plan.weight_element_bytes
+    logits = 3 * 4 * size.batch_size * size.tokens * plan.vocab_size if stage == 0 else 0
+    return copies + transient + logits
+
+
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     return StageMemory(plan.stage_bytes(stage), capture_bytes(plan, stage, size),
-                       workspace_bytes(plan, stage, size, search_cost(quant)))
+                       workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size))
 
 
 @dataclass(frozen=True)
@@ -141,7 +157,7 @@ def fit(memory: StageMemory, device_bytes: int | None, host_bytes: int | None, g
         return Fit("device" if room(host_bytes, memory.total) else None, memory.total, memory.total)
     if room(device_bytes, memory.total):
         return Fit("device", memory.total, 0)
-    on_device = memory.weights + memory.workspace
+    on_device = memory.weights + max(memory.workspace, memory.evaluation)
     if room(device_bytes, on_device) and room(host_bytes, memory.captures):
         return Fit("host", on_device, memory.captures)
     return Fit(None, on_device, memory.captures)
@@ -182,7 +198,8 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
             ([f"quantization.qvlm.max_block_depth: {depth} would fit"] if depth else [])
     raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
                      f"of weights, {memory.captures / GIB:.2f} GiB of captures and {memory.workspace / GIB:.2f} GiB "
-                     f"of search workspace ({size.samples} samples x {size.tokens} tokens), against {has}; "
+                     f"of search workspace ({size.samples} samples x {size.tokens} tokens), then "
+                     f"{memory.evaluation / GIB:.2f} GiB for the evaluation, against {has}; "
                      + ("; ".join(fixes) if fixes else "give the workers more memory (resources.gpus_per_worker, "
                                                        "resources.gpu_memory_gb)"))
 

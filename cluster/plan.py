@@ -37,6 +37,7 @@ class JobPlan:
     pixel_bytes: int = 0  # one image's pixel values as the model takes them (fp32), 0 for a text model
     image_tokens: int = 0  # tokens per image in the vision tower, 0 for a text model
     tokens: int = 512  # text tokens per calibration sample the stages were balanced for
+    vocab_size: int = 0  # the language model's vocabulary (the evaluation's logits), 0 when it has none
 
     def stage_bytes(self, s: int) -> int:
         return sum(self.unit_bytes[i] for i in self.stages[s]) + (self.glue_bytes if s == 0 else 0)
@@ -161,7 +162,12 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int, toke
     shapes = linear_shapes(model, units)
     return JobPlan(type(model).__name__, tuple(units), tuple(streams), tuple(stages), tuple(unit_bytes), glue,
                    index.total_bytes(), shapes, element, rest_chunks(model, index, shapes), _pixel_bytes(model.config),
-                   image_tokens, tokens)
+                   image_tokens, tokens, _vocab_size(model.config))
+
+
+def _vocab_size(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "vocab_size", 0) or 0)
 
 
 MAX_FILE_BYTES = 5 * 10**9  # the checkpoint's unquantized tensors go into files of at most this size
@@ -241,7 +247,8 @@ def memory_lines(plan: JobPlan, quant, samples: int, tokens: int, batch_size: in
     for s in range(len(plan.stages)):
         m = stage_memory(plan, s, size, quant)
         lines.append(f"  stage {s}: {_size(m.weights)} weights + {_size(m.captures)} captures + "
-                     f"{_size(m.workspace)} search workspace = {_size(m.total)}")
+                     f"{_size(m.workspace)} search workspace = {_size(m.weights + m.captures + m.workspace)}; "
+                     f"then {_size(m.evaluation)} for the evaluation")
     return lines
 
 

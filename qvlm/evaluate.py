@@ -19,6 +19,7 @@ from qvlm.calibration import make_batches
 from qvlm.records import CalibrationRecord
 
 Batch = dict[str, torch.Tensor]
+ROWS_AT_ONCE = 1024  # positions whose log-softmax is computed together
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,18 @@ class Tally:
     q_correct: int = 0
 
     def add(self, fp: torch.Tensor, q: torch.Tensor, batch: Batch, spans: Sequence[Span]) -> None:
-        """One batch's logits of both models (float32, on one device)."""
+        """One batch's logits of both models (float32, on one device), taken ``ROWS_AT_ONCE`` positions at a time
+        so that the log-softmax of a large vocabulary never doubles the batch's logits."""
         mask = batch["attention_mask"].bool().to(fp.device)
         valid = mask[:, :-1] & mask[:, 1:]  # position t and its next token t + 1 are both real tokens
-        log_p = F.log_softmax(fp[:, :-1][valid], dim=-1)
-        log_q = F.log_softmax(q[:, :-1][valid], dim=-1)
+        rows, cols = valid.nonzero(as_tuple=True)
+        for start in range(0, rows.numel(), ROWS_AT_ONCE):
+            r, c = rows[start : start + ROWS_AT_ONCE], cols[start : start + ROWS_AT_ONCE]
+            log_p, log_q = F.log_softmax(fp[r, c], dim=-1), F.log_softmax(q[r, c], dim=-1)
+            self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+            self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
         input_ids = batch["input_ids"].to(fp.device)
-        self.tokens += int(valid.sum())
-        self.kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-        self.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+        self.tokens += rows.numel()
         self.questions += sum(span is not None for span in spans)
         self.fp_correct += _correct(fp, input_ids, spans)
         self.q_correct += _correct(q, input_ids, spans)

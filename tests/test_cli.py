@@ -105,6 +105,30 @@ def test_a_search_that_fits_only_with_shallower_blocks_is_refused_naming_the_dep
     assert runner.invoke(app, args + ["--set", "quantization.qvlm.max_block_depth=1"]).exit_code == 0
 
 
+def test_the_evaluation_after_the_searches_counts_in_a_stage_memory(tmp_path, tiny_llava_dir):
+    """The held-out evaluation holds quantized copies of the stage's linears and, in the first stage, one batch's
+    logits over the vocabulary: a stage whose searches fit but whose evaluation does not is refused, saying so."""
+    from dataclasses import replace
+
+    from cluster.memory import HEADROOM, calibration_size, check_memory, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+    from qvlm.errors import InputError
+
+    job = load_job(_job(tmp_path, tiny_llava_dir)).compile()
+    plan = inspect_model(job)[0]
+    size = calibration_size(plan, job.calibration)
+    small, large = stage_memory(plan, 0, size, job.quant), stage_memory(replace(plan, vocab_size=10**6), 0, size, job.quant)
+    assert large.evaluation - small.evaluation == 3 * 4 * size.batch_size * size.tokens * (10**6 - plan.vocab_size)
+    assert stage_memory(plan, 1, size, job.quant).evaluation == stage_memory(replace(plan, vocab_size=10**6), 1, size, job.quant).evaluation
+    host = (int(large.total / HEADROOM) + 2) * len(plan.stages)  # just room for stage 0, every stage on one host
+    check_memory(replace(plan, vocab_size=10**6), job.calibration, job.quant, False, None, host)
+    assert large.evaluation > large.captures + large.workspace  # the evaluation is what sizes this stage
+    with pytest.raises(InputError, match=r"^stage 0 of 2 does not fit its worker: .* GiB for the evaluation"):
+        check_memory(replace(plan, vocab_size=10**6), job.calibration, job.quant, False, None, host // 2)
+    check_memory(plan, job.calibration, job.quant, False, None, host // 2)  # the small vocabulary fits
+
+
 def test_status_of_an_output_with_no_job_is_an_input_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["status", str(tmp_path / "empty")])
