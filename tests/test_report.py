@@ -59,6 +59,7 @@ def test_report_from_the_sample_plan():
     assert report.evaluation == EvalResult(**EVALUATION)
     assert [b.units for b in report.veo.blocks_before] == [tuple(b["units"]) for b in PLAN["veo"]["blocks_before"]]
     assert [h.epoch for h in report.veo.history] == [0, 1]
+    assert "VEO does not always help" in render_html(report)  # where it did not help, on the page beside its figures
 
 
 def test_report_json_carries_every_section():

@@ -69,6 +69,10 @@ def _evaluation_html(r: Report) -> str:
     return _table(None, rows) + accuracy
 
 
+VEO_CAVEAT = ("VEO does not always help: on qvlm's trained tiny LLaVA it lowered the KL to full precision at W4A4 "
+              "and raised it at W6A6 (BENCHMARKS.md, \"VEO\"); compare this evaluation with a run without it.")
+
+
 def _veo_html(r: Report) -> str:
     veo = r.veo
     if veo is None:
@@ -77,7 +81,7 @@ def _veo_html(r: Report) -> str:
             f"{', reused from an earlier run' if veo.reused else ''}); vision-output MSE "
             f"{_fmt(veo.error_before)} with round-to-nearest, {_fmt(veo.error_after)} tuned.")
     rows = [(h.epoch, h.loss, h.next_token, h.dependency, h.error) for h in veo.history]
-    return (VEO_CHART.svg(r) + f"<p>{_e(cost)}</p>"
+    return (VEO_CHART.svg(r) + f"<p>{_e(cost)} {_e(VEO_CAVEAT)}</p>"
             + _table(["epoch", "loss", "next-token CE", "mean D", "error term"], rows))
 
 
