@@ -278,4 +278,17 @@ def describe(plan: JobPlan, quant, placement: str = "pack", samples: int = 0, to
                  f"{_PLACEMENT_WORDS.get(placement, placement.upper())}")
     lines.append(f"method {quant.method}" + (f"/{quant.search}, blocks of depth <= {quant.max_block_depth} "
                  "chosen after capture (entropy-guided)" if quant.method == "qvlm" else ", one block per unit"))
+    lines.append(serving_line(plan, quant))
     return lines
+
+
+def serving_line(plan: JobPlan, quant) -> str:
+    """Whether the checkpoint this job writes can be served, at its base scheme (mixed precision may raise some
+    layers' bits). No qvlm checkpoint has yet been seen to serve in vLLM (no GPU has run it), so it says so."""
+    from qvlm.export import servability
+
+    verdict = servability({name: quant.weights for name in plan.linear_shapes}, quant.activations)
+    if not verdict.servable:
+        return f"serving: {verdict.note}"
+    return (f"serving: {verdict.note} as the formats go; warning: no qvlm checkpoint has been seen to load in vLLM "
+            "yet (tested with transformers' from_pretrained only)")

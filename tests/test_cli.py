@@ -52,6 +52,16 @@ def test_plan_prints_stages_without_running(tmp_path, tiny_llava_dir):
     assert "  stage 1: " in result.output and "search workspace" in result.output
 
 
+def test_plan_says_whether_the_checkpoint_will_serve(tmp_path, tiny_llava_dir):
+    """W4 is a format vLLM has kernels for, but no qvlm checkpoint has been seen in vLLM yet: the plan warns; W3
+    has no kernel at all: research-only."""
+    w4 = runner.invoke(app, ["plan", str(_job(tmp_path, tiny_llava_dir))])
+    assert w4.exit_code == 0 and "serving: weight-only, W4 pack-quantized: servable" in w4.output, w4.output
+    assert "no qvlm checkpoint has been seen to load in vLLM yet" in w4.output
+    w3 = runner.invoke(app, ["plan", str(_job(tmp_path, tiny_llava_dir)), "--set", "quantization.weights.bits=3"])
+    assert w3.exit_code == 0 and "serving: weight-only with W3 pack-quantized layers: no vLLM" in w3.output, w3.output
+
+
 def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path, tiny_llava_dir):
     """qvlm plan (and submit) refuse a job whose stage needs more than resources.gpu_memory_gb, before any work,
     naming how many samples would fit; the figure comes from the same memory model the plan prints. (Captures can
