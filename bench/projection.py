@@ -12,7 +12,7 @@ Nothing here runs on a GPU and no figure it prints is a GPU measurement. What it
    captures and search workspace come from ``cluster.memory.stage_memory``; ``cluster.memory.check_memory``
    says whether the job is accepted on each GPU and where each stage keeps its captures. Next to it, an
    estimate of what that model leaves out (learned rounding's autograd activations, GPTQ's float64
-   Cholesky work, the int8 results a stage keeps, the statistics' float64 copy of a weight).
+   Cholesky work, the statistics' float64 copy of a weight).
 2. The cost of each method, from qvlm/search.py and qvlm/learned.py as they stand: a number of forwards of
    the unit over the whole calibration set (``evaluations`` plus the forwards that are not counted), learned
    rounding's steps (forward + backward on one batch), and work that scales with the weights, not the tokens
@@ -361,13 +361,12 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
 
 def unmodelled_rows(job: Job13B) -> list:
     """What a decoder-layer stage holds beyond cluster/memory.py's model, estimated (GiB)."""
-    layers = max(sum(1 for k in s if job.plan.units[k].segment == "language") for s in job.plan.stages)
     gptq = 4 * 13824**2 * 8  # float64: H's copy, its permutation, the Cholesky factor and the inverse
     return [
         ["GPTQ (gptq, and best's candidate): float64 work on the widest input (down_proj, 13824)", f"{gptq / GIB:.1f}",
          "one linear at a time", "counted as Hessians only for method gptq; not at all for search best"],
-        ["int8 results a stage keeps for every block it searched (BlockResult.qweight)", f"{317.2e6 / GIB:.2f} per layer",
-         f"x {layers} layers: {layers * 317.2e6 / GIB:.1f}", "not counted"],
+        ["int8 results: only the block being searched (a stage worker drops them once its file is written)",
+         f"{317.2e6 / GIB:.2f} per layer", "x block depth", "counted: the int8 candidate of the search workspace"],
         ["statistics: float64 copy of the widest weight (kurtosis) and its temporaries", f"{2 * 70.8e6 * 8 / GIB:.1f}",
          "transient", "not counted"],
     ]
@@ -390,7 +389,7 @@ def estimated_peak_rows(job: Job13B, measured: dict) -> list:
             fig = measured["methods"][method]
             counted = SEARCH_BYTES_PER_WEIGHT[search_cost(quant).kind]
             per_weight = max((fig["peak_gib"] - fig["before_gib"]) * GIB / weights - counted, 0.0)
-            extra = depth * 317.2e6 * per_weight + 5 * 317.2e6  # + the int8 results of a stage's 5 layers
+            extra = depth * 317.2e6 * per_weight
             total = on_gpu + extra
             rows.append([key, method, depth, f"{on_gpu / GIB:.1f}", f"{extra / GIB:.1f}", f"{total / GIB:.1f}",
                          f"{0.9 * gpu.memory / GIB:.1f}", "yes" if total <= 0.9 * gpu.memory else "NO"])
@@ -539,7 +538,7 @@ def print_measured_memory(job: Job13B, measured: dict) -> None:
                 measured_memory_rows(measured)))
     print("\n  Estimated peak on the GPU of a decoder stage: the model's bytes on the GPU + the blocks' weight-proportional "
           "bytes measured above beyond the 4 per weight the model counts (x block depth; GPTQ's float64 work is in "
-          "them) + the int8 results of its 5 layers + autograd of a step at the job's batch (learned, best; x depth):")
+          "them) + autograd of a step at the job's batch (learned, best; x depth):")
     print(table(["GPU", "method", "depth", "model on GPU GiB", "estimated extra GiB", "estimated peak GiB",
                  "90% of GPU GiB", "fits"], estimated_peak_rows(job, measured)))
 

@@ -97,7 +97,9 @@ class StageWorker(Stage):
 
     def search_block(self, job: BlockJob, config: QuantConfig, source: str = "captured", upstream: Any = None,
                      needs_out: bool = False, done: bool = False) -> BlockSummary | None:
-        return super().search_block(job, config, source, unpack(upstream), needs_out, done)
+        summary = super().search_block(job, config, source, unpack(upstream), needs_out, done)
+        self.results.clear()  # the block's integers are in its file now (its carried output is kept apart)
+        return summary
 
     def keep_result(self, job: BlockJob, result: BlockResult, config: QuantConfig) -> None:
         fault_point(f"block-{job.index}")  # a test hook; off unless QVLM_TEST_FAULTS is set
