@@ -46,7 +46,7 @@ class LearnedWeightQuantizer:
     beta: torch.Tensor  # [out, groups] shrink of the lower bound
     lo0: torch.Tensor  # [out, groups] starting bounds (float32)
     hi0: torch.Tensor
-    shift: torch.Tensor | None = None  # [out, groups, group] integer steps from nearest to the start's integers
+    shift: torch.Tensor | None = None  # [out, groups, group] int16 steps from nearest to the start's integers
     started: bool = False  # from another search's result: its scales stay, only the offsets train
 
     @classmethod
@@ -65,13 +65,13 @@ class LearnedWeightQuantizer:
     @torch.no_grad()
     def _align(self, target: torch.Tensor, rounds: int = 3) -> None:
         """Integer shifts that make the untrained quantizer give ``target`` (a clamped value may need two)."""
-        shift = torch.zeros_like(target)
+        shift = torch.zeros(target.shape, dtype=torch.int16, device=target.device)  # 8-bit steps overflow int8
         for _ in range(rounds):
             self.shift = shift if bool(shift.any()) else None
             q = self._grid(self.v, self.alpha, self.beta)[0]
             if torch.equal(q, target):
                 return
-            shift = shift + (target - q)
+            shift = shift + (target - q).to(torch.int16)
 
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta]
@@ -144,29 +144,21 @@ def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None,
     finally:
         for n in rounding:
             ws.fq[n].weight_fn = None
-    best.restore(rounding)
-    return {n: r.finalize() for n, r in rounding.items()}
+    return best.weights or {n: r.finalize() for n, r in rounding.items()}  # none offered a finite error
 
 
 class _Best:
-    """The parameters with the lowest whole-calibration-set block error seen so far."""
+    """The integer weights with the lowest whole-calibration-set block error seen so far: kept as the checkpoint
+    will hold them (int8 and qparams, one byte a weight), not as the float32 offsets that gave them."""
 
     def __init__(self):
-        self.error, self.params = float("inf"), None
+        self.error, self.weights = float("inf"), {}
 
     def offer(self, ws, rounding: dict) -> None:
         error = ws.refresh()  # the soft weights are in place: their value is exactly the exported weight's
         if error < self.error:
             self.error = error
-            self.params = {n: [p.detach().clone() for p in r.params()] for n, r in rounding.items()}
-
-    @torch.no_grad()
-    def restore(self, rounding: dict) -> None:
-        if self.params is None:
-            return
-        for n, r in rounding.items():
-            for p, saved in zip(r.params(), self.params[n]):
-                p.copy_(saved)
+            self.weights = {n: r.finalize() for n, r in rounding.items()}
 
 
 @torch.no_grad()
