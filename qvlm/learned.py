@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from qvlm.capture import call_unit, valid_rows
 from qvlm.quant import QuantizedWeight, WeightScheme, grid_integers, grid_qparams, grouped, percentile_bounds
@@ -89,8 +90,15 @@ class LearnedWeightQuantizer:
 
     def soft_weight(self) -> torch.Tensor:
         """Differentiable dequantized weight: the stored scale, straight-through rounding; its value equals
-        ``finalize().dequantize()`` exactly."""
-        q, scale, zero = self._grid(self.v, self.alpha, self.beta)
+        ``finalize().dequantize()`` exactly. When it trains, its float32 intermediates (the scaled weight, the
+        integers) are not kept for the backward but computed again there, one linear at a time: they would
+        otherwise be held for every linear of the block at once."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params()):
+            return checkpoint(self._soft_weight, self.v, self.alpha, self.beta, use_reentrant=False)
+        return self._soft_weight(self.v, self.alpha, self.beta)
+
+    def _soft_weight(self, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        q, scale, zero = self._grid(v, alpha, beta)
         return ((q if zero is None else q - zero) * scale).reshape(self.weight.shape).to(self.weight.dtype)
 
     @torch.no_grad()
