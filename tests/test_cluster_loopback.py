@@ -175,12 +175,12 @@ def s3_model(s3_server, tmp_path_factory):
     return f"s3://{bucket}/models/tiny", local
 
 
-def _job_file(folder: Path, name: str, model_uri: str, endpoint: str, output: Path, epochs: int = 1) -> Path:
+def _job_file(folder: Path, name: str, model_uri: str, endpoint: str, output: Path, iters: int | None = None) -> Path:
     job = {
         "name": name,
         "model": {"path": model_uri},
         "calibration": {"data": "builtin:shapes", "samples": 8, "eval_samples": 4, "max_length": 64, "batch_size": 4},
-        "quantization": {"qvlm": {"epochs": epochs}},
+        "quantization": {"qvlm": {"epochs": 1, **({"iters": iters} if iters else {})}},
         "output": {"uri": str(output), "endpoint_url": endpoint},
         "resources": {"workers": 2, "placement": "spread"},
     }
@@ -290,7 +290,8 @@ def test_sigterm_to_a_following_submit_stops_the_job_on_the_cluster(cluster, s3_
     cluster, sent SIGTERM by Ray, records "stopped" and releases the output's lock; a second follower
     (`qvlm logs --follow`) ends with it (1), and `qvlm status JOB_ID` says STOPPED with the job's phase (1)."""
     out = tmp_path / "out"
-    job = _job_file(tmp_path, "loopback-cancel", s3_model[0], s3_server, out, epochs=50)
+    # 3000 learned-rounding steps a block: the search lasts long enough that the stop lands in it
+    job = _job_file(tmp_path, "loopback-cancel", s3_model[0], s3_server, out, iters=3000)
     submit = subprocess.Popen([str(BIN / "qvlm-submit"), "--address", cluster.dashboard, str(job)], env=cluster.env,
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     follower = None

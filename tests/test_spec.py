@@ -75,7 +75,7 @@ DEFAULTS = {
         "qvlm": {"search": "best", "max_block_depth": 3, "h0": "auto",
                  "percentiles": (1.0, 0.995, 0.99, 0.985, 0.98), "max_shrink": 0.2, "shrink_steps": 20,
                  "epochs": 4, "iters": 100, "propagation": "quantized",
-                 "veo": {"enabled": False, "epochs": 4, "lr": 0.01, "lambda_entropy": 0.1, "lambda_error": 1.0,
+                 "veo": {"enabled": False, "epochs": 4, "lr": 0.001, "lambda_entropy": 0.1, "lambda_error": 10.0,
                          "eta": 0.1}},
         "gptq": {"act_order": True, "damp": 0.01},
         "mixed_precision": {"metric": "none", "extra_budget": 0.02, "stop": 2, "top_m": 0},
