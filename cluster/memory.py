@@ -71,9 +71,10 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 # Bytes a block search holds per weight element of the block, besides the stage's own weights: measured on the CPU
 # with bench/gpu.py on one decoder layer of 51M weights in float32 and in bfloat16, the larger of the two
 # (BENCHMARKS.md, "Search workspace per weight"). "plain" (rtn, clip, gptq): the fake-quant copy, the int8
-# candidate and the quantizer's temporaries; "learned": also its float32 rounding offsets, their gradients, the
-# best-so-far copy and the soft weight's autograd intermediates; "best": learned plus the other candidates.
-SEARCH_BYTES_PER_WEIGHT = {"plain": 9, "learned": 37, "best": 51}
+# candidate and the quantizer's temporaries; "learned": also its float32 rounding offsets and their gradients, the
+# int8 best-so-far and one linear's soft weight recomputed in the backward; "best": learned plus the other
+# candidates (clipped RTN, GPTQ's integers and its float64 work on one linear).
+SEARCH_BYTES_PER_WEIGHT = {"plain": 9, "learned": 24, "best": 44}
 
 
 @dataclass(frozen=True)
