@@ -166,8 +166,7 @@ def make_plan(config_dir: str, index: CheckpointIndex, quant, workers: int, toke
 
 
 def _vocab_size(config) -> int:
-    text = getattr(config, "text_config", None) or config
-    return int(getattr(text, "vocab_size", 0) or 0)
+    return int(getattr(config.get_text_config(), "vocab_size", 0) or 0)
 
 
 MAX_FILE_BYTES = 5 * 10**9  # the checkpoint's unquantized tensors go into files of at most this size

@@ -111,8 +111,6 @@ def _correct(logits: torch.Tensor, input_ids: torch.Tensor, spans: Sequence[Span
     return correct
 
 
-
-
 def compare_models(fp_model: Any, q_model: Any, batches: list[Batch],
                    answer_spans: list[list[Span]] | None = None) -> EvalResult:
     """Compare ``q_model`` with ``fp_model`` on ``batches`` (each model called as ``model(**batch).logits``).
@@ -175,13 +173,17 @@ def evaluation_phase(pipe: Any, n_batches: int, progress: Callable[[int, int], N
             ref = pipe.call(s, "evaluate_forward", ref, quantized)
         return ref
 
+    def tally(index: int, fp: Any, q: Any) -> list:
+        return [pipe.call(0, "evaluate_head", index, fp, False), pipe.call(0, "evaluate_head", index, q, True)]
+
     ahead: deque = deque()
     tallied: list = []
     for index in range(n_batches):
         ahead.append((index, forward(index, False), forward(index, True)))
-        while len(ahead) > pipe.n_stages or (ahead and index == n_batches - 1):
-            done, fp, q = ahead.popleft()
-            tallied += [pipe.call(0, "evaluate_head", done, fp, False), pipe.call(0, "evaluate_head", done, q, True)]
+        if len(ahead) > pipe.n_stages:
+            tallied += tally(*ahead.popleft())
+    while ahead:
+        tallied += tally(*ahead.popleft())
     for count, _ in enumerate(pipe.completed(tallied), start=1):
         if count % 2 == 0:
             progress(count // 2, n_batches)

@@ -227,18 +227,20 @@ class Stage:
         them per forward pass; the first stage also holds the held-out batches (``comparison``). The captures are
         dropped first: the searches are over, and their memory is what the quantized copies take."""
         self.reset_captures()
-        self._carried, self._quantized = None, {}
-        for r in (r for b in results for r in b.linears):
-            original = self._originals.get(r.name, self.model.get_submodule(r.name))
-            self._quantized[r.name] = FakeQuantLinear.from_linear(original)
-        apply_linear_results(self._quantized, [r for b in results for r in b.linears], act)
+        self._carried = None
+        linears = [r for b in results for r in b.linears]
+        self._quantized = {r.name: FakeQuantLinear.from_linear(self._original(r.name)) for r in linears}
+        apply_linear_results(self._quantized, linears, act)
         self.comparison = comparison if self.first else None
+
+    def _original(self, name: str) -> nn.Module:
+        """The linear ``name`` as loaded (also when apply() has put a quantized one in its place)."""
+        return self._originals[name] if name in self._originals else self.model.get_submodule(name)
 
     @contextmanager
     def _linears(self, quantized: bool):
         """The model with this stage's quantized linears, or with every linear as loaded, for one pass."""
-        chosen = self._quantized if quantized else {
-            name: self._originals.get(name, self.model.get_submodule(name)) for name in self._quantized}
+        chosen = self._quantized if quantized else {name: self._original(name) for name in self._quantized}
         replaced = put_modules(self.model, chosen)
         try:
             yield

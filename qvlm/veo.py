@@ -34,7 +34,7 @@ from torch import nn
 from qvlm.capture import _strided, unit_output
 from qvlm.config import QuantConfig
 from qvlm.dependency import ChannelGrid, channel_grid, conditional_entropy_tensor, joint_distribution
-from qvlm.fakequant import swap_in_fake_quant
+from qvlm.fakequant import put_modules, swap_in_fake_quant
 from qvlm.learned import LearnedWeightQuantizer
 from qvlm.quant import ActRange, WeightScheme, calibrate_act_range
 from qvlm.search import BlockResult, LinearResult, apply_linear_results
@@ -216,9 +216,7 @@ def _swapped(model: nn.Module, names: Sequence[str]):
     try:
         yield fq
     finally:
-        for n, module in originals.items():
-            parent, _, child = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+        put_modules(model, originals)
 
 
 def optimize_vision_encoder(model: nn.Module, batches: Sequence[Batch], units: Sequence[Unit], schemes: dict[str, WeightScheme],

@@ -119,7 +119,6 @@ class StageWorker(Stage):
 
     def prepare_evaluation(self, records: Sequence[BlockRecord], act) -> None:
         """Hold this stage's blocks as the checkpoint has them (read back from their files) for the evaluation."""
-        self.results = {}  # the searched blocks are in the output now
         super().prepare_evaluation([read_block(self.output(), r) for r in records], act, self.comparison)
 
     def evaluate_forward(self, item: int | Any, quantized: bool) -> Any:
