@@ -8,7 +8,9 @@ outputs for every sample, GPTQ's Hessians, one batch's intermediate activations 
 what autograd keeps of one batch through the block. Activations are in the
 model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds a
 quantized copy of the stage's linears beside the full-precision ones, one batch's activations and, in the first
-stage, the float32 logits of both passes of one batch (cluster/evaluation.py).
+stage, the float32 logits of both passes of one batch (cluster/evaluation.py). Visual-encoder optimisation, when
+on, runs before the searches beside the captures: each stage keeps one batch's graph through its units, and the
+first stage also the tower's trainable quantizers and one batch's logits with their gradient (qvlm/veo.py).
 
 With a GPU the captures stay on the GPU when everything fits there, else in the worker's host memory (moved to
 the GPU one batch at a time); the weights and the workspace must fit the GPU. Without a GPU everything is in
@@ -37,10 +39,11 @@ class StageMemory:
     captures: int
     workspace: int  # the largest block search
     evaluation: int = 0  # after the searches, when the captures are gone
+    veo: int = 0  # before the searches, beside the captures
 
     @property
     def total(self) -> int:
-        return self.weights + max(self.captures + self.workspace, self.evaluation)
+        return self.weights + max(self.captures + max(self.workspace, self.veo), self.evaluation)
 
 
 def _unit_width(plan, unit) -> int:
@@ -134,9 +137,28 @@ def evaluation_bytes(plan, stage: int, size: CalibrationSize) -> int:
     return copies + transient + logits
 
 
+def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
+    """Visual-encoder optimisation's step on one batch: the graph through the stage's units (what learned rounding
+    keeps, an upper bound: here the weights are frozen), each language unit's strided rows with their gradients,
+    and in the first stage the tower's quantizers (learned rounding's state per weight) and the logits three times
+    in float32 (the logits, the loss's softmax, their gradient). 0 when VEO is off."""
+    if not quant.veo.enabled:
+        return 0
+    units = [plan.units[i] for i in plan.stages[stage]]
+    graph = sum(_autograd_bytes(plan, u, size) for u in units)
+    rows = sum(3 * 4 * quant.veo.max_rows * _unit_out_width(plan, u) for u in units if u.segment == "language")
+    if stage:
+        return graph + rows
+    vision = sum(plan.unit_bytes[u.index] for u in plan.units if u.segment == "vision")
+    quantizers = SEARCH_BYTES_PER_WEIGHT["learned"] * vision // plan.weight_element_bytes
+    logits = 3 * 4 * size.batch_size * size.tokens * plan.vocab_size
+    return graph + rows + quantizers + logits
+
+
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     return StageMemory(plan.stage_bytes(stage), capture_bytes(plan, stage, size),
-                       workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size))
+                       workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size),
+                       veo_bytes(plan, stage, size, quant))
 
 
 @dataclass(frozen=True)
@@ -158,7 +180,7 @@ def fit(memory: StageMemory, device_bytes: int | None, host_bytes: int | None, g
         return Fit("device" if room(host_bytes, memory.total) else None, memory.total, memory.total)
     if room(device_bytes, memory.total):
         return Fit("device", memory.total, 0)
-    on_device = memory.weights + max(memory.workspace, memory.evaluation)
+    on_device = memory.weights + max(memory.workspace, memory.veo, memory.evaluation)
     if room(device_bytes, on_device) and room(host_bytes, memory.captures):
         return Fit("host", on_device, memory.captures)
     return Fit(None, on_device, memory.captures)
@@ -199,8 +221,9 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
             ([f"quantization.qvlm.max_block_depth: {depth} would fit"] if depth else [])
     raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
                      f"of weights, {memory.captures / GIB:.2f} GiB of captures and {memory.workspace / GIB:.2f} GiB "
-                     f"of search workspace ({size.samples} samples x {size.tokens} tokens), then "
-                     f"{memory.evaluation / GIB:.2f} GiB for the evaluation, against {has}; "
+                     f"of search workspace ({size.samples} samples x {size.tokens} tokens), "
+                     + (f"{memory.veo / GIB:.2f} GiB for VEO before the searches, " if memory.veo else "")
+                     + f"then {memory.evaluation / GIB:.2f} GiB for the evaluation, against {has}; "
                      + ("; ".join(fixes) if fixes else "give the workers more memory (resources.gpus_per_worker, "
                                                        "resources.gpu_memory_gb)"))
 

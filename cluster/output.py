@@ -22,7 +22,7 @@ from cluster.state import STATE_KEY, JobState, read_state
 from cluster.verify import MANIFEST_KEY
 from workers.shard import BLOCKS_PREFIX
 from workers.storage import LEDGER_PREFIX, PROBE_PREFIX, StorageError
-from workers.veo_task import VEO_RECORD_KEY
+from workers.veo_record import VEO_RECORD_KEY
 
 _RECORD = re.compile(re.escape(BLOCKS_PREFIX) + r"/block-\d+\.json")
 SHOWN = 3  # foreign files named in a refusal

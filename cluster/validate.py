@@ -111,8 +111,6 @@ VEO_NOT_YET = ("Mllama",)  # tests/test_families.py WITHOUT_VEO: its job and one
 
 
 def _check_veo(plan, quant) -> None:
-    from workers.veo_task import VEO_MAX_BYTES
-
     if not quant.veo.enabled:
         return
     if not any(u.segment == "vision" for u in plan.units):
@@ -121,10 +119,6 @@ def _check_veo(plan, quant) -> None:
     if plan.model_class.startswith(VEO_NOT_YET):
         raise InputError(f"quantization.qvlm.veo.enabled: VEO is not supported for {plan.model_class} yet (a job and "
                          "the one-process run tune its two-part vision tower differently); turn veo off")
-    if plan.total_bytes > VEO_MAX_BYTES:
-        raise InputError(f"quantization.qvlm.veo.enabled: VEO runs in one worker that holds the whole model, and this "
-                         f"model has {plan.total_bytes / 2**30:.1f} GiB of tensors (limit {VEO_MAX_BYTES / 2**30:.0f} GiB); "
-                         "turn veo off for this model")
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""The VEO barrier of a job: tune the vision tower's quantizers in the first stage's worker (or reuse a finished
+"""The VEO barrier of a job: tune the vision tower's quantizers through the stage actors (or reuse a finished
 run), put them into the first stage's model and capture again behind them; once the partition numbers the tower's
 block, the first stage writes it as that block."""
 
@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass
 
 from qvlm.method import Block, Hooks, capture_phase, plan_blocks
+from qvlm.veo import veo_phase
 from cluster.pipeline import RayPipeline
 from cluster.plan import JobPlan
 from cluster.job import Job
-from workers.veo_task import VeoRecord, load_veo_record
+from workers.veo_record import VeoRecord, load_veo_record
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,11 @@ def tune_vision_encoder(ray, pipe: RayPipeline, plan: JobPlan, job: Job, out, sc
     vision = [u for u in plan.units if u.segment == "vision"]
     record = load_veo_record(out, [u.name for u in vision])
     reused = record is not None
+    n_batches = ray.get(first.load_batches.remote(job.calibration))
     if record is None:
-        record = ray.get(first.run_veo.remote(list(plan.units), schemes, bits, quant, job.calibration))
+        record = veo_phase(pipe, range(n_batches), plan.units, schemes, bits, quant, job.calibration)
     blocks_before, h0_before = plan_blocks(plan.streams, deps, quant, layout=plan.layout)
     ray.get(first.use_quantized.remote(record.block, quant.activations))
     ray.get([s.reset_captures.remote() for s in pipe.actors])
-    n_batches = ray.get(first.load_batches.remote(job.calibration))
     capture_phase(pipe, range(n_batches), Hooks())
     return VeoOutcome(record, reused, time.perf_counter() - t0, list(deps), h0_before, blocks_before)

@@ -217,10 +217,9 @@ class _StopForward(Exception):
     """Raised from the last captured unit's hook when the rest of the model lives in later stages."""
 
 
-@torch.no_grad()
 def capture_units(
     model: nn.Module, units: Sequence[Unit], batches: Sequence[dict[str, torch.Tensor]], stop_after_last: bool = False,
-    ahead: Sequence[Unit] = (),
+    ahead: Sequence[Unit] = (), grad: bool = False,
 ) -> list[UnitCapture]:
     """Run ``model`` on every batch and record every unit's inputs and outputs, in unit order.
 
@@ -228,7 +227,8 @@ def capture_units(
     may have no weights (a pipeline stage that owns only the first units). Units ``ahead`` (later units of
     the last unit's layer list, owned by later stages) are not run: each passes its input through unchanged
     and only its arguments are recorded (their captures, after the others, hold calls and no outputs); the
-    forward pass then ends after the last of them.
+    forward pass then ends after the last of them. With ``grad`` the forward pass records its graph (the
+    captures are still detached; the caller's own hooks see the graph, as VEO's taps do).
     """
     captures = [UnitCapture(u) for u in units]
     ahead_captures = [UnitCapture(u) for u in ahead]
@@ -252,7 +252,7 @@ def capture_units(
     passed = [_pass_through(model.get_submodule(cap.unit.name), cap, stop_after_last and cap is stop_at)
               for cap in ahead_captures]
     try:
-        with kv_cache_disabled(model):
+        with kv_cache_disabled(model), torch.set_grad_enabled(grad):
             for batch in batches:
                 am = batch.get("attention_mask")
                 token_mask[0] = am.bool() if am is not None else None
@@ -283,12 +283,12 @@ def _pass_through(module: nn.Module, cap: UnitCapture, stop: bool) -> nn.Module:
     return module
 
 
-@torch.no_grad()
 def finish_forward(model: nn.Module, layer_list: str, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for ``batch`` when the layer list named ``layer_list`` outputs ``hidden`` (computed
     elsewhere, by the stages that own those layers): every layer of the list returns ``hidden`` without running
     (whichever the model skips), so only what comes before it (embeddings, vision tower) and after it (final
-    norm, head, any logit capping) computes, as the model's own forward pass does it."""
+    norm, head, any logit capping) computes, as the model's own forward pass does it. It records a graph when
+    grad mode is on (VEO's loss), as any forward pass does."""
     layers = list(model.get_submodule(layer_list))
     for layer in layers:
         layer.forward = lambda *args, **kwargs: hidden

@@ -23,7 +23,7 @@ from qvlm.search import BlockResult, linear_tensors
 from qvlm.stage import Stage
 from qvlm.stats import UnitStats
 from qvlm.structure import Unit, segments_of
-from qvlm.veo import optimize_vision_encoder
+from qvlm.veo import VeoResult, veo_phase
 
 
 class LocalPipeline:
@@ -85,11 +85,26 @@ def layout_of(model: nn.Module, config: QuantConfig, stages: Sequence[Sequence[i
     return Layout(tuple(units), streams, tuple(tuple(s) for s in stages) if stages else (tuple(u.index for u in units),))
 
 
-def _veo_hook(model, stage: Stage, pipe, layout: Layout, batches, config, answers):
-    """Tune the tower in the model itself, apply it in the (first) stage and capture again behind it."""
+def local_pipeline(model: nn.Module, layout: Layout) -> LocalPipeline:
+    """The stages of ``layout`` over ``model`` itself, in this process."""
+    units = {u.index: u for u in layout.units}
+    return LocalPipeline([Stage(model, [units[i] for i in s], first=(k == 0), device=_device(model))
+                          for k, s in enumerate(layout.stages)])
+
+
+def optimize_vision_encoder(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: QuantConfig,
+                            schemes: dict, bits: dict[int, int], answers: Sequence[torch.Tensor] | None = None,
+                            stages: Sequence[Sequence[int]] | None = None) -> VeoResult:
+    """VEO alone, in this process, through stages cut as ``stages`` says (one by default); ``model`` unchanged."""
+    layout = layout_of(model, config, stages)
+    return veo_phase(local_pipeline(model, layout), batches, layout.units, schemes, bits, config, answers)
+
+
+def _veo_hook(stage: Stage, pipe, layout: Layout, batches, config, answers):
+    """Tune the tower through the stages, apply it in the first stage and capture again behind it."""
 
     def tune(schemes, bits, deps):
-        tuned = optimize_vision_encoder(model, batches, layout.units, schemes, config, bits, answers)
+        tuned = veo_phase(pipe, batches, layout.units, schemes, bits, config, answers)
         blocks_before, h0_before = plan_blocks(layout.streams, deps, config, layout=layout)
         stage.apply([tuned.block], config.activations)
         for s in pipe.stages:
@@ -128,13 +143,11 @@ def quantize(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], confi
     """
     model.eval()
     layout = layout_of(model, config, stages)
-    units = {u.index: u for u in layout.units}
-    pipe = LocalPipeline([Stage(model, [units[i] for i in s], first=(k == 0), device=_device(model))
-                          for k, s in enumerate(layout.stages)])
+    pipe = local_pipeline(model, layout)
     tuned: list = []
     hooks = Hooks(finished=_finished_vision(pipe.stages[0], layout, tuned))
     if config.veo.enabled:
-        tune = _veo_hook(model, pipe.stages[0], pipe, layout, batches, config, answers)
+        tune = _veo_hook(pipe.stages[0], pipe, layout, batches, config, answers)
 
         def tune_and_keep(schemes, bits, deps):
             result, summary = tune(schemes, bits, deps)

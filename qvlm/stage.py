@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from qvlm.quant import WeightScheme
 from qvlm.search import BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block
 from qvlm.stats import UnitStats, unit_statistics
 from qvlm.structure import Unit, find_units
+from qvlm.veo_stage import StageVeo
 
 Batch = dict[str, torch.Tensor]
 
@@ -96,6 +97,7 @@ class Stage:
         self._originals: dict[str, nn.Module] = {}  # linears as loaded, before apply() swapped in quantized ones
         self._quantized: dict[str, FakeQuantLinear] = {}  # the evaluation's quantized linears (not in the model)
         self.comparison: Comparison | None = None  # the first stage's held-out batches and tally
+        self._veo: StageVeo | None = None  # visual-encoder optimisation's state, while it runs
 
     def keep_captures_on(self, where: str) -> None:
         """Keep what is captured from now on on the stage's ``device`` or in ``host`` memory (when it does not
@@ -275,3 +277,18 @@ class Stage:
     def end_evaluation(self) -> None:
         """Let the quantized copies and the held-out batches go."""
         self._quantized, self.comparison = {}, None
+
+    # --- visual-encoder optimisation --------------------------------------------------------------------
+
+    def veo(self, step: str, *args: Any) -> Any:
+        """One step of VEO's part in this stage (``qvlm.veo.veo_phase`` calls them in order): ``begin`` with
+        the arguments of :class:`qvlm.veo_stage.StageVeo`, then its methods by name, ending with ``end``."""
+        if step == "begin":
+            self._veo = StageVeo(self, *args)
+            return None
+        if self._veo is None:
+            raise RuntimeError(f"VEO step {step!r} before 'begin'")
+        result = getattr(self._veo, step)(*args)
+        if step == "end":
+            self._veo = None
+        return result

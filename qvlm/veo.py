@@ -18,26 +18,31 @@ The authors never released this part; our reading (method.md 1.6):
   which the model never uses, get no gradient and keep round-to-nearest.
 
 The tuned quantizers are the vision tower's result: its units form one block that is not searched again.
+
+It runs through the stages that hold the model (:func:`veo_phase`, one stage's part in qvlm/veo_stage.py):
+forward passes go down the stages as in the capture, with each stage keeping its graph; the first stage, which
+holds the tower, the glue and the quantizers, computes the loss and sends the gradients back up the stages. A
+one-process run is one stage holding every unit. What crosses a boundary per step: the hidden state and its
+gradient, and each language unit's ``max_rows`` strided rows and their gradients (LLaVA-13B at the default
+512 rows: 40 x 512 x 5120 float32, 0.4 GB each way).
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlm.capture import _strided, unit_output
+from qvlm.capture import unit_output
 from qvlm.config import QuantConfig
-from qvlm.dependency import ChannelGrid, channel_grid, conditional_entropy_tensor, joint_distribution
-from qvlm.fakequant import put_modules, swap_in_fake_quant
+from qvlm.dependency import ChannelGrid, conditional_entropy_tensor, joint_distribution
 from qvlm.learned import LearnedWeightQuantizer
-from qvlm.quant import ActRange, WeightScheme, calibrate_act_range
-from qvlm.search import BlockResult, LinearResult, apply_linear_results
+from qvlm.quant import ActRange, WeightScheme
+from qvlm.search import BlockResult
 from qvlm.structure import Unit, find_units
 
 Batch = dict[str, torch.Tensor]
@@ -51,7 +56,7 @@ class VeoResult:
 
 
 @dataclass
-class _Quantizers:
+class Quantizers:
     weights: dict[str, LearnedWeightQuantizer]
     act_base: dict[str, ActRange]  # calibrated full-precision input range per linear (static schemes)
     act_scale: dict[str, torch.Tensor]  # trainable shrink of that range, in [0.5, 1]
@@ -99,7 +104,7 @@ def _feature_tap(model: nn.Module, units: Sequence[Unit], store) -> torch.utils.
 
 
 @contextmanager
-def _taps(model: nn.Module, units: Sequence[Unit], language: Sequence[Unit]):
+def taps(model: nn.Module, units: Sequence[Unit], language: Sequence[Unit]):
     """Record, per forward, the vision output and every language unit's output (graph kept for gradients)."""
     seen: dict = {"vision": None, "language": [None] * len(language)}
     hooks = [_feature_tap(model, units, lambda x: seen.__setitem__("vision", x))]
@@ -113,12 +118,12 @@ def _taps(model: nn.Module, units: Sequence[Unit], language: Sequence[Unit]):
             h.remove()
 
 
-def _token_mask(batch: Batch) -> torch.Tensor:
+def token_mask(batch: Batch) -> torch.Tensor:
     mask = batch.get("attention_mask")
     return mask.bool() if mask is not None else torch.ones(batch["input_ids"].shape, dtype=torch.bool)
 
 
-def _next_token_loss(model: nn.Module, logits: torch.Tensor, batch: Batch, answers: torch.Tensor | None) -> torch.Tensor:
+def next_token_loss(model: nn.Module, logits: torch.Tensor, batch: Batch, answers: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy on the next token: at the positions that predict answer tokens when the records have answers,
     else at every real position (image placeholders excluded as targets).
 
@@ -132,7 +137,7 @@ def _next_token_loss(model: nn.Module, logits: torch.Tensor, batch: Batch, answe
         if not bool(valid.any()):
             return logits.sum() * 0.0  # no answer fits in this batch: no task signal
     else:
-        mask = _token_mask(batch)
+        mask = token_mask(batch)
         valid = mask[:, 1:] & mask[:, :-1]
         image_id = getattr(model.config, "image_token_id", None)
         if image_id is not None:
@@ -140,15 +145,11 @@ def _next_token_loss(model: nn.Module, logits: torch.Tensor, batch: Batch, answe
     return F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
 
 
-def _relative_error(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def relative_error(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return ((q.float() - r.float()) ** 2).sum() / (r.float() ** 2).sum().clamp_min(1e-12)
 
 
-def _rows(x: torch.Tensor, batch: Batch, max_rows: int) -> torch.Tensor:
-    return _strided(x[_token_mask(batch)].float(), max_rows)
-
-
-def _soft_dependency(rows: Sequence[torch.Tensor], grids: Sequence[ChannelGrid], weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+def soft_dependency(rows: Sequence[torch.Tensor], grids: Sequence[ChannelGrid], weights: torch.Tensor) -> tuple[torch.Tensor, float]:
     """sum_k w_k D(k, k+1) / log M_{k+1} (differentiable) and the unweighted mean D."""
     terms = []
     for k in range(len(rows) - 1):
@@ -157,137 +158,51 @@ def _soft_dependency(rows: Sequence[torch.Tensor], grids: Sequence[ChannelGrid],
     if not terms:
         return torch.zeros((), dtype=torch.float64), 0.0
     d = torch.stack(terms)
-    return (weights.to(d.dtype) * d).sum(), float(d.detach().mean())
+    return (weights.to(d.device, d.dtype) * d).sum(), float(d.detach().mean())
 
 
-@torch.no_grad()
-def _reference(model, units, language, batches, max_rows, bits, act, linears) -> tuple[list, list, list[ChannelGrid], dict]:
-    """Full-precision vision outputs, logits, dependency grids and (static schemes) input ranges per linear."""
-    vision, logits, rows = [], [], [[] for _ in language]
-    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    static = act.enabled and act.static
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: inputs[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in linears] if static else []
-    try:
-        with _taps(model, units, language) as seen:
-            for batch in batches:
-                logits.append(model(**batch).logits)
-                vision.append(seen["vision"])
-                for k, out in enumerate(seen["language"]):
-                    rows[k].append(_rows(out, batch, max_rows))
-    finally:
-        for h in hooks:
-            h.remove()
-    grids = [channel_grid(torch.cat(r), bits[u.index]) for r, u in zip(rows, language)]
-    ranges = {n: calibrate_act_range(_strided(torch.cat(x), 8192), act) for n, x in inputs.items() if x}
-    return vision, logits, grids, ranges
 
 
-def _jacobian_weights(model, seen_fn, batch, ref_logits, n_pairs: int) -> torch.Tensor:
-    """w_k = |dE/dX^(k)| for the first unit of each pair, E the relative logits error; mean 1."""
-    logits, seen = seen_fn(batch)
-    outs = seen["language"][:n_pairs]
-    # A layer the vision features do not reach (Mllama's self-attention layers before its first cross-attention
-    # layer) has no gradient: its weight is 0.
-    reached = [o for o in outs if o.requires_grad]
-    grads = dict(zip(map(id, reached), torch.autograd.grad(_relative_error(logits, ref_logits), reached,
-                                                           allow_unused=True))) if reached else {}
-    norms = torch.tensor([float(g.norm()) if (g := grads.get(id(o))) is not None else 0.0 for o in outs],
-                         dtype=torch.float64)
-    return norms / norms.mean() if float(norms.sum()) > 0 else torch.ones(n_pairs, dtype=torch.float64)
-
-
-@contextmanager
-def _frozen(model: nn.Module):
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-
-
-@contextmanager
-def _swapped(model: nn.Module, names: Sequence[str]):
-    """Vision linears replaced by FakeQuantLinear for the duration; the originals are put back after."""
-    originals = {n: model.get_submodule(n) for n in names}
-    fq = swap_in_fake_quant(model, list(names))
-    try:
-        yield fq
-    finally:
-        put_modules(model, originals)
-
-
-def optimize_vision_encoder(model: nn.Module, batches: Sequence[Batch], units: Sequence[Unit], schemes: dict[str, WeightScheme],
-                            config: QuantConfig, bits: dict[int, int], answers: Sequence[torch.Tensor] | None = None) -> VeoResult:
-    """Train the vision tower's quantizers (model left unchanged); ``bits`` = grid bits of each language unit,
-    ``answers`` = per batch, the positions that predict answer tokens (``qvlm.batches.answer_masks``)."""
+def veo_phase(pipe: Any, items: Sequence[Any], units: Sequence[Unit], schemes: dict[str, WeightScheme],
+              bits: dict[int, int], config: QuantConfig, answers: Any = None) -> Any:
+    """Train the vision tower's quantizers through the stages of ``pipe`` (a :class:`qvlm.method.Pipeline`
+    whose first stage owns the whole tower); the model is unchanged afterwards. ``items`` are the calibration
+    batches as the first stage's capture takes them, ``bits`` the grid bits of each language unit and
+    ``answers`` what the first stage needs to find the answer positions of each batch. Returns what the first
+    stage's ``finish`` gives: a :class:`VeoResult` (a worker writes it and gives its record)."""
     check_veo_applies(units)
-    cfg, act = config.veo, config.activations
-    t0 = time.perf_counter()
-    torch.manual_seed(config.seed)
-    model.eval()
-    vision_units = [u for u in units if u.segment == "vision"]
-    language = [u for u in units if u.segment == "language"]
-    names = vision_linear_names(units)
-    ref_vision, ref_logits, grids, act_base = _reference(model, units, language, batches, cfg.max_rows, bits, act, names)
-    with _frozen(model), _swapped(model, names) as fq:
-        quant = _Quantizers({n: LearnedWeightQuantizer.init(fq[n].weight.detach(), schemes[n]) for n in names}, act_base,
-                            {n: torch.ones((), requires_grad=True) for n in act_base})
-        for n, q in quant.weights.items():
-            q.v.requires_grad_(False)
-            fq[n].weight_fn, fq[n].act_scheme = q.soft_weight, act
-
-        def run(batch):
-            for n in names:
-                fq[n].act_range = quant.act_range(n)
-            with _taps(model, units, language) as seen:
-                return model(**batch).logits, {"vision": seen["vision"], "language": list(seen["language"])}
-
-        error_before = _vision_mse(run, batches, ref_vision)
-        history = _train(model, run, quant, batches, answers, ref_vision, ref_logits, grids, cfg)
-        results = tuple(LinearResult(n, quant.weights[n].finalize(), quant.act_range(n, detach=True), None, None) for n in names)
-        for n in names:
-            fq[n].weight_fn = None
-        apply_linear_results(fq, results, act)
-        error_after = _vision_mse(run, batches, ref_vision)
-    block = BlockResult(tuple(u.name for u in vision_units), results, error_before, error_after,
-                        cfg.epochs * len(batches), time.perf_counter() - t0)
-    return VeoResult(block, tuple(history), time.perf_counter() - t0)
+    n = pipe.n_stages
+    pipe.get([pipe.call(s, "veo", "begin", list(units), schemes, bits, config, answers if s == 0 else None)
+              for s in range(n)])
+    _passes(pipe, items, "reference")
+    n_pairs = pipe.get(pipe.call(0, "veo", "start_training", *[pipe.call(s, "veo", "grids") for s in range(n)]))
+    for epoch in range(config.veo.epochs):
+        if config.veo.lambda_entropy and n_pairs > 0:
+            pipe.call(0, "veo", "set_weights", *_passes(pipe, items[:1], "jacobian"))
+        _passes(pipe, items, "train")
+        pipe.call(0, "veo", "end_epoch", epoch)
+    result = pipe.get(pipe.call(0, "veo", "finish"))
+    pipe.get([pipe.call(s, "veo", "end") for s in range(n)])
+    return result
 
 
-@torch.no_grad()
-def _vision_mse(run, batches, ref_vision) -> float:
-    total, count = 0.0, 0
-    for batch, ref in zip(batches, ref_vision):
-        _, seen = run(batch)
-        sq = (seen["vision"].double() - ref.double()) ** 2
-        total, count = total + float(sq.sum()), count + sq.numel()
-    return total / max(count, 1)
-
-
-def _train(model, run, quant: _Quantizers, batches, answers, ref_vision, ref_logits, grids, cfg) -> list[dict]:
-    optimizer = torch.optim.Adam(quant.params(), lr=cfg.lr)
-    n_pairs = len(grids) - 1
-    history = []
-    for epoch in range(cfg.epochs):
-        weights = (_jacobian_weights(model, run, batches[0], ref_logits[0], n_pairs)
-                   if cfg.lambda_entropy and n_pairs > 0 else torch.ones(max(n_pairs, 0), dtype=torch.float64))
-        sums = {"loss": 0.0, "next_token": 0.0, "dependency": 0.0, "error": 0.0}
-        for batch, answer, rv, rl in zip(batches, answers or [None] * len(batches), ref_vision, ref_logits, strict=True):
-            logits, seen = run(batch)
-            ce = _next_token_loss(model, logits, batch, answer)
-            rows = [_rows(out, batch, cfg.max_rows) for out in seen["language"]]
-            dep, mean_d = _soft_dependency(rows, grids, weights)
-            err = _relative_error(seen["vision"], rv) + cfg.eta * _relative_error(logits, rl)
-            loss = ce + cfg.lambda_entropy * dep.float() + cfg.lambda_error * err
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            quant.clamp_()
-            for key, value in (("loss", loss.item()), ("next_token", ce.item()), ("dependency", mean_d), ("error", err.item())):
-                sums[key] += value
-        history.append({"epoch": epoch, **{k: v / len(batches) for k, v in sums.items()},
-                        "jacobian_weights": [round(float(w), 4) for w in weights]})
-    return history
+def _passes(pipe: Any, items: Sequence[Any], mode: str) -> list:
+    """Each batch down the stages and (except in the reference pass) its gradients back up; returns the last
+    batch's per-stage gradient norms in the Jacobian pass."""
+    n, norms = pipe.n_stages, []
+    for index, item in enumerate(items):
+        last, _ = pipe.call(0, "veo", "forward", index, item, mode, returns=2)
+        rows = []
+        for s in range(1, n):
+            last, stage_rows = pipe.call(s, "veo", "forward", index, last, mode, returns=2)
+            rows.append(stage_rows)
+        parts = pipe.call(0, "veo", "head", index, mode, last, *rows, returns=max(n - 1, 1))
+        if mode == "reference":
+            continue
+        parts = [] if n == 1 else [parts] if n == 2 else list(parts)
+        grad, norms = None, []
+        for s in range(n - 1, 0, -1):
+            grad, stage_norms = pipe.call(s, "veo", "backward", mode, parts[s - 1], grad, returns=2)
+            norms.insert(0, stage_norms)
+        norms.insert(0, pipe.call(0, "veo", "backward_first", mode, grad))
+    return norms

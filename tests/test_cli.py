@@ -139,6 +139,39 @@ def test_the_evaluation_after_the_searches_counts_in_a_stage_memory(tmp_path, ti
     check_memory(plan, job.calibration, job.quant, False, None, host // 2)  # the small vocabulary fits
 
 
+def test_veo_counts_in_each_stage_memory_and_needs_no_worker_for_the_whole_model(tmp_path, tiny_llava_dir):
+    """VEO runs through the stages (each keeps one batch's graph; the first also the tower's quantizers and the
+    logits): the plan counts it per stage and a GPU too small for the whole model in one worker takes the job on
+    two; a stage whose VEO step does not fit is refused, saying so."""
+    from dataclasses import replace
+
+    from cluster.memory import HEADROOM, calibration_size, check_memory, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+    from qvlm.errors import InputError
+
+    job = load_job(_job(tmp_path, tiny_llava_dir, **{"quantization.qvlm.veo.enabled": True})).compile()
+    plan, cal, quant = inspect_model(job)[0], job.calibration, job.quant
+    size = calibration_size(plan, cal)
+    off = replace(quant, veo=replace(quant.veo, enabled=False))
+    assert len(plan.stages) == 2
+    for s in range(2):
+        assert stage_memory(plan, s, size, quant).veo > 0 and stage_memory(plan, s, size, off).veo == 0
+
+    def on_gpu(memory):  # the captures may go to host memory
+        return memory.weights + max(memory.workspace, memory.veo, memory.evaluation)
+
+    device = int(max(on_gpu(stage_memory(plan, s, size, quant)) for s in range(2)) / HEADROOM) + 1
+    assert on_gpu(stage_memory(plan.with_workers(1), 0, size, quant)) > HEADROOM * device
+    check_memory(plan, cal, quant, True, device, None)
+    with pytest.raises(InputError, match=r"^stage 0 of 1 does not fit its worker"):
+        check_memory(plan.with_workers(1), cal, quant, True, device, None)
+    wide = replace(quant, veo=replace(quant.veo, max_rows=10**6))  # many rows per layer in the dependency term
+    assert stage_memory(plan, 1, size, wide).veo > stage_memory(plan, 1, size, wide).workspace
+    with pytest.raises(InputError, match=r"^stage [01] of 2 does not fit its worker: .* GiB for VEO before the searches"):
+        check_memory(plan, cal, wide, True, device, None)
+
+
 def test_status_of_an_output_with_no_job_is_an_input_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["status", str(tmp_path / "empty")])

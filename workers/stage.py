@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from qvlm.config import CalibrationSettings, QuantConfig
-from qvlm.batches import calibration_batches, held_out_comparison
+from qvlm.batches import calibration_answer_masks, calibration_batches, held_out_comparison
 from qvlm.evaluate import EvalSkipped
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
@@ -28,7 +28,7 @@ from workers.model_shard import ModelShard
 from workers.safetensors_reader import CheckpointError
 from workers.shard import BlockRecord, copy_block, file_name, read_block, read_record, write_block
 from workers.transport import nbytes, pack, unpack
-from workers.veo_task import run_veo
+from workers.veo_record import write_veo_record
 
 
 class StageWorker(Stage):
@@ -154,8 +154,19 @@ class StageWorker(Stage):
         """Run this stage's model with a finished block's quantizers from here on (the VEO-tuned vision tower)."""
         self.apply([read_block(self.output(), record)], act)
 
-    def run_veo(self, units: Sequence[Unit], schemes: dict, bits: dict[int, int], config: QuantConfig,
-                calibration: CalibrationSettings):
-        """Visual-encoder optimisation in this actor (the first stage, which owns the vision tower): it already
-        holds its resources, so a separate task could not be scheduled while the stages hold the cluster."""
-        return run_veo(self.where, units, schemes, bits, config, calibration)
+    def veo(self, step: str, *args: Any) -> Any:
+        """A step of VEO's part in this stage (``Stage.veo``) with the worker's ends: the first stage builds the
+        answer positions from its calibration (``begin`` gets the settings) and takes its batches by index, and
+        ``finish`` writes the tuned tower and returns its record. What goes to another stage is packed."""
+        args = unpack(args, owned=True)
+        if step == "begin" and self.first:
+            *head, calibration = args
+            args = (*head, calibration_answer_masks(self.shard.local_dir, calibration))
+        elif step == "forward" and self.first:
+            index, item, mode = args
+            args = (index, self.batches[item], mode)
+        result = super().veo(step, *args)
+        if step == "finish":
+            prefixes = {r.name: self.shard.prefix(r.name) for r in result.block.linears}
+            return write_veo_record(self.output(), result, prefixes, self._veo.activations, self.dense)
+        return self._send(result)

@@ -1,10 +1,8 @@
-"""Visual-encoder optimisation in one worker, as a barrier between the statistics and the partition.
+"""The record of a finished visual-encoder optimisation, so that a resumed job reuses it.
 
-The worker loads the whole model the way the stages load their parts (skeleton on meta, ranged reads of the
-safetensors), because the loss runs through the frozen language model. It writes the tuned vision tower in
-the block file format (``_qvlm/veo.safetensors``) and then a record with its sha256 (``_qvlm/veo.json``), so a
-resumed job reuses it; once the partition numbers the tower's block, the block's checkpoint file is a copy of
-it. Models over ``VEO_MAX_BYTES`` are refused at submission: VEO across stage workers is not implemented.
+VEO runs through the stage actors (qvlm/veo.py); the first stage, which owns the vision tower, writes the tuned
+tower in the block file format (``_qvlm/veo.safetensors``) and then a record with its sha256 (``_qvlm/veo.json``).
+Once the partition numbers the tower's block, the block's checkpoint file is a copy of it.
 """
 
 from __future__ import annotations
@@ -13,16 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Sequence
 
-from qvlm.config import CalibrationSettings, QuantConfig
-from qvlm.batches import calibration_answer_masks, calibration_batches
-from qvlm.structure import Unit
-from qvlm.veo import optimize_vision_encoder
-from workers.locations import Locations
-from workers.model_shard import ModelShard
+from qvlm.veo import VeoResult
 from workers.shard import BlockRecord, CorruptRecord, write_block_files
 from workers.storage import StorageError
 
-VEO_MAX_BYTES = 4 * 2**30
 VEO_SHARD_KEY = "_qvlm/veo.safetensors"
 VEO_RECORD_KEY = "_qvlm/veo.json"
 VEO_EXTRA_KEY = "_qvlm/veo.extra.safetensors"
@@ -48,17 +40,9 @@ class VeoRecord:
             raise CorruptRecord(f"not a VEO record ({type(exc).__name__}: {exc})") from None
 
 
-def run_veo(where: Locations, units: Sequence[Unit], schemes: dict, bits: dict[int, int], config: QuantConfig,
-            calibration: CalibrationSettings) -> VeoRecord:
-    names = [u.name for u in units]
-    shard = ModelShard(where.model(), names, glue=True, all_unit_modules=names)
-    batches = calibration_batches(shard.local_dir, calibration)
-    answers = calibration_answer_masks(shard.local_dir, calibration)
-    result = optimize_vision_encoder(shard.model, batches, units, schemes, config, bits, answers)
-    prefixes = {r.name: shard.prefix(r.name) for r in result.block.linears}
-    out = where.output()
-    block = write_block_files(out, VEO_INDEX, VEO_SHARD_KEY, result.block, prefixes, config.activations,
-                              shard.dense_linears(), extra_key=VEO_EXTRA_KEY)
+def write_veo_record(out, result: VeoResult, prefixes: dict[str, str], act, dense: dict) -> VeoRecord:
+    """Write the tuned tower's file, then its record (the record last: it is what a resumed job trusts)."""
+    block = write_block_files(out, VEO_INDEX, VEO_SHARD_KEY, result.block, prefixes, act, dense, extra_key=VEO_EXTRA_KEY)
     record = VeoRecord(block, result.seconds, result.history)
     out.put_bytes(VEO_RECORD_KEY, record.to_json())
     return record
