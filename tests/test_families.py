@@ -20,8 +20,7 @@ from qvlm.driver import quantize
 from qvlm.families import FAMILIES
 from qvlm.tiny_families import FAMILY_MAKERS
 from qvlm.loading import model_class
-from tests.outputs import block_tensors
-from tests.test_veo import _assert_same_up_to_summation_order as assert_same_up_to_summation_order
+from tests.outputs import assert_same_up_to_summation_order, block_tensors
 
 pytestmark = pytest.mark.timeout(600)
 runner = CliRunner()

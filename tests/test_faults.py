@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.lock import HEARTBEAT_S, LOCK_KEY, LockError, OutputLock, read_lock
 from cluster.verify import verify_output
@@ -420,6 +421,39 @@ def test_stage_killed_mid_search_is_restarted_and_bytes_match(reference, tiny_ll
     assert "a stage worker died during searching" in output and "(attempt 2 of 4); finished blocks are kept" in output
     assert f"done: {reference['blocks']} blocks" in output
     assert _checkpoint(LocalStorage(tmp_path / "out")) == reference["files"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_stages_restarted_after_veo_reuse_the_tuned_tower(tiny_llava_dir, tmp_path, faults):
+    """VEO's tower is written (file, then record) before the searches: stages that die in a search restart without
+    tuning it again, and the checkpoint is still the one the one-process run gives (up to VEO's float sums)."""
+    from qvlm.batches import calibration_answer_masks, calibration_batches
+    from qvlm.driver import quantize
+    from jobs.spec import load_job
+    from tests.conftest import load_llava
+    from tests.outputs import assert_same_up_to_summation_order, block_tensors
+
+    out = tmp_path / "out"
+    job = _job(tmp_path, str(tiny_llava_dir), str(out), **{"quantization.qvlm.veo.enabled": True,
+                                                            "quantization.qvlm.veo.epochs": 1})
+    (faults / "kill-block-1").touch()
+    code, output = _submit(job, faults)
+    assert code == 0, output[-3000:]
+    assert _fired(faults) == ["kill-block-1"] and "a stage worker died during searching" in output
+    plan, tensors = block_tensors(out)
+    assert plan["veo"]["reused"] is True  # the restarted run found the record and its verified file
+    assert (out / plan["blocks"][0]["shard"]).read_bytes() == (out / "_qvlm/veo.safetensors").read_bytes()
+    compiled = load_job(job).compile()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the stage workers run
+    try:
+        _, result = quantize(load_llava(tiny_llava_dir)[0], calibration_batches(tiny_llava_dir, compiled.calibration),
+                             compiled.quant, calibration_answer_masks(tiny_llava_dir, compiled.calibration),
+                             stages=plan["stages"])
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_up_to_summation_order(tensors, result.tensors())
 
 
 @pytest.mark.slow
