@@ -172,17 +172,25 @@ def veo_phase(pipe: Any, items: Sequence[Any], units: Sequence[Unit], schemes: d
     stage's ``finish`` gives: a :class:`VeoResult` (a worker writes it and gives its record)."""
     check_veo_applies(units)
     n = pipe.n_stages
-    pipe.get([pipe.call(s, "veo", "begin", list(units), schemes, bits, config, answers if s == 0 else None)
-              for s in range(n)])
-    _passes(pipe, items, "reference")
-    n_pairs = pipe.get(pipe.call(0, "veo", "start_training", *[pipe.call(s, "veo", "grids") for s in range(n)]))
-    for epoch in range(config.veo.epochs):
-        if config.veo.lambda_entropy and n_pairs > 0:
-            pipe.call(0, "veo", "set_weights", *_passes(pipe, items[:1], "jacobian"))
-        _passes(pipe, items, "train")
-        pipe.call(0, "veo", "end_epoch", epoch)
-    result = pipe.get(pipe.call(0, "veo", "finish"))
-    pipe.get([pipe.call(s, "veo", "end") for s in range(n)])
+    finished = False
+    try:
+        pipe.get([pipe.call(s, "veo", "begin", list(units), schemes, bits, config, answers if s == 0 else None)
+                  for s in range(n)])
+        _passes(pipe, items, "reference")
+        n_pairs = pipe.get(pipe.call(0, "veo", "start_training", *[pipe.call(s, "veo", "grids") for s in range(n)]))
+        for epoch in range(config.veo.epochs):
+            if config.veo.lambda_entropy and n_pairs > 0:
+                pipe.call(0, "veo", "set_weights", *_passes(pipe, items[:1], "jacobian"))
+            _passes(pipe, items, "train")
+            pipe.call(0, "veo", "end_epoch", epoch)
+        result = pipe.get(pipe.call(0, "veo", "finish"))
+        finished = True
+    finally:
+        try:  # every stage's model as it was, also when a step failed (then that failure is the one raised)
+            pipe.get([pipe.call(s, "veo", "end") for s in range(n)])
+        except Exception:
+            if finished:
+                raise
     return result
 
 

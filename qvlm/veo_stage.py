@@ -122,6 +122,11 @@ class _Trainer:
             fq[n].weight_fn, fq[n].act_scheme = q.soft_weight, act
         self.optimizer = torch.optim.Adam(self.quant.params(), lr=self.cfg.lr)
 
+    def put_back(self) -> None:
+        """The tower's own linears in place of the fake-quantized ones (once)."""
+        put_modules(self.model, self.originals)
+        self.originals = {}
+
     def set_weights(self, norms: torch.Tensor) -> None:
         self.weights = norms / norms.mean() if float(norms.sum()) > 0 else torch.ones_like(norms)
 
@@ -152,7 +157,7 @@ class _Trainer:
         apply_linear_results(fq, results, act)
         self.quant = None  # the tower runs with the fixed quantizers now
         error_after = vision_error()
-        put_modules(self.model, self.originals)
+        self.put_back()
         units = tuple(u.name for u in self.units if u.segment == "vision")
         seconds = time.perf_counter() - self.started
         block = BlockResult(units, results, self.error_before, error_after, self.cfg.epochs * len(self.batches), seconds)
@@ -351,9 +356,12 @@ class StageVeo:
         return None
 
     def end(self) -> None:
-        """The model's parameters as they were (requires_grad flags)."""
+        """The model as it was: its parameters' requires_grad flags and, when training stopped before ``finish``,
+        the tower's own linears."""
         for p in self.frozen:
             p.requires_grad_(True)
+        if self.trainer is not None:
+            self.trainer.put_back()
         self.graph = self.head_grads = self.trainer = None
 
 

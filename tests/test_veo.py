@@ -92,6 +92,20 @@ def test_veo_trains_only_the_vision_quantizers(llava, llava_batches):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
+def test_a_veo_that_fails_midway_leaves_the_model_as_it_was(llava, llava_batches):
+    """A step that raises (here: no answer positions for the batches) ends VEO in every stage: the tower's own
+    linears are back and nothing stays frozen; the step's own error is the one raised."""
+    model, _ = llava
+    config = _config(epochs=1)
+    units = select_units(model, config)
+    schemes = {u.linear_name(n): config.weights for u in units for n in u.linears}
+    bits = {u.index: unit_bits(u, schemes, config) for u in units}
+    with pytest.raises(IndexError):
+        optimize_vision_encoder(model, llava_batches, config, schemes, bits, answers=[])
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in vision_linear_names(units))
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_veo_is_deterministic(llava_batches, tiny_llava_dir):
     runs = [_tune(load_llava(tiny_llava_dir)[0], llava_batches, _config(epochs=2))[1] for _ in range(2)]
     for r1, r2 in zip(runs[0].block.linears, runs[1].block.linears):
