@@ -343,7 +343,9 @@ class JobHooks:
         if self.veo is not None:
             for b in blocks:
                 if self.plan.units[b.units[0]].segment == "vision":
-                    self.ray.get(stages[0].adopt_block.remote(self.veo.record.block, b.index))
+                    names = [self.plan.units[i].name for i in b.units]
+                    self.ray.get(stages[0].adopt_block.remote(self.veo.record.block, b.index, names,
+                                                              self.job.quant.activations))
         self.n_blocks, done = len(blocks), load_finished_blocks(self.out, blocks, self.plan.units,
                                                                  _files(self.plan, blocks), self.state.echo)
         self.n_done = len(done)

@@ -107,21 +107,12 @@ def _check_output_apart_from_images(job) -> None:
                              f"uses; write the output where it holds none of the job's inputs")
 
 
-# Vision features that reach the decoder as cross-attention inputs (Mllama) cross stage boundaries in the hand-over's
-# arguments, which VEO through the stages does not differentiate (qvlm/veo_stage.py): tests/test_families.py WITHOUT_VEO.
-VEO_NOT_YET = ("Mllama",)
-
-
 def _check_veo(plan, quant) -> None:
     if not quant.veo.enabled:
         return
     if not any(u.segment == "vision" for u in plan.units):
         raise InputError(f"quantization.qvlm.veo.enabled: the model ({plan.model_class}) has no vision tower "
                          "among its quantized units; turn veo off")
-    if plan.model_class.startswith(VEO_NOT_YET):
-        raise InputError(f"quantization.qvlm.veo.enabled: VEO is not supported for {plan.model_class} yet (its vision "
-                         "features reach the language model as cross-attention inputs, and VEO does not send gradients "
-                         "back through those between stages); turn veo off")
 
 
 @contextmanager

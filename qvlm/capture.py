@@ -112,6 +112,29 @@ def move(value: Any, device: torch.device | str, memo: dict | None = None) -> An
     return value
 
 
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``value`` (tuples, lists, dicts), each occurrence, in a fixed traversal order."""
+    found: list[torch.Tensor] = []
+    _collect(value, found)
+    return found
+
+
+def replace_tensors(value: Any, new: Sequence[torch.Tensor]) -> Any:
+    """``value`` with its k-th tensor occurrence (in :func:`tensors_in`'s order) replaced by ``new[k]``."""
+    supply = iter(new)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return next(supply)
+        if isinstance(v, (tuple, list)):
+            return type(v)(walk(x) for x in v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        return v
+
+    return walk(value)
+
+
 def _collect(value: Any, found: list[torch.Tensor]) -> None:
     if isinstance(value, torch.Tensor):
         found.append(value)
@@ -227,9 +250,11 @@ def capture_units(
     may have no weights (a pipeline stage that owns only the first units). Units ``ahead`` (later units of
     the last unit's layer list, owned by later stages) are not run: each passes its input through unchanged
     and only its arguments are recorded (their captures, after the others, hold calls and no outputs); the
-    forward pass then ends after the last of them. With ``grad`` the forward pass records its graph (the
-    captures are still detached; the caller's own hooks see the graph, as VEO's taps do).
+    forward pass then ends after the last of them. With ``grad`` the forward pass records its graph: the
+    hidden states and outputs captured are detached, the extra arguments keep theirs (VEO differentiates through
+    those a stage hands over, such as Mllama's cross-attention states; its taps see the outputs' graph).
     """
+    args_of = (lambda v: v) if grad else _detach
     captures = [UnitCapture(u) for u in units]
     ahead_captures = [UnitCapture(u) for u in ahead]
     stop_at = ahead_captures[-1] if ahead_captures else captures[-1]
@@ -243,13 +268,13 @@ def capture_units(
             mask = token_mask[0] if cap.unit.segment == "language" else None
             if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
                 mask = None
-            cap.calls.append(UnitCall(hidden.detach(), _detach(rest), _detach(kw), mask))
+            cap.calls.append(UnitCall(hidden.detach(), args_of(rest), args_of(kw), mask))
             cap.outputs.append(unit_output(out).detach())
             if stop_after_last and cap is stop_at:
                 raise _StopForward
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    passed = [_pass_through(model.get_submodule(cap.unit.name), cap, stop_after_last and cap is stop_at)
+    passed = [_pass_through(model.get_submodule(cap.unit.name), cap, stop_after_last and cap is stop_at, args_of)
               for cap in ahead_captures]
     try:
         with kv_cache_disabled(model), torch.set_grad_enabled(grad):
@@ -268,13 +293,14 @@ def capture_units(
     return captures + ahead_captures
 
 
-def _pass_through(module: nn.Module, cap: UnitCapture, stop: bool) -> nn.Module:
+def _pass_through(module: nn.Module, cap: UnitCapture, stop: bool, args_of=None) -> nn.Module:
     """Make ``module`` record its arguments into ``cap`` and return its input unchanged (its weights may be on
     the meta device), ending the forward pass when ``stop``."""
+    args_of = args_of or _detach
 
     def forward(*args, **kwargs):
         hidden, rest, kw = _split_inputs(args, kwargs)
-        cap.calls.append(UnitCall(hidden.detach(), _detach(rest), _detach(kw)))
+        cap.calls.append(UnitCall(hidden.detach(), args_of(rest), args_of(kw)))
         if stop:
             raise _StopForward
         return hidden

@@ -23,7 +23,7 @@ from qvlm.search import BlockResult, linear_tensors
 from qvlm.stage import Stage
 from qvlm.stats import UnitStats
 from qvlm.structure import Unit, segments_of
-from qvlm.veo import VeoResult, veo_phase
+from qvlm.veo import VeoResult, tower_part, veo_phase
 
 
 class LocalPipeline:
@@ -124,10 +124,11 @@ def _finished_vision(stage: Stage, layout: Layout, tuned: list):
         if not tuned:
             return set()
         whole = vision_streams(layout.streams, layout.units)
-        done = {b.index for b in blocks if b.stream in whole}
-        for index in done:
-            stage.results[index] = tuned[0].block
-        return done
+        names = {u.index: u.name for u in layout.units}
+        done = {b.index: b for b in blocks if b.stream in whole}
+        for index, block in done.items():
+            stage.results[index] = tower_part(tuned[0].block, [names[i] for i in block.units])
+        return set(done)
 
     return finished
 

@@ -30,7 +30,7 @@ gradient, and each language unit's ``max_rows`` strided rows and their gradients
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -81,6 +81,14 @@ class Quantizers:
 
 def vision_linear_names(units: Sequence[Unit]) -> list[str]:
     return [u.linear_name(n) for u in units if u.segment == "vision" for n in u.linears]
+
+
+def tower_part(tower: BlockResult, unit_names: Sequence[str]) -> BlockResult:
+    """The tuned tower's linears inside ``unit_names``: what one vision block holds once the partition numbers the
+    tower's blocks (a tower of two layer lists, as Mllama's, is two streams and so two blocks). Errors and counts
+    stay the whole tower's."""
+    inside = tuple(r for r in tower.linears if any(r.name.startswith(u + ".") for u in unit_names))
+    return replace(tower, unit_names=tuple(unit_names), linears=inside)
 
 
 def check_veo_applies(units: Sequence[Unit]) -> None:
@@ -199,10 +207,10 @@ def _passes(pipe: Any, items: Sequence[Any], mode: str) -> list:
     batch's per-stage gradient norms in the Jacobian pass."""
     n, norms = pipe.n_stages, []
     for index, item in enumerate(items):
-        last, _ = pipe.call(0, "veo", "forward", index, item, mode, returns=2)
+        last, _, reach = pipe.call(0, "veo", "forward", index, item, mode, returns=3)
         rows = []
         for s in range(1, n):
-            last, stage_rows = pipe.call(s, "veo", "forward", index, last, mode, returns=2)
+            last, stage_rows, reach = pipe.call(s, "veo", "forward", index, last, mode, reach, returns=3)
             rows.append(stage_rows)
         parts = pipe.call(0, "veo", "head", index, mode, last, *rows, returns=max(n - 1, 1))
         if mode == "reference":

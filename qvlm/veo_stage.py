@@ -2,10 +2,12 @@
 qvlm/veo.py, :func:`qvlm.veo.veo_phase`).
 
 Each stage keeps the autograd graph of one calibration batch between its ``forward`` and its ``backward``: its
-input hidden state is a leaf, its language units' outputs are kept with their graph, and their strided rows
-(the dependency term's input) go to the first stage. A ``backward`` gets the gradients of its output hidden
-state and of its rows and returns the gradient of its input, for the stage before. The language model's weights
-are frozen in every stage.
+input hidden state is a leaf, and so is every hand-over argument that depends on the vision tower (Mllama's
+cross-attention states); its language units' outputs are kept with their graph, and their strided rows (the
+dependency term's input) go to the first stage. A ``backward`` gets the gradients of its output hidden state,
+of the arguments it passed on and of its rows, and returns those of its inputs, for the stage before. Which
+inputs carry a gradient travels with the hand-over (:class:`Reach`), so a layer the vision tower does not reach
+gets none, as in one process. The language model's weights are frozen in every stage.
 
 The first stage also owns the vision tower, the model's glue and what is trained: it runs the model's own
 forward up to its last unit, finishes the forward from the last stage's hidden state to logits (``head``),
@@ -23,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from qvlm.capture import Handover, _strided, call_unit, capture_units, finish_forward, handover
+from qvlm.capture import Handover, _strided, call_unit, capture_units, finish_forward, handover, replace_tensors, tensors_in
 from qvlm.config import QuantConfig
 from qvlm.dependency import ChannelGrid, channel_grid
 from qvlm.fakequant import put_modules, swap_in_fake_quant
@@ -50,13 +52,23 @@ def _leaf(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.detach().to(device).requires_grad_(True)
 
 
+@dataclass(frozen=True)
+class Reach:
+    """Which parts of a hand-over depend on the vision tower: the hidden state, and which of the tensors in its
+    arguments (positions in ``qvlm.capture.tensors_in`` order)."""
+
+    hidden: bool
+    arguments: tuple[int, ...]
+
+
 @dataclass
 class _Graph:
     """One batch's forward through this stage, kept for its backward."""
 
     outs: list[torch.Tensor]  # own language units' outputs, with their graph
     rows: list[torch.Tensor] = field(default_factory=list)  # their strided rows (train mode)
-    leaf: torch.Tensor | None = None  # the input hidden state (later stages)
+    leaf: torch.Tensor | None = None  # the input hidden state (later stages, when the tower reaches it)
+    arguments: list[torch.Tensor] = field(default_factory=list)  # hand-over arguments that carry a gradient
     vision: torch.Tensor | None = None  # the vision output (first stage)
 
 
@@ -189,26 +201,43 @@ class StageVeo:
 
     # --- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, index: int, item: Batch | Handover, mode: str) -> tuple[Handover, list[torch.Tensor] | None]:
-        """One batch through this stage: what the next stage takes, and (later stages, train mode) the rows the
-        first stage's loss needs. The first stage keeps each batch from the reference pass on."""
+    def forward(self, index: int, item: Batch | Handover, mode: str, reach: Reach | None = None
+                ) -> tuple[Handover, list[torch.Tensor] | None, Reach | None]:
+        """One batch through this stage: what the next stage takes, (later stages, train mode) the rows the
+        first stage's loss needs, and what of the hand-over the tower reaches. The first stage keeps each batch
+        from the reference pass on; a later stage gets the ``reach`` of the stage before."""
         if mode not in MODES:
             raise ValueError(f"unknown VEO pass {mode!r}; one of {MODES}")
         grad = mode != "reference"
         if self.stage.first:
-            return self._forward_first(index, item, mode, grad), None
+            return self._forward_first(index, item, mode, grad)
         item = item.to(self.device)
-        hidden = _leaf(item.hidden, self.device) if grad else item.hidden
-        graph = _Graph([], leaf=hidden if grad else None)
+        graph = _Graph([])
+        if grad:
+            item, graph = self._leaves(item, reach)
+        hidden = item.hidden
         with torch.set_grad_enabled(grad):
             for unit in self.stage.units:
                 hidden = call_unit(self.stage.module(unit.index), item.call_for(unit.name, hidden))
                 graph.outs.append(hidden)
             graph.rows = [_rows(o, item.mask, self.max_rows) for o in graph.outs] if mode == "train" else []
         self._keep(graph, item.mask, mode)
-        return item.with_hidden(hidden.detach()), [r.detach() for r in graph.rows] if mode == "train" else None
+        rows = [r.detach() for r in graph.rows] if mode == "train" else None
+        passed_on = replace_tensors(item.arguments, [t.detach() for t in tensors_in(item.arguments)])
+        reached = Reach(hidden.requires_grad, reach.arguments) if grad else None
+        return Handover(hidden.detach(), item.mask, passed_on, item.unit_arguments), rows, reached
 
-    def _forward_first(self, index: int, batch: Batch | None, mode: str, grad: bool) -> Handover:
+    def _leaves(self, item: Handover, reach: Reach) -> tuple[Handover, _Graph]:
+        """The hand-over with a leaf for each part the tower reaches, and the graph that holds those leaves."""
+        graph = _Graph([], leaf=_leaf(item.hidden, self.device) if reach.hidden else None)
+        tensors = tensors_in(item.arguments)
+        for k in reach.arguments:
+            tensors[k] = _leaf(tensors[k], self.device)
+            graph.arguments.append(tensors[k])
+        hidden = graph.leaf if graph.leaf is not None else item.hidden
+        return Handover(hidden, item.mask, replace_tensors(item.arguments, tensors), item.unit_arguments), graph
+
+    def _forward_first(self, index: int, batch: Batch | None, mode: str, grad: bool) -> tuple[Handover, None, Reach | None]:
         t = self.trainer
         if index not in t.batches:  # kept from the reference pass on
             t.batches[index] = {k: v.to(self.device) for k, v in batch.items()}
@@ -228,8 +257,13 @@ class StageVeo:
             graph.rows = [_rows(o, mask, self.max_rows) for o in graph.outs] if mode == "train" else []
         if mode == "reference":
             t.ref_vision[index] = graph.vision.detach()
+        given = handover(graph.outs[-1], mask, captured[len(self.stage.units):])
+        arguments = tensors_in(given.arguments)
+        reach = Reach(graph.outs[-1].requires_grad, tuple(k for k, a in enumerate(arguments) if a.requires_grad))
+        graph.arguments = [arguments[k] for k in reach.arguments]
         self._keep(graph, mask, mode)
-        return handover(graph.outs[-1].detach(), mask, captured[len(self.stage.units):])
+        passed_on = replace_tensors(given.arguments, [a.detach() for a in arguments])
+        return Handover(given.hidden.detach(), mask, passed_on, given.unit_arguments), None, reach if grad else None
 
     def _keep(self, graph: _Graph, mask: torch.Tensor | None, mode: str) -> None:
         if mode == "reference":
@@ -310,42 +344,46 @@ class StageVeo:
 
     # --- backward ---------------------------------------------------------------------------------------
 
-    def backward(self, mode: str, part: tuple | None, from_next: torch.Tensor | None) -> tuple[Any, list[float]]:
-        """A later stage: the gradient of its output (from the stage after it, or, for the last, the loss) and of
-        its rows in; the gradient of its input out, and in the Jacobian pass the gradient norm of each own
-        unit's output."""
+    def backward(self, mode: str, part: tuple | None, from_next: tuple | None) -> tuple[Any, list[float]]:
+        """A later stage: the gradients of its output hidden state (from the stage after it, or, for the last,
+        the loss), of the arguments it passed on and of its rows in; those of its inputs (hidden state,
+        arguments) out, and in the Jacobian pass the gradient norm of each own unit's output."""
         g_out, g_rows = part if part is not None else (None, None)
-        g_out = from_next if from_next is not None else g_out
+        g_out, g_passed = from_next if from_next is not None else (g_out, [None] * len(self.graph.arguments))
         graph, self.graph = self.graph, None
-        outputs, grads = [graph.outs[-1]], [g_out.to(self.device)]
-        for r, g in zip(graph.rows, g_rows or []):
-            if g is not None:
-                outputs.append(r)
-                grads.append(g.to(self.device))
-        wanted = [graph.leaf] + (graph.outs if mode == "jacobian" else [])
-        got = torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
-        return got[0], _norms(got[1:])
+        outputs, grads = self._outputs(graph, g_out, [*zip(graph.rows, g_rows or [])])
+        inputs = ([graph.leaf] if graph.leaf is not None else []) + graph.arguments
+        reached = [o for o in graph.outs if o.requires_grad] if mode == "jacobian" else []
+        got = list(torch.autograd.grad(outputs, inputs + reached, grads, allow_unused=True)) if outputs else \
+            [None] * (len(inputs) + len(reached))
+        g_hidden = got.pop(0) if graph.leaf is not None else None
+        g_arguments = [_sum(mine, passed) for mine, passed in zip(got[: len(graph.arguments)], g_passed)]
+        by_id = dict(zip(map(id, reached), got[len(graph.arguments):]))
+        return (g_hidden, g_arguments), _norms([by_id.get(id(o)) for o in graph.outs])
 
-    def backward_first(self, mode: str, from_next: torch.Tensor | None) -> list[float] | None:
-        """The first stage: its own tensors' gradients from the loss, plus its output's from the stage after it;
-        a training step then, or, in the Jacobian pass, the gradient norm of each own unit's output."""
+    def _outputs(self, graph: _Graph, g_out: torch.Tensor | None, more: list[tuple]) -> tuple[list, list]:
+        """The tensors of ``graph`` to differentiate and their incoming gradients: the output hidden state and
+        each (tensor, gradient) of ``more`` whose gradient is there and which depends on the tower."""
+        outputs, grads = [], []
+        for tensor, g in [(graph.outs[-1], g_out), *more]:
+            if g is not None and tensor is not None and tensor.requires_grad:
+                outputs.append(tensor)
+                grads.append(g.to(self.device))
+        return outputs, grads
+
+    def backward_first(self, mode: str, from_next: tuple | None) -> list[float] | None:
+        """The first stage: its own tensors' gradients from the loss, plus those of what it handed over from the
+        stage after it; a training step then, or, in the Jacobian pass, the gradient norm of each own unit's
+        output."""
         graph, self.graph = self.graph, None
         held, self.head_grads = self.head_grads, None
-        g_out = from_next if from_next is not None else held.out
-        outputs, grads = [], []
-        if g_out is not None and graph.outs[-1].requires_grad:
-            outputs.append(graph.outs[-1])
-            grads.append(g_out.to(self.device))
-        elif g_out is not None and from_next is not None:
-            raise NotImplementedError("VEO through the stages needs the vision output to reach the first stage's "
-                                      "last language unit (it does not in this model)")
-        for tensor, g in zip([graph.vision, *graph.rows], [held.vision, *held.rows]):
-            if g is not None and tensor.requires_grad:
-                outputs.append(tensor)
-                grads.append(g)
+        g_out, g_passed = from_next if from_next is not None else (held.out, [])
+        more = [*zip(graph.arguments, g_passed), *zip([graph.vision, *graph.rows], [held.vision, *held.rows])]
+        outputs, grads = self._outputs(graph, g_out, more)
         if mode == "jacobian":
             reached = [o for o in graph.outs if o.requires_grad]
-            got = dict(zip(map(id, reached), torch.autograd.grad(outputs, reached, grads, allow_unused=True))) if outputs else {}
+            got = dict(zip(map(id, reached), torch.autograd.grad(outputs, reached, grads, allow_unused=True))) \
+                if outputs and reached else {}
             return _norms([got.get(id(o)) for o in graph.outs])
         t = self.trainer
         t.optimizer.zero_grad()
@@ -363,6 +401,12 @@ class StageVeo:
         if self.trainer is not None:
             self.trainer.put_back()
         self.graph = self.head_grads = self.trainer = None
+
+
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b.to(a.device)
 
 
 def _norms(grads: Sequence[torch.Tensor | None]) -> list[float]:

@@ -11,6 +11,7 @@ import torch
 from qvlm.search import linear_tensors
 from workers.shard import read_block, read_record
 from workers.storage import LocalStorage
+from workers.veo_record import VEO_RECORD_KEY, VeoRecord
 
 
 def plan_of(out: Path) -> dict:
@@ -24,6 +25,13 @@ def block_tensors(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for block in plan["blocks"]:
         tensors.update(linear_tensors(read_block(storage, read_record(storage, block["index"])).linears))
     return plan, tensors
+
+
+def veo_tower(out: Path) -> dict[str, torch.Tensor]:
+    """The VEO-tuned vision tower's tensors, from the output's VEO record and its verified file."""
+    storage = LocalStorage(out)
+    record = VeoRecord.from_json(storage.get_bytes(VEO_RECORD_KEY))
+    return linear_tensors(read_block(storage, record.block).linears)
 
 
 def assert_same_up_to_summation_order(got: dict, expected: dict) -> None:

@@ -26,9 +26,6 @@ pytestmark = pytest.mark.timeout(600)
 runner = CliRunner()
 CAL = CalibrationSettings(samples=2, eval_samples=2, max_length=64, batch_size=2)
 QUANT = {"qvlm": {"epochs": 1, "search": "clip", "veo": {"enabled": True, "epochs": 1}}}  # the cheapest search + VEO: this test is about the data path
-# Mllama's vision features reach its decoder as cross-attention inputs, handed between stages as arguments that VEO
-# through the stages does not differentiate: VEO is refused for it (cluster/validate.py VEO_NOT_YET).
-WITHOUT_VEO = {"mllama"}
 COSINE = 0.999  # logits of the loaded checkpoint against the in-memory quantized model
 
 
@@ -100,25 +97,13 @@ def _submit(tmp_path, model_dir, workers: int, quant: dict):
     return tmp_path / "out"
 
 
-def test_veo_on_a_cross_attention_family_is_refused(tmp_path, family_dir):
-    """Mllama's vision features reach its decoder through cross-attention arguments (above): refused, not run."""
-    job = {"name": "family", "model": {"path": str(family_dir("mllama"))}, "output": {"uri": str(tmp_path / "out")},
-           "quantization": {"qvlm": {"veo": {"enabled": True}}}}
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    result = runner.invoke(app, ["plan", str(tmp_path / "job.yaml")])
-    assert result.exit_code == 2, result.output
-    assert "quantization.qvlm.veo.enabled: VEO is not supported for MllamaForConditionalGeneration" in result.output
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("family", [f.tiny for f in FAMILIES])
 def test_family_end_to_end(local_ray, family_dir, tmp_path, family):
     """qvlm-submit with images on two stage workers, VEO on the vision tower and the evaluation on held-out records;
     the checkpoint loads with no missing keys, its blocks hold the tensors the one-process quantize finds (cut into
     the same stages; up to VEO's summation order), and its logits agree with that model."""
     path = family_dir(family)
-    quant = {"qvlm": {**QUANT["qvlm"], "veo": {"enabled": family not in WITHOUT_VEO, "epochs": 1}}}
-    out = _submit(tmp_path, path, workers=2, quant=quant)
+    out = _submit(tmp_path, path, workers=2, quant=QUANT)
     plan, written = block_tensors(out)
     batches = calibration_batches(path, CAL)
     quant = load_job(tmp_path / "job.yaml").compile().quant  # the job's own settings

@@ -152,16 +152,6 @@ def write_block(storage, index: int, key: str, result: BlockResult, prefixes: Ma
     return record
 
 
-def copy_block(storage, record: BlockRecord, index: int, key: str) -> BlockRecord:
-    """The block ``record`` describes, written again as block ``index`` at ``key`` (the VEO-tuned tower becomes the
-    vision stream's block once the partition numbers it)."""
-    blob = storage.get_bytes(record.shard_key, record.sha256)
-    storage.put_bytes(key, blob)
-    copied = replace(record, index=index, shard_key=key)
-    storage.put_bytes(record_key(index), copied.to_json())
-    return copied
-
-
 def read_record(storage, index: int) -> BlockRecord | None:
     """The block's record, None when it has none; raises CorruptRecord for one that cannot be read."""
     key = record_key(index)

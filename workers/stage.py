@@ -20,13 +20,14 @@ from qvlm.batches import calibration_answer_masks, calibration_batches, held_out
 from qvlm.evaluate import EvalSkipped
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
+from qvlm.veo import tower_part
 from qvlm.structure import Unit
 from workers.export_task import ExportRequest, checkpoint_files
 from workers.fault_hooks import fault_point
 from workers.locations import Locations
 from workers.model_shard import ModelShard
 from workers.safetensors_reader import CheckpointError
-from workers.shard import BlockRecord, copy_block, file_name, read_block, read_record, write_block
+from workers.shard import BlockRecord, file_name, read_block, read_record, write_block
 from workers.transport import nbytes, pack, unpack
 from workers.veo_record import write_veo_record
 
@@ -146,9 +147,11 @@ class StageWorker(Stage):
             raise RuntimeError(f"block {job.index} was marked finished but has no record in {out.uri}")
         return read_block(out, record)
 
-    def adopt_block(self, record: BlockRecord, index: int) -> BlockRecord:
-        """Write the block ``record`` describes (the VEO-tuned tower) as block ``index`` of the checkpoint."""
-        return copy_block(self.output(), record, index, file_name(index, self.n_files))
+    def adopt_block(self, record: BlockRecord, index: int, unit_names: Sequence[str], act) -> BlockRecord:
+        """Write the part of the VEO-tuned tower (``record``) inside ``unit_names`` as block ``index``."""
+        part = tower_part(read_block(self.output(), record), unit_names)
+        prefixes = {r.name: self.shard.prefix(r.name) for r in part.linears}
+        return write_block(self.output(), index, file_name(index, self.n_files), part, prefixes, act, self.dense)
 
     def use_quantized(self, record: BlockRecord, act) -> None:
         """Run this stage's model with a finished block's quantizers from here on (the VEO-tuned vision tower)."""
