@@ -10,7 +10,8 @@ model's dtype, as the stage computes. After the searches the captures go, and th
 quantized copy of the stage's linears beside the full-precision ones, one batch's activations and, in the first
 stage, the float32 logits of both passes of one batch (cluster/evaluation.py). Visual-encoder optimisation, when
 on, runs before the searches beside the captures: each stage keeps one batch's graph through its units, and the
-first stage also the tower's trainable quantizers and one batch's logits with their gradient (qvlm/veo.py).
+first stage also the tower's trainable quantizers and one batch's logits with their gradient (qvlm/veo.py), and
+in host memory the full-precision logits of every calibration batch (``StageMemory.host``).
 
 With a GPU the captures stay on the GPU when everything fits there, else in the worker's host memory (moved to
 the GPU one batch at a time); the weights and the workspace must fit the GPU. Without a GPU everything is in
@@ -40,6 +41,7 @@ class StageMemory:
     workspace: int  # the largest block search
     evaluation: int = 0  # after the searches, when the captures are gone
     veo: int = 0  # before the searches, beside the captures
+    host: int = 0  # kept in host memory whatever the device: VEO's full-precision logits (first stage)
 
     @property
     def total(self) -> int:
@@ -155,10 +157,18 @@ def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     return graph + rows + quantizers + logits
 
 
+def veo_host_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
+    """The first stage keeps every calibration batch's full-precision logits in host memory during VEO (the
+    loss compares each step's logits with them), in the model's dtype."""
+    if not quant.veo.enabled or stage:
+        return 0
+    return size.samples * size.tokens * plan.vocab_size * plan.weight_element_bytes
+
+
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     return StageMemory(plan.stage_bytes(stage), capture_bytes(plan, stage, size),
                        workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size),
-                       veo_bytes(plan, stage, size, quant))
+                       veo_bytes(plan, stage, size, quant), veo_host_bytes(plan, stage, size, quant))
 
 
 @dataclass(frozen=True)
@@ -177,13 +187,14 @@ def fit(memory: StageMemory, device_bytes: int | None, host_bytes: int | None, g
         return limit is None or need <= HEADROOM * limit
 
     if not gpu:
-        return Fit("device" if room(host_bytes, memory.total) else None, memory.total, memory.total)
-    if room(device_bytes, memory.total):
-        return Fit("device", memory.total, 0)
+        need = memory.total + memory.host
+        return Fit("device" if room(host_bytes, need) else None, need, need)
+    if room(device_bytes, memory.total) and room(host_bytes, memory.host):
+        return Fit("device", memory.total, memory.host)
     on_device = memory.weights + max(memory.workspace, memory.veo, memory.evaluation)
-    if room(device_bytes, on_device) and room(host_bytes, memory.captures):
-        return Fit("host", on_device, memory.captures)
-    return Fit(None, on_device, memory.captures)
+    if room(device_bytes, on_device) and room(host_bytes, memory.captures + memory.host):
+        return Fit("host", on_device, memory.captures + memory.host)
+    return Fit(None, on_device, memory.captures + memory.host)
 
 
 def calibration_size(plan, cal) -> CalibrationSize:
@@ -222,7 +233,8 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
     raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
                      f"of weights, {memory.captures / GIB:.2f} GiB of captures and {memory.workspace / GIB:.2f} GiB "
                      f"of search workspace ({size.samples} samples x {size.tokens} tokens), "
-                     + (f"{memory.veo / GIB:.2f} GiB for VEO before the searches, " if memory.veo else "")
+                     + (f"{memory.veo / GIB:.2f} GiB for VEO before the searches (and {memory.host / GIB:.2f} GiB "
+                        "of its reference logits in host memory), " if memory.veo else "")
                      + f"then {memory.evaluation / GIB:.2f} GiB for the evaluation, against {has}; "
                      + ("; ".join(fixes) if fixes else "give the workers more memory (resources.gpus_per_worker, "
                                                        "resources.gpu_memory_gb)"))

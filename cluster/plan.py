@@ -247,7 +247,8 @@ def memory_lines(plan: JobPlan, quant, samples: int, tokens: int, batch_size: in
         m = stage_memory(plan, s, size, quant)
         lines.append(f"  stage {s}: {_size(m.weights)} weights + {_size(m.captures)} captures + "
                      f"{_size(m.workspace)} search workspace = {_size(m.weights + m.captures + m.workspace)}; "
-                     + (f"VEO before it {_size(m.veo)}; " if m.veo else "")
+                     + (f"VEO before it {_size(m.veo)}" + (f" (+ {_size(m.host)} in host memory)" if m.host else "") + "; "
+                        if m.veo else "")
                      + f"then {_size(m.evaluation)} for the evaluation")
     return lines
 

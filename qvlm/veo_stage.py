@@ -93,7 +93,7 @@ class _Trainer:
         self.answers = answers
         self.batches: dict[int, Batch] = {}
         self.ref_vision: dict[int, torch.Tensor] = {}
-        self.ref_logits: dict[int, torch.Tensor] = {}
+        self.ref_logits: dict[int, torch.Tensor] = {}  # in host memory: samples x tokens x vocabulary in all
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}  # vision linears' inputs (static)
         self.grids: list[ChannelGrid] = []
         self.weights = torch.ones(0, dtype=torch.float64)
@@ -146,12 +146,16 @@ class _Trainer:
         answer = self.answers[index].to(logits.device) if self.answers is not None else None
         ce = next_token_loss(self.model, logits, self.batches[index], answer)
         dep, mean_d = soft_dependency(rows, self.grids, self.weights)
-        err = relative_error(vision, self.ref_vision[index]) + self.cfg.eta * relative_error(logits, self.ref_logits[index])
+        err = relative_error(vision, self.ref_vision[index]) + self.cfg.eta * relative_error(logits, self.reference(index, logits))
         loss = ce + self.cfg.lambda_entropy * dep.float() + self.cfg.lambda_error * err
         for key, value in (("loss", loss.item()), ("next_token", ce.item()), ("dependency", mean_d), ("error", err.item())):
             self.sums[key] += value
         self.steps += 1
         return loss
+
+    def reference(self, index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Batch ``index``'s full-precision logits, where ``logits`` are."""
+        return self.ref_logits[index].to(logits.device, non_blocking=True)
 
     def end_epoch(self, epoch: int) -> None:
         self.history.append({"epoch": epoch, **{k: v / max(self.steps, 1) for k, v in self.sums.items()},
@@ -190,7 +194,7 @@ class StageVeo:
         if not stage.first and len(self.language) != len(stage.units):
             raise NotImplementedError("VEO through the stages needs the whole vision tower in the first stage")
         self.grid_bits = [bits[u.index] for u in self.language]
-        self.reference_rows: list[list[torch.Tensor]] = [[] for _ in self.language]
+        self.reference_range: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.language)
         self.graph: _Graph | None = None
         self.head_grads: _HeadGrads | None = None
         # Frozen here, given back at the end: only what this stage froze (stages in one process share one model).
@@ -267,17 +271,17 @@ class StageVeo:
 
     def _keep(self, graph: _Graph, mask: torch.Tensor | None, mode: str) -> None:
         if mode == "reference":
-            for rows, out in zip(self.reference_rows, graph.outs):
-                rows.append(_rows(out.detach(), mask, self.max_rows))
+            for k, out in enumerate(graph.outs):  # a grid needs only each channel's range over the batches' rows
+                rows, seen = _rows(out.detach(), mask, self.max_rows), self.reference_range[k]
+                lo, hi = rows.amin(0), rows.amax(0)
+                self.reference_range[k] = (lo, hi) if seen is None else (torch.minimum(seen[0], lo), torch.maximum(seen[1], hi))
             self.graph = None
         else:
             self.graph = graph
 
     def grids(self) -> list[ChannelGrid]:
         """The dependency grids of this stage's language units, fixed from the full-precision pass."""
-        grids = [channel_grid(torch.cat(r), b) for r, b in zip(self.reference_rows, self.grid_bits)]
-        self.reference_rows = []
-        return grids
+        return [channel_grid(torch.stack(lo_hi), b) for lo_hi, b in zip(self.reference_range, self.grid_bits)]
 
     # --- the first stage: head, optimiser -------------------------------------------------------------------
 
@@ -299,10 +303,10 @@ class StageVeo:
             logits = finish_forward(self.model, layer_list, batch, h)
         n_later = len(remote_rows)
         if mode == "reference":
-            t.ref_logits[index] = logits.detach()
+            t.ref_logits[index] = logits.detach().to("cpu")
             return _parts([(None, None)] * n_later)
         if mode == "jacobian":
-            (g_h,) = torch.autograd.grad(relative_error(logits, t.ref_logits[index]), [h])
+            (g_h,) = torch.autograd.grad(relative_error(logits, t.reference(index, logits)), [h])
             self.head_grads = _HeadGrads(g_h if not n_later else None)
             return _parts([(g_h if s == n_later - 1 else None, None) for s in range(n_later)])
         own = [_leaf(r, self.device) for r in self.graph.rows]

@@ -166,6 +166,11 @@ def test_veo_counts_in_each_stage_memory_and_needs_no_worker_for_the_whole_model
     check_memory(plan, cal, quant, True, device, None)
     with pytest.raises(InputError, match=r"^stage 0 of 1 does not fit its worker"):
         check_memory(plan.with_workers(1), cal, quant, True, device, None)
+    # The first stage keeps every calibration batch's full-precision logits in host memory, whatever the device.
+    logits = size.samples * size.tokens * plan.vocab_size * plan.weight_element_bytes
+    assert [stage_memory(plan, s, size, quant).host for s in range(2)] == [logits, 0]
+    with pytest.raises(InputError, match=r"^stage 0 of 2 does not fit its worker: .* GiB of its reference logits"):
+        check_memory(plan, cal, quant, True, device, int(logits * 0.9))
     wide = replace(quant, veo=replace(quant.veo, max_rows=10**6))  # many rows per layer in the dependency term
     assert stage_memory(plan, 1, size, wide).veo > stage_memory(plan, 1, size, wide).workspace
     with pytest.raises(InputError, match=r"^stage [01] of 2 does not fit its worker: .* GiB for VEO before the searches"):
