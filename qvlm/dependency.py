@@ -52,10 +52,13 @@ def joint_distribution(
     """P(m, m') pooled over every element, accumulated in float64 in a fixed order."""
     joint = torch.zeros(grid_k.levels, grid_next.levels, dtype=torch.float64, device=rows_k.device)
     for start in range(0, rows_k.shape[0], chunk_rows):
-        pk = soft_assign(rows_k[start : start + chunk_rows], grid_k)
-        pn = soft_assign(rows_next[start : start + chunk_rows], grid_next)
-        joint += (pk.T @ pn).double()
+        joint += chunk_counts(rows_k[start : start + chunk_rows], rows_next[start : start + chunk_rows], grid_k, grid_next)
     return joint / joint.sum()
+
+
+def chunk_counts(rows_k: torch.Tensor, rows_next: torch.Tensor, grid_k: ChannelGrid, grid_next: ChannelGrid) -> torch.Tensor:
+    """One chunk of rows' share of the (unnormalised) joint of soft levels, in float64."""
+    return (soft_assign(rows_k, grid_k).T @ soft_assign(rows_next, grid_next)).double()
 
 
 def conditional_entropy_tensor(joint: torch.Tensor) -> torch.Tensor:

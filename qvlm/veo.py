@@ -29,6 +29,7 @@ gradient, and each language unit's ``max_rows`` strided rows and their gradients
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ from torch import nn
 
 from qvlm.capture import unit_output
 from qvlm.config import QuantConfig
-from qvlm.dependency import ChannelGrid, conditional_entropy_tensor, joint_distribution
+from qvlm.dependency import ChannelGrid, chunk_counts, conditional_entropy_tensor
 from qvlm.learned import LearnedWeightQuantizer
 from qvlm.quant import ActRange, WeightScheme
 from qvlm.search import BlockResult
@@ -157,16 +158,36 @@ def relative_error(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return ((q.float() - r.float()) ** 2).sum() / (r.float() ** 2).sum().clamp_min(1e-12)
 
 
-def soft_dependency(rows: Sequence[torch.Tensor], grids: Sequence[ChannelGrid], weights: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """sum_k w_k D(k, k+1) / log M_{k+1} (differentiable) and the unweighted mean D."""
-    terms = []
+def dependency_gradients(rows: Sequence[torch.Tensor], grids: Sequence[ChannelGrid], weights: torch.Tensor,
+                         scale: float) -> tuple[list[torch.Tensor], float, float]:
+    """The gradient of ``scale`` x sum_k w_k D(k, k+1) / log M_{k+1} with respect to each unit's rows, its value,
+    and the unweighted mean D.
+
+    Pair by pair and chunk by chunk: D depends on the rows only through the joint of soft levels, a sum over
+    chunks of rows, so the joint is accumulated without a graph, D's gradient taken with respect to it (a small
+    M x M matrix), and each chunk's soft assignment recomputed with a graph only while its share is propagated
+    back. The graph of the whole term (rows x channels x levels, several times, per layer: tens of GB for a 13B
+    model) is never held; the chunks keep to about 2^24 soft probabilities each."""
+    grads = [torch.zeros_like(r) for r in rows]
+    total, values = 0.0, []
     for k in range(len(rows) - 1):
-        joint = joint_distribution(rows[k], rows[k + 1], grids[k], grids[k + 1])
-        terms.append(conditional_entropy_tensor(joint) / torch.log(torch.tensor(float(grids[k + 1].levels))))
-    if not terms:
-        return torch.zeros((), dtype=torch.float64), 0.0
-    d = torch.stack(terms)
-    return (weights.to(d.device, d.dtype) * d).sum(), float(d.detach().mean())
+        rk, rn, gk, gn = rows[k].detach(), rows[k + 1].detach(), grids[k], grids[k + 1]
+        chunk = max(1, 2**24 // (rk.shape[1] * max(gk.levels, gn.levels)))
+        with torch.no_grad():
+            counts = sum(chunk_counts(rk[i : i + chunk], rn[i : i + chunk], gk, gn) for i in range(0, rk.shape[0], chunk))
+        counts.requires_grad_(True)
+        d = conditional_entropy_tensor(counts / counts.sum()) / math.log(gn.levels)
+        values.append(float(d.detach()))
+        total += float(weights[k]) * values[-1]
+        if not scale:
+            continue
+        (g_counts,) = torch.autograd.grad(scale * float(weights[k]) * d, [counts])
+        for i in range(0, rk.shape[0], chunk):
+            a, b = rk[i : i + chunk].requires_grad_(True), rn[i : i + chunk].requires_grad_(True)
+            g_a, g_b = torch.autograd.grad(chunk_counts(a, b, gk, gn), [a, b], g_counts)
+            grads[k][i : i + chunk] += g_a
+            grads[k + 1][i : i + chunk] += g_b
+    return grads, scale * total, sum(values) / len(values) if values else 0.0
 
 
 

@@ -33,7 +33,7 @@ from qvlm.learned import LearnedWeightQuantizer
 from qvlm.quant import ActRange, WeightScheme, calibrate_act_range
 from qvlm.search import BlockResult, LinearResult, apply_linear_results
 from qvlm.structure import Unit
-from qvlm.veo import (Quantizers, VeoResult, next_token_loss, relative_error, soft_dependency, taps, token_mask,
+from qvlm.veo import (Quantizers, VeoResult, dependency_gradients, next_token_loss, relative_error, taps, token_mask,
                       vision_linear_names)
 
 Batch = dict[str, torch.Tensor]
@@ -142,16 +142,19 @@ class _Trainer:
     def set_weights(self, norms: torch.Tensor) -> None:
         self.weights = norms / norms.mean() if float(norms.sum()) > 0 else torch.ones_like(norms)
 
-    def loss(self, index: int, logits: torch.Tensor, vision: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    def loss(self, index: int, logits: torch.Tensor, vision: torch.Tensor, rows: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss's next-token and error terms (a tensor to differentiate) and the dependency term's gradient
+        with respect to each unit's rows (taken on its own, :func:`qvlm.veo.dependency_gradients`)."""
         answer = self.answers[index].to(logits.device) if self.answers is not None else None
         ce = next_token_loss(self.model, logits, self.batches[index], answer)
-        dep, mean_d = soft_dependency(rows, self.grids, self.weights)
+        row_grads, dep, mean_d = dependency_gradients(rows, self.grids, self.weights, self.cfg.lambda_entropy)
         err = relative_error(vision, self.ref_vision[index]) + self.cfg.eta * relative_error(logits, self.reference(index, logits))
-        loss = ce + self.cfg.lambda_entropy * dep.float() + self.cfg.lambda_error * err
-        for key, value in (("loss", loss.item()), ("next_token", ce.item()), ("dependency", mean_d), ("error", err.item())):
+        loss = ce + self.cfg.lambda_error * err
+        for key, value in (("loss", loss.item() + dep), ("next_token", ce.item()), ("dependency", mean_d), ("error", err.item())):
             self.sums[key] += value
         self.steps += 1
-        return loss
+        return loss, row_grads
 
     def reference(self, index: int, logits: torch.Tensor) -> torch.Tensor:
         """Batch ``index``'s full-precision logits, where ``logits`` are."""
@@ -309,12 +312,12 @@ class StageVeo:
             (g_h,) = torch.autograd.grad(relative_error(logits, t.reference(index, logits)), [h])
             self.head_grads = _HeadGrads(g_h if not n_later else None)
             return _parts([(g_h if s == n_later - 1 else None, None) for s in range(n_later)])
-        own = [_leaf(r, self.device) for r in self.graph.rows]
-        remote = [[_leaf(r, self.device) for r in rows] for rows in remote_rows]
+        own = [r.detach() for r in self.graph.rows]
+        remote = [[r.to(self.device) for r in rows] for rows in remote_rows]
         vision = _leaf(self.graph.vision, self.device)
-        loss = t.loss(index, logits, vision, own + [r for rows in remote for r in rows])
-        grads = list(torch.autograd.grad(loss, [h, vision, *own, *[r for rows in remote for r in rows]], allow_unused=True))
-        g_h, g_vision, g_own, rest = grads[0], grads[1], grads[2 : 2 + len(own)], grads[2 + len(own):]
+        loss, row_grads = t.loss(index, logits, vision, own + [r for rows in remote for r in rows])
+        g_h, g_vision = torch.autograd.grad(loss, [h, vision], allow_unused=True)
+        g_own, rest = row_grads[: len(own)], row_grads[len(own):]
         self.head_grads = _HeadGrads(g_h if not n_later else None, g_vision, g_own)
         parts = []
         for s, rows in enumerate(remote):

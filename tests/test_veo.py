@@ -1,5 +1,6 @@
 """Visual-encoder optimisation: what it trains, what it leaves alone, and the same result in one process and on Ray."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from qvlm.method import select_units, unit_bits
 from qvlm.quant import ActScheme, WeightScheme
 from qvlm.search import linear_tensors
 from qvlm.records import CalibrationRecord
-from qvlm.veo import next_token_loss, vision_linear_names
+from qvlm.veo import dependency_gradients, next_token_loss, vision_linear_names
 from tests.conftest import load_llava
 from tests.outputs import assert_same_up_to_summation_order, block_tensors, veo_tower
 
@@ -47,6 +48,28 @@ def test_differentiable_dependency_equals_the_measured_one():
     assert float(d.detach()) == pytest.approx(conditional_entropy(joint.detach()))
     d.backward()
     assert b.grad is not None and float(b.grad.abs().sum()) > 0
+
+
+def test_dependency_gradients_chunk_by_chunk_equal_the_whole_graphs():
+    """VEO's dependency term differentiated pair by pair, chunk by chunk (never holding the graph of a layer's soft
+    levels) gives the gradient, the value and the mean D of the whole term differentiated at once."""
+    torch.manual_seed(0)
+    base = torch.randn(1100, 2048)
+    rows = [base, base + 0.3 * torch.randn_like(base), torch.randn_like(base)]
+    grids = [channel_grid(r, b) for r, b in zip(rows, (4, 4, 3))]
+    weights = torch.tensor([1.3, 0.7], dtype=torch.float64)
+    leaves = [r.clone().requires_grad_(True) for r in rows]
+    terms = torch.stack([conditional_entropy_tensor(joint_distribution(leaves[k], leaves[k + 1], grids[k], grids[k + 1]))
+                         / math.log(grids[k + 1].levels) for k in range(2)])
+    whole = 0.5 * (weights * terms).sum()
+    expected = torch.autograd.grad(whole, leaves)
+    grads, value, mean_d = dependency_gradients(rows, grids, weights, 0.5)  # chunks of 512 rows here
+    # float32 chunks summed in another grouping (512 rows against joint_distribution's 256): agreement to 1e-6
+    assert value == pytest.approx(float(whole.detach()), rel=1e-6)
+    assert mean_d == pytest.approx(float(terms.detach().mean()), rel=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        assert float(want.abs().max()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
 
 
 def test_answer_masks_mark_the_positions_that_predict_each_answer(llava, tiny_llava_dir):
