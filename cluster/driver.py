@@ -332,7 +332,8 @@ class JobHooks:
         return Hooks(tune_vision=self.tune_vision, finished=self.finished, progress=self.progress)
 
     def tune_vision(self, schemes: dict, bits: dict, deps: list) -> VeoOutcome:
-        self.veo = tune_vision_encoder(self.ray, self.pipe, self.plan, self.job, self.out, schemes, bits, deps)
+        self.veo = tune_vision_encoder(self.ray, self.pipe, self.plan, self.job, self.out, schemes, bits, deps,
+                                       lambda done, total: self.progress("tuning", done, total))
         return self.veo
 
     def finished(self, blocks) -> set[int]:
@@ -352,12 +353,12 @@ class JobHooks:
         return set(done)
 
     def progress(self, phase: str, done: int, total: int) -> None:
-        """The method's steps as the state file counts them (VEO is part of the statistics phase)."""
+        """The method's steps as the state file counts them (VEO: statistics until its training steps start)."""
         phase = "statistics" if phase == "veo" else phase
         now, state = time.perf_counter(), self.state
         if phase != self.phase:
             self.phase, self.started = phase, now
-        if phase == "capturing":
+        if phase in ("capturing", "tuning"):
             state.update(phase=phase, steps_done=done, steps_total=total, steps_seconds=now - self.started)
         elif phase == "searching":
             state.update(phase=phase, blocks_total=self.n_blocks, blocks_resumed=self.n_done,

@@ -1,9 +1,9 @@
 """The job's state file, ``<output>/_qvlm/state.json``: where a job stands, readable with no cluster.
 
 Each update is also printed as one progress line. The phases that move through countable steps show them,
-with an ETA once a step has been timed: capturing (calibration batches), searching (blocks; blocks resumed
-from an earlier run are not timed), evaluating (held-out batches) and committing (checkpoint files written by
-the export).
+with an ETA once a step has been timed: capturing (calibration batches), tuning (VEO's training steps, when it
+is on), searching (blocks; blocks resumed from an earlier run are not timed), evaluating (held-out batches) and
+committing (checkpoint files written by the export).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from qvlm.errors import InputError
 
 STATE_KEY = "_qvlm/state.json"
-PHASES = ("planning", "capturing", "statistics", "searching", "evaluating", "committing",
+PHASES = ("planning", "capturing", "statistics", "tuning", "searching", "evaluating", "committing",
           "finished", "held", "failed", "stopped")
 FINAL_PHASES = ("finished", "held", "failed", "stopped")  # held: written and evaluated, but the gate failed
-STEP_UNITS = {"capturing": "batches", "evaluating": "batches", "committing": "files"}  # searching counts blocks in its own fields
+STEP_UNITS = {"capturing": "batches", "tuning": "steps", "evaluating": "batches", "committing": "files"}  # searching counts blocks in its own fields
 
 
 class StateError(InputError, ValueError):

@@ -35,7 +35,7 @@ class VeoOutcome:
 
 
 def tune_vision_encoder(ray, pipe: RayPipeline, plan: JobPlan, job: Job, out, schemes: dict, bits: dict,
-                        deps) -> VeoOutcome:
+                        deps, progress=None) -> VeoOutcome:
     t0 = time.perf_counter()
     quant = job.quant
     first = pipe.actors[0]  # the first stage owns every stream but the last, so the whole vision tower lives there
@@ -44,7 +44,7 @@ def tune_vision_encoder(ray, pipe: RayPipeline, plan: JobPlan, job: Job, out, sc
     reused = record is not None
     n_batches = ray.get(first.load_batches.remote(job.calibration))
     if record is None:
-        record = veo_phase(pipe, range(n_batches), plan.units, schemes, bits, quant, job.calibration)
+        record = veo_phase(pipe, range(n_batches), plan.units, schemes, bits, quant, job.calibration, progress)
     blocks_before, h0_before = plan_blocks(plan.streams, deps, quant, layout=plan.layout)
     ray.get(first.use_quantized.remote(record.block, quant.activations))
     ray.get([s.reset_captures.remote() for s in pipe.actors])

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -193,12 +193,14 @@ def dependency_gradients(rows: Sequence[torch.Tensor], grids: Sequence[ChannelGr
 
 
 def veo_phase(pipe: Any, items: Sequence[Any], units: Sequence[Unit], schemes: dict[str, WeightScheme],
-              bits: dict[int, int], config: QuantConfig, answers: Any = None) -> Any:
+              bits: dict[int, int], config: QuantConfig, answers: Any = None,
+              progress: Callable[[int, int], None] | None = None) -> Any:
     """Train the vision tower's quantizers through the stages of ``pipe`` (a :class:`qvlm.method.Pipeline`
     whose first stage owns the whole tower); the model is unchanged afterwards. ``items`` are the calibration
     batches as the first stage's capture takes them, ``bits`` the grid bits of each language unit and
     ``answers`` what the first stage needs to find the answer positions of each batch. Returns what the first
-    stage's ``finish`` gives: a :class:`VeoResult` (a worker writes it and gives its record)."""
+    stage's ``finish`` gives: a :class:`VeoResult` (a worker writes it and gives its record). ``progress(done,
+    total)`` hears of each training step as it completes."""
     check_veo_applies(units)
     n = pipe.n_stages
     finished = False
@@ -207,12 +209,19 @@ def veo_phase(pipe: Any, items: Sequence[Any], units: Sequence[Unit], schemes: d
                   for s in range(n)])
         _passes(pipe, items, "reference")
         n_pairs = pipe.get(pipe.call(0, "veo", "start_training", *[pipe.call(s, "veo", "grids") for s in range(n)]))
+        steps = []
         for epoch in range(config.veo.epochs):
             if config.veo.lambda_entropy and n_pairs > 0:
-                pipe.call(0, "veo", "set_weights", *_passes(pipe, items[:1], "jacobian"))
-            _passes(pipe, items, "train")
+                pipe.call(0, "veo", "set_weights", *_passes(pipe, items[:1], "jacobian")[-1])
+            steps += [calls[0] for calls in _passes(pipe, items, "train")]  # the first stage's step
             pipe.call(0, "veo", "end_epoch", epoch)
-        result = pipe.get(pipe.call(0, "veo", "finish"))
+        result = pipe.call(0, "veo", "finish")
+        for done, _ in enumerate(pipe.completed(steps)):
+            if progress is not None:
+                progress(done, len(steps))
+        if progress is not None:
+            progress(len(steps), len(steps))
+        result = pipe.get(result)
         finished = True
     finally:
         try:  # every stage's model as it was, also when a step failed (then that failure is the one raised)
@@ -224,9 +233,9 @@ def veo_phase(pipe: Any, items: Sequence[Any], units: Sequence[Unit], schemes: d
 
 
 def _passes(pipe: Any, items: Sequence[Any], mode: str) -> list:
-    """Each batch down the stages and (except in the reference pass) its gradients back up; returns the last
-    batch's per-stage gradient norms in the Jacobian pass."""
-    n, norms = pipe.n_stages, []
+    """Each batch down the stages and (except in the reference pass) its gradients back up; returns, per batch,
+    the stages' last calls (in the Jacobian pass: each stage's gradient norms)."""
+    n, steps = pipe.n_stages, []
     for index, item in enumerate(items):
         last, _, reach = pipe.call(0, "veo", "forward", index, item, mode, returns=3)
         rows = []
@@ -242,4 +251,5 @@ def _passes(pipe: Any, items: Sequence[Any], mode: str) -> list:
             grad, stage_norms = pipe.call(s, "veo", "backward", mode, parts[s - 1], grad, returns=2)
             norms.insert(0, stage_norms)
         norms.insert(0, pipe.call(0, "veo", "backward_first", mode, grad))
-    return norms
+        steps.append(norms)
+    return steps

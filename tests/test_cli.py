@@ -320,6 +320,8 @@ def test_progress_lines_count_each_phase_in_its_own_unit_with_an_eta():
     assert base.line() == "[told] planning"
     capture = replace(base, phase="capturing", steps_done=1, steps_total=4, steps_seconds=2.0)
     assert capture.line() == "[told] capturing: batches 1/4, ETA 6s"
+    tuning = replace(base, phase="tuning", steps_done=3, steps_total=8, steps_seconds=6.0)
+    assert tuning.line() == "[told] tuning: steps 3/8, ETA 10s"
     search = replace(base, phase="searching", blocks_total=10, blocks_done=6, blocks_resumed=4, seconds={"search_elapsed": 8.0})
     assert search.line() == "[told] searching: blocks 6/10, ETA 16s"  # resumed blocks are not timed
     export = replace(base, phase="committing", blocks_total=10, blocks_done=10, steps_done=3, steps_total=7, steps_seconds=1.5)

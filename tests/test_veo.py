@@ -247,7 +247,7 @@ def test_veo_needs_qvlm_and_a_vision_tower(tmp_path):
     assert spec.to_quant_config().veo == VeoConfig(enabled=True, epochs=2, eta=0.5)
 
 
-def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path):
+def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path, capsys):
     """The job tunes the tower through its two stage actors; the one-process run cut into the same stages gives
     the same checkpoint, and one stage holding the whole model (one worker) the same tower."""
     config = _config(epochs=2)
@@ -255,6 +255,9 @@ def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path)
     run_job(Job("t", "v" * 64, Locations(str(tiny_llava_dir), str(out)), CAL, config, Resources(workers=2)))
     plan, tensors = block_tensors(out)
     assert len(plan["stages"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    tuning = [line for line in lines if line.startswith("[t] tuning: steps ")]  # 2 epochs x 2 batches, counted
+    assert tuning[0] == "[t] tuning: steps 0/4" and tuning[-1].startswith("[t] tuning: steps 4/4"), lines
     batches, answers = calibration_batches(tiny_llava_dir, CAL), calibration_answer_masks(tiny_llava_dir, CAL)
     # VEO trains through matmuls whose float sums depend on the intra-op thread count: compare with the
     # one-process run at the thread count of the job's workers (resources.cpus_per_worker = 1).
