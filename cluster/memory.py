@@ -140,16 +140,17 @@ def evaluation_bytes(plan, stage: int, size: CalibrationSize) -> int:
 
 
 # One batch's logits in VEO's first stage, per logit: the logits, their float32 copies in the loss (the error
-# against the reference, the cross-entropy's softmax) and their gradient; measured with bench/veo_memory.py as 10-15
-# bytes in bfloat16 and float32 models (BENCHMARKS.md, "VEO through the stages").
-VEO_BYTES_PER_LOGIT = 16
+# against the reference, the cross-entropy's softmax) and their gradient; measured with bench/veo_memory.py as about
+# 10 bytes in bfloat16 and 15-21 in float32 models (BENCHMARKS.md, "VEO's memory against what the plan counts").
+VEO_BYTES_PER_LOGIT = 20
 
 
 def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     """Visual-encoder optimisation's step on one batch: the graph through the stage's units (what learned rounding
     keeps, an upper bound: here the weights are frozen), each language unit's strided rows with their gradients,
-    and in the first stage the tower's quantizers (learned rounding's state per weight) and one batch's logits
-    (``VEO_BYTES_PER_LOGIT``). 0 when VEO is off."""
+    and in the first stage the tower's quantizers (learned rounding's state per weight), one batch's logits
+    (``VEO_BYTES_PER_LOGIT``) and every language unit's rows with their gradients (the loss is taken there).
+    0 when VEO is off."""
     if not quant.veo.enabled:
         return 0
     units = [plan.units[i] for i in plan.stages[stage]]
@@ -160,7 +161,8 @@ def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     vision = sum(plan.unit_bytes[u.index] for u in plan.units if u.segment == "vision")
     quantizers = SEARCH_BYTES_PER_WEIGHT["learned"] * vision // plan.weight_element_bytes
     logits = VEO_BYTES_PER_LOGIT * size.batch_size * size.tokens * plan.vocab_size
-    return graph + rows + quantizers + logits
+    head_rows = sum(2 * 4 * quant.veo.max_rows * _unit_out_width(plan, u) for u in plan.units if u.segment == "language")
+    return graph + rows + quantizers + logits + head_rows
 
 
 def veo_host_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
