@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from qvlm.veo_stage import ACT_ROWS
+
 GIB = 2**30
 HEADROOM = 0.9  # of a device's memory a stage plans to use: the CUDA context, allocator slack, fragmentation
 
@@ -149,8 +151,8 @@ def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     """Visual-encoder optimisation's step on one batch: the graph through the stage's units (what learned rounding
     keeps, an upper bound: here the weights are frozen), each language unit's strided rows with their gradients,
     and in the first stage the tower's quantizers (learned rounding's state per weight), one batch's logits
-    (``VEO_BYTES_PER_LOGIT``) and every language unit's rows with their gradients (the loss is taken there).
-    0 when VEO is off."""
+    (``VEO_BYTES_PER_LOGIT``), every language unit's rows with their gradients (the loss is taken there) and,
+    for static activation ranges, the rows of the tower's inputs they are calibrated on. 0 when VEO is off."""
     if not quant.veo.enabled:
         return 0
     units = [plan.units[i] for i in plan.stages[stage]]
@@ -162,7 +164,10 @@ def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     quantizers = SEARCH_BYTES_PER_WEIGHT["learned"] * vision // plan.weight_element_bytes
     logits = VEO_BYTES_PER_LOGIT * size.batch_size * size.tokens * plan.vocab_size
     head_rows = sum(2 * 4 * quant.veo.max_rows * _unit_out_width(plan, u) for u in plan.units if u.segment == "language")
-    return graph + rows + quantizers + logits + head_rows
+    static = quant.activations.enabled and quant.activations.static
+    inputs = ACT_ROWS * plan.weight_element_bytes * sum(inp for u in plan.units if u.segment == "vision" for n in u.linears
+                                                        for _, inp in [plan.linear_shapes[u.linear_name(n)]]) if static else 0
+    return graph + rows + quantizers + logits + head_rows + inputs
 
 
 def veo_host_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:

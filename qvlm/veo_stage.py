@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from qvlm.capture import Handover, _strided, call_unit, capture_units, finish_forward, handover, replace_tensors, tensors_in
+from qvlm.capture import (Handover, _strided, call_unit, capture_units, finish_forward, handover, replace_tensors,
+                          row_selection, tensors_in)
 from qvlm.config import QuantConfig
 from qvlm.dependency import ChannelGrid, channel_grid
 from qvlm.fakequant import put_modules, swap_in_fake_quant
@@ -37,7 +38,8 @@ from qvlm.veo import (Quantizers, VeoResult, dependency_gradients, next_token_lo
                       vision_linear_names)
 
 Batch = dict[str, torch.Tensor]
-MODES = ("reference", "jacobian", "train")  # full-precision pass; Jacobian weights of Eq. 9; a training step
+MODES = ("reference", "jacobian", "train")
+ACT_ROWS = 8192  # input rows per vision linear that its static activation range is calibrated on  # full-precision pass; Jacobian weights of Eq. 9; a training step
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, max_rows: int) -> torch.Tensor:
@@ -94,7 +96,7 @@ class _Trainer:
         self.batches: dict[int, Batch] = {}
         self.ref_vision: dict[int, torch.Tensor] = {}
         self.ref_logits: dict[int, torch.Tensor] = {}  # in host memory: samples x tokens x vocabulary in all
-        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}  # vision linears' inputs (static)
+        self.input_rows: dict[str, list[int]] = {n: [] for n in self.names}  # rows of each call (static schemes)
         self.grids: list[ChannelGrid] = []
         self.weights = torch.ones(0, dtype=torch.float64)
         self.quant: Quantizers | None = None
@@ -110,21 +112,42 @@ class _Trainer:
             for n in self.names:
                 self.model.get_submodule(n).act_range = self.quant.act_range(n)
 
-    def record_inputs(self):
-        act = self.config.activations
-        if not (act.enabled and act.static):
-            return []
-        return [self.model.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n: self.inputs[n].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-            for n in self.names]
+    def static(self) -> bool:
+        return self.config.activations.enabled and self.config.activations.static
 
-    def start(self, grids: list[ChannelGrid]) -> None:
+    def count_inputs(self) -> list:
+        """Hooks that count the input rows of each call of each vision linear (static activation schemes)."""
+        return [self.model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: self.input_rows[n].append(args[0].shape[:-1].numel())) for n in self.names] \
+            if self.static() else []
+
+    def input_ranges(self, forward) -> dict[str, ActRange]:
+        """Each vision linear's full-precision input range, calibrated on the evenly strided ``ACT_ROWS`` rows of
+        all its inputs: picked call by call in one more pass (``forward(batch)`` over the kept batches), so that
+        no more than those rows of the tower's inputs are ever held."""
+        if not self.static():
+            return {}
+        picks = {n: row_selection(rows, ACT_ROWS) for n, rows in self.input_rows.items()}
+        kept: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+
+        def keep(_m, args, n):
+            flat, pick = args[0].detach().reshape(-1, args[0].shape[-1]), picks[n][len(kept[n])]
+            kept[n].append(flat if pick is None else flat[pick.to(flat.device)])
+
+        hooks = [self.model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: keep(m, a, n)) for n in self.names]
+        try:
+            for batch in self.batches.values():
+                forward(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: calibrate_act_range(torch.cat(x), self.config.activations) for n, x in kept.items() if x}
+
+    def start(self, grids: list[ChannelGrid], act_base: dict[str, ActRange]) -> None:
         """Swap fake-quantized linears into the tower and make its quantizers trainable."""
         self.grids = grids
         self.weights = torch.ones(max(len(grids) - 1, 0), dtype=torch.float64)  # Eq. 9's weights before the first
         act = self.config.activations
-        act_base = {n: calibrate_act_range(_strided(torch.cat(x), 8192), act) for n, x in self.inputs.items() if x}
-        self.inputs = {}
         self.originals = {n: self.model.get_submodule(n) for n in self.names}
         fq = swap_in_fake_quant(self.model, self.names)
         self.quant = Quantizers({n: LearnedWeightQuantizer.init(fq[n].weight.detach(), self.schemes[n]) for n in self.names},
@@ -250,7 +273,7 @@ class StageVeo:
             t.batches[index] = {k: v.to(self.device) for k, v in batch.items()}
         batch = t.batches[index]
         t.act_ranges()
-        hooks = t.record_inputs() if mode == "reference" else []
+        hooks = t.count_inputs() if mode == "reference" else []
         try:
             with taps(self.model, t.units, self.language) as seen:
                 captured = capture_units(self.model, self.stage.units, [batch], stop_after_last=True,
@@ -291,7 +314,9 @@ class StageVeo:
     def start_training(self, *grids: list[ChannelGrid]) -> int:
         """Every stage's grids (in stage order) in; returns the number of consecutive language-unit pairs."""
         t = self.trainer
-        t.start([ChannelGrid(g.lo.to(self.device), g.hi.to(self.device), g.levels) for part in grids for g in part])
+        ranges = t.input_ranges(lambda batch: capture_units(self.model, self.stage.units, [batch], stop_after_last=True,
+                                                            ahead=self.stage.ahead))
+        t.start([ChannelGrid(g.lo.to(self.device), g.hi.to(self.device), g.levels) for part in grids for g in part], ranges)
         t.error_before = self.vision_error()
         return max(len(t.grids) - 1, 0)
 

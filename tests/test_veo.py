@@ -146,6 +146,33 @@ def test_lr_zero_keeps_round_to_nearest(llava, llava_batches):
         assert torch.equal(r.weight.qweight, rtn.qweight), r.name
 
 
+def test_static_input_ranges_come_from_the_strided_rows_of_all_inputs(llava, llava_batches, monkeypatch):
+    """A vision linear's static input range is calibrated on the evenly strided rows of all its inputs, as if they
+    were concatenated, though only the picked rows are ever held (here 50 rows of each linear's 136)."""
+    from qvlm import veo_stage
+    from qvlm.capture import _strided
+    from qvlm.quant import calibrate_act_range
+
+    model, _ = llava
+    config = _config(epochs=1, lr=1e-12)  # the trained range scale stays 1: the result is the calibrated range
+    names = vision_linear_names(select_units(model, config))
+    inputs = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: inputs[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        for batch in llava_batches:
+            model(**batch)
+    for h in hooks:
+        h.remove()
+    monkeypatch.setattr(veo_stage, "ACT_ROWS", 50)
+    result = _tune(model, llava_batches, config)[1]
+    for r in result.block.linears:
+        assert sum(x.shape[0] for x in inputs[r.name]) > 50
+        want = calibrate_act_range(_strided(torch.cat(inputs[r.name]), 50), config.activations)
+        torch.testing.assert_close(r.act_range.lo, want.lo, rtol=1e-6, atol=0)
+        torch.testing.assert_close(r.act_range.hi, want.hi, rtol=1e-6, atol=0)
+
+
 def test_quantize_with_veo_keeps_the_tuned_tower_as_one_block(llava, llava_batches):
     model, _ = llava
     _, result = quantize(model, llava_batches, _config())
