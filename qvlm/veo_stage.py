@@ -19,6 +19,7 @@ and no worker holds more than its own units.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -106,11 +107,29 @@ class _Trainer:
         self.steps = 0
         self.error_before = 0.0
 
-    def act_ranges(self) -> None:
+    def act_ranges(self, detach: bool = False) -> None:
         """Give each fake-quantized vision linear its current input range (with the graph to its scale)."""
         if self.quant is not None:
             for n in self.names:
-                self.model.get_submodule(n).act_range = self.quant.act_range(n)
+                self.model.get_submodule(n).act_range = self.quant.act_range(n, detach)
+
+    @contextmanager
+    def tower_without_graph(self):
+        """The tower's quantizers as they stand, recording no graph: the head's pass to the logits runs the
+        tower again (the model's own forward), and its output goes nowhere the loss reaches."""
+        if self.quant is None:
+            yield
+            return
+        fq = {n: self.model.get_submodule(n) for n in self.names}
+        for n, module in fq.items():
+            module.weight_fn = _no_grad(self.quant.weights[n].soft_weight)
+        self.act_ranges(detach=True)
+        try:
+            yield
+        finally:
+            for n, module in fq.items():
+                module.weight_fn = self.quant.weights[n].soft_weight
+            self.act_ranges()
 
     def static(self) -> bool:
         return self.config.activations.enabled and self.config.activations.static
@@ -327,7 +346,7 @@ class StageVeo:
         batch = t.batches[index]
         h = _leaf(last.hidden, self.device) if grad else last.hidden.to(self.device)
         layer_list = self.stage.units[-1].name.rsplit(".", 1)[0]
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), t.tower_without_graph():
             logits = finish_forward(self.model, layer_list, batch, h)
         n_later = len(remote_rows)
         if mode == "reference":
@@ -433,6 +452,14 @@ class StageVeo:
         if self.trainer is not None:
             self.trainer.put_back()
         self.graph = self.head_grads = self.trainer = None
+
+
+def _no_grad(fn):
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    return call
 
 
 def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
