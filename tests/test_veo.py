@@ -314,6 +314,35 @@ def test_distributed_veo_equals_one_process(local_ray, tiny_llava_dir, tmp_path,
     assert "chart-veo" in (out / "report.html").read_text()
 
 
+def test_veo_on_a_bfloat16_checkpoint_through_two_stage_workers(local_ray, tiny_llava_dir, tmp_path):
+    """A bfloat16 checkpoint (what users have): hidden states, rows and gradients cross the stage boundary as
+    bfloat16 and float32 arrays, and the job's tower is the one the same cut gives in this process."""
+    from transformers import AutoProcessor
+
+    source = tmp_path / "bf16"
+    load_llava(tiny_llava_dir)[0].to(torch.bfloat16).save_pretrained(source)
+    AutoProcessor.from_pretrained(tiny_llava_dir).save_pretrained(source)
+    config = _config(epochs=2)
+    out = tmp_path / "job"
+    run_job(Job("t", "v" * 64, Locations(str(source), str(out)), CAL, config, Resources(workers=2)), echo=lambda *a, **k: None)
+    plan, tensors = block_tensors(out)
+    model = load_llava(source)[0]
+    assert next(model.parameters()).dtype == torch.bfloat16
+    units = select_units(model, config)
+    schemes = {u.linear_name(n): config.weights for u in units for n in u.linears}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the stage workers run
+    try:
+        tuned = optimize_vision_encoder(model, calibration_batches(source, CAL), config, schemes,
+                                        {u.index: unit_bits(u, schemes, config) for u in units},
+                                        calibration_answer_masks(source, CAL), stages=plan["stages"])
+    finally:
+        torch.set_num_threads(threads)
+    tower = linear_tensors(tuned.block.linears)
+    assert all(t.dtype == torch.bfloat16 for k, t in tower.items() if k.endswith(".scale"))
+    assert_same_up_to_summation_order({name: tensors[name] for name in tower}, tower)
+
+
 def test_submit_refuses_veo_on_a_model_without_vision_tower(tiny_llama_dir, tmp_path):
     import yaml
     from typer.testing import CliRunner
