@@ -342,11 +342,9 @@ class JobHooks:
         stages = self.pipe.actors
         self.ray.get([s.set_files.remote(self.plan.n_files(len(blocks))) for s in stages])
         if self.veo is not None:
-            for b in blocks:
-                if self.plan.units[b.units[0]].segment == "vision":
-                    names = [self.plan.units[i].name for i in b.units]
-                    self.ray.get(stages[0].adopt_block.remote(self.veo.record.block, b.index, names,
-                                                              self.job.quant.activations))
+            vision = {b.index: [self.plan.units[i].name for i in b.units] for b in blocks
+                      if self.plan.units[b.units[0]].segment == "vision"}
+            self.ray.get(stages[0].adopt_tower.remote(self.veo.record.block, vision, self.job.quant.activations))
         self.n_blocks, done = len(blocks), load_finished_blocks(self.out, blocks, self.plan.units,
                                                                  _files(self.plan, blocks), self.state.echo)
         self.n_done = len(done)

@@ -164,9 +164,10 @@ def veo_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     quantizers = SEARCH_BYTES_PER_WEIGHT["learned"] * vision // plan.weight_element_bytes
     logits = VEO_BYTES_PER_LOGIT * size.batch_size * size.tokens * plan.vocab_size
     head_rows = sum(2 * 4 * quant.veo.max_rows * _unit_out_width(plan, u) for u in plan.units if u.segment == "language")
-    static = quant.activations.enabled and quant.activations.static
-    inputs = ACT_ROWS * plan.weight_element_bytes * sum(inp for u in plan.units if u.segment == "vision" for n in u.linears
-                                                        for _, inp in [plan.linear_shapes[u.linear_name(n)]]) if static else 0
+    inputs = 0
+    if quant.activations.enabled and quant.activations.static:  # the tower's input rows its ranges come from
+        widths = [plan.linear_shapes[u.linear_name(n)][1] for u in plan.units if u.segment == "vision" for n in u.linears]
+        inputs = ACT_ROWS * plan.weight_element_bytes * sum(widths)
     return graph + rows + quantizers + logits + head_rows + inputs
 
 

@@ -40,9 +40,7 @@ class UnitCall:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the call holds (hidden state first)."""
-        found: list[torch.Tensor] = []
-        _collect((self.hidden, self.args, self.kwargs, self.mask), found)
-        return found
+        return tensors_in((self.hidden, self.args, self.kwargs, self.mask))
 
 
 @dataclass

@@ -216,11 +216,10 @@ def veo_phase(pipe: Any, items: Sequence[Any], units: Sequence[Unit], schemes: d
             steps += [calls[0] for calls in _passes(pipe, items, "train")]  # the first stage's step
             pipe.call(0, "veo", "end_epoch", epoch)
         result = pipe.call(0, "veo", "finish")
-        for done, _ in enumerate(pipe.completed(steps)):
-            if progress is not None:
-                progress(done, len(steps))
-        if progress is not None:
-            progress(len(steps), len(steps))
+        progress = progress or (lambda done, total: None)
+        progress(0, len(steps))
+        for done, _ in enumerate(pipe.completed(steps), start=1):
+            progress(done, len(steps))
         result = pipe.get(result)
         finished = True
     finally:

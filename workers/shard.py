@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Collection, Mapping, Sequence
 
 from safetensors.torch import load as load_safetensors

@@ -20,8 +20,8 @@ from qvlm.batches import calibration_answer_masks, calibration_batches, held_out
 from qvlm.evaluate import EvalSkipped
 from qvlm.search import BlockResult
 from qvlm.stage import BlockJob, BlockSummary, Stage, compute_device
-from qvlm.veo import tower_part
 from qvlm.structure import Unit
+from qvlm.veo import tower_part
 from workers.export_task import ExportRequest, checkpoint_files
 from workers.fault_hooks import fault_point
 from workers.locations import Locations
@@ -147,11 +147,15 @@ class StageWorker(Stage):
             raise RuntimeError(f"block {job.index} was marked finished but has no record in {out.uri}")
         return read_block(out, record)
 
-    def adopt_block(self, record: BlockRecord, index: int, unit_names: Sequence[str], act) -> BlockRecord:
-        """Write the part of the VEO-tuned tower (``record``) inside ``unit_names`` as block ``index``."""
-        part = tower_part(read_block(self.output(), record), unit_names)
-        prefixes = {r.name: self.shard.prefix(r.name) for r in part.linears}
-        return write_block(self.output(), index, file_name(index, self.n_files), part, prefixes, act, self.dense)
+    def adopt_tower(self, record: BlockRecord, blocks: dict[int, Sequence[str]], act) -> list[BlockRecord]:
+        """Write each vision block (index -> its unit names) as its part of the VEO-tuned tower (``record``)."""
+        tower, written = read_block(self.output(), record), []
+        for index, unit_names in blocks.items():
+            part = tower_part(tower, unit_names)
+            prefixes = {r.name: self.shard.prefix(r.name) for r in part.linears}
+            written.append(write_block(self.output(), index, file_name(index, self.n_files), part, prefixes, act,
+                                       self.dense))
+        return written
 
     def use_quantized(self, record: BlockRecord, act) -> None:
         """Run this stage's model with a finished block's quantizers from here on (the VEO-tuned vision tower)."""

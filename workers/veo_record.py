@@ -2,7 +2,7 @@
 
 VEO runs through the stage actors (qvlm/veo.py); the first stage, which owns the vision tower, writes the tuned
 tower in the block file format (``_qvlm/veo.safetensors``) and then a record with its sha256 (``_qvlm/veo.json``).
-Once the partition numbers the tower's block, the block's checkpoint file is a copy of it.
+Once the partition numbers the tower's blocks (one per layer list), each is written as its part of the tower.
 """
 
 from __future__ import annotations
