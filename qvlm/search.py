@@ -478,7 +478,9 @@ def linear_tensors(results: Sequence[LinearResult]) -> dict[str, torch.Tensor]:
 
 
 def apply_linear_results(fq_by_name: dict[str, FakeQuantLinear], results: Sequence[LinearResult], act: ActScheme) -> None:
-    for r in results:
+    for r in results:  # results read back from storage are on the CPU: each goes to its module's device
         fq = fq_by_name[r.name]
-        fq.weight.data = r.weight.dequantize().to(fq.weight.dtype)
-        fq.act_scheme, fq.act_range = act, r.act_range
+        device = fq.weight.device
+        fq.weight.data = r.weight.dequantize().to(device, fq.weight.dtype)
+        fq.act_scheme = act
+        fq.act_range = None if r.act_range is None else ActRange(r.act_range.lo.to(device), r.act_range.hi.to(device))
