@@ -34,15 +34,17 @@ def veo_tower(out: Path) -> dict[str, torch.Tensor]:
     return linear_tensors(read_block(storage, record.block).linears)
 
 
-def assert_same_up_to_summation_order(got: dict, expected: dict) -> None:
+def assert_same_up_to_summation_order(got: dict, expected: dict, rtol: float = 1e-3) -> None:
     """Bit-equality between a Ray worker and this process holds on some CPUs only: the BLAS kernels a CPU picks
     may sum in an order that depends on the buffers' alignment, and VEO trains through thousands of them. Scales
-    agree to float noise; an integer code may move one step where its value sits on a rounding boundary."""
+    agree to float noise (``rtol``); an integer code may move one step where its value sits on a rounding
+    boundary."""
     for name, want in expected.items():
         have = got[name]
         assert (have.dtype, have.shape) == (want.dtype, want.shape), name
         if want.is_floating_point():  # a value on a rounding boundary of the dtype may move one step of it
-            torch.testing.assert_close(have, want, rtol=max(1e-3, torch.finfo(want.dtype).eps), atol=1e-6, msg=name)
+            torch.testing.assert_close(have, want, rtol=max(rtol, torch.finfo(want.dtype).eps), atol=1e-6,
+                                       msg=lambda detail, name=name: f"{name}: {detail}")
         else:
             moved = (have.long() - want.long()).abs()
             assert int(moved.max()) <= 1 and float((moved > 0).float().mean()) <= 0.01, name

@@ -73,8 +73,11 @@ def test_everything_a_stage_touches_is_on_its_device(tiny_llama_dir, device, kee
 @pytest.mark.timeout(900)
 def test_bundled_example_on_the_gpu_matches_the_cpu_run(tmp_path):
     """The bundled job with each of its two stage workers on half of one GPU, against the same job on the CPU:
-    the same blocks, at most 1% of the integer weights differ (float sums differ between devices, so a value
-    on a rounding edge may round the other way), and the checkpoints' logits agree (cosine > 0.999)."""
+    the same blocks, their summed error to 2%, fewer than 10% of the integer codes moved, and the checkpoints'
+    logits agree (cosine > 0.999). Codes are not a device-free invariant: bench/float_noise.py moves the weights
+    by one float32 ulp and 0.3% of the codes move, up to 2 steps; by 1e-3 (TF32's size, which cuDNN uses for
+    the tower's float32 convolution) 8.9%, and one block's error by 37%, with the sum within 0.3%. An H200
+    moved 2.8% of the codes."""
     from transformers import LlavaForConditionalGeneration
 
     from tests.outputs import block_tensors
@@ -92,9 +95,27 @@ def test_bundled_example_on_the_gpu_matches_the_cpu_run(tmp_path):
     plan_gpu, gpu = block_tensors(outs["gpu"])
     assert [b["units"] for b in plan_cpu["blocks"]] == [b["units"] for b in plan_gpu["blocks"]]
     assert set(json.loads((outs["gpu"] / "qvlm_plan.json").read_text())["stage_devices"]) == {"cuda:0"}
+    errors = [sum(b["error_after"] for b in plan["blocks"]) for plan in (plan_cpu, plan_gpu)]
+    assert errors[1] == pytest.approx(errors[0], rel=0.02)
     ints = [k for k in cpu if k.endswith(".qweight")]
-    differing = sum(int((cpu[k] != gpu[k]).sum()) for k in ints) / sum(cpu[k].numel() for k in ints)
-    assert differing < 0.01
+    moved = sum(int((cpu[k] != gpu[k]).sum()) for k in ints) / sum(cpu[k].numel() for k in ints)
+    assert moved < 0.10
     batch = calibration_batches(model, CAL)[0]
     logits = [LlavaForConditionalGeneration.from_pretrained(outs[n]).eval()(**batch).logits.flatten() for n in ("cpu", "gpu")]
     assert torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=0) > 0.999
+
+
+def test_quantizers_read_back_from_storage_go_to_the_device_of_the_linear_they_fill():
+    """Block results read back from a shard are on the CPU; a stage on a GPU fills its fake-quant linears with
+    them (evaluation, Eq. 3 propagation after a restart, the VEO-tuned tower). The meta device stands in for the
+    GPU: found on one, where the job's evaluation stopped at "mat2 is on cpu"."""
+    from qvlm.fakequant import FakeQuantLinear
+    from qvlm.quant import ActRange, ActScheme, WeightScheme, quantize_weight
+    from qvlm.search import LinearResult, apply_linear_results
+
+    linear = torch.nn.Linear(256, 8)
+    weight = quantize_weight(linear.weight.detach(), WeightScheme(bits=4, group_size=128))
+    act_range = ActRange(torch.full((256,), -1.0), torch.full((256,), 1.0))
+    fq = FakeQuantLinear.from_linear(linear.to("meta"))
+    apply_linear_results({"fc": fq}, [LinearResult("fc", weight, act_range, None, None)], ActScheme(8, "channel"))
+    assert fq.weight.is_meta and fq.act_range.lo.is_meta and fq.act_range.hi.is_meta

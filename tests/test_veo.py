@@ -245,7 +245,9 @@ def test_veo_sends_gradients_back_through_handed_over_cross_attention_states(tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_veo_through_two_stages_on_the_gpu_matches_the_cpu(tiny_llava_dir, llava_batches):
     """Every tensor of VEO's steps (grids, Jacobian weights, rows, gradients) on the stages' device: the same tower
-    as on the CPU, up to the devices' float sums (an integer code on a rounding edge may move one step)."""
+    as on the CPU, up to the devices' float sums: Adam's steps turn them into relative changes of about 1e-2
+    in the trained floats (bench/float_noise.py: the weights moved by one float32 ulp move them by 7.9e-3 on the
+    CPU alone, and 0.05% of the codes by one step; an H200 moved a scale by 3.9e-3)."""
     config = _config(epochs=2)
     runs = {}
     for device in ("cpu", "cuda"):
@@ -254,7 +256,7 @@ def test_veo_through_two_stages_on_the_gpu_matches_the_cpu(tiny_llava_dir, llava
         language = [u.index for u in units if u.segment == "language"]
         stages = [[u.index for u in units if u.segment != "language"] + language[:1], language[1:]]
         runs[device] = linear_tensors(_tune(model, llava_batches, config, stages)[1].block.linears)
-    assert_same_up_to_summation_order({k: v.cpu() for k, v in runs["cuda"].items()}, runs["cpu"])
+    assert_same_up_to_summation_order({k: v.cpu() for k, v in runs["cuda"].items()}, runs["cpu"], rtol=2e-2)
 
 
 def test_veo_needs_qvlm_and_a_vision_tower(tmp_path):
