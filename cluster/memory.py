@@ -77,11 +77,17 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 
 # Bytes a block search holds per weight element of the block, besides the stage's own weights: measured on the CPU
 # with bench/gpu.py on one decoder layer of 51M weights in float32 and in bfloat16, the larger of the two
-# (BENCHMARKS.md, "Search workspace per weight"). "plain" (rtn, clip, gptq): the fake-quant copy, the int8
+# (BENCHMARKS.md, "Search workspace per weight"); "plain" raised to what clip took on an H200 at LLaVA-13B's layer
+# (BENCHMARKS.md, "One 13B layer on an H200"). "plain" (rtn, clip, gptq): the fake-quant copy, the int8
 # candidate and the quantizer's temporaries; "learned": also its float32 rounding offsets and their gradients, the
 # int8 best-so-far and one linear's soft weight recomputed in the backward; "best": learned plus the other
-# candidates (clipped RTN, GPTQ's integers and its float64 work on one linear).
-SEARCH_BYTES_PER_WEIGHT = {"plain": 9, "learned": 24, "best": 44}
+# candidates (clipped RTN, GPTQ's integers and its float64 work on one linear, which at the layer it was measured
+# on took about what it takes at 13B per weight).
+SEARCH_BYTES_PER_WEIGHT = {"plain": 12, "learned": 24, "best": 44}
+# GPTQ's float64 work on one linear grows with its input width squared, not with its weights: the damped Hessian,
+# its Cholesky factor, the inverse and the inverse's factor, alive at once (8 bytes each). On an H200 a GPTQ search
+# of LLaVA-13B's layer took 5 GiB more than the per-weight figure said: down_proj's 13824 inputs.
+GPTQ_FLOAT64_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,10 @@ def workspace_bytes(plan, stage: int, size: CalibrationSize, cost: SearchCost) -
         outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
         widest = max(out for u in units for n in u.linears for out, _ in [plan.linear_shapes[u.linear_name(n)]])
         transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * element
-        hessians = 4 * sum(inp**2 for u in units for n in u.linears
-                           for _, inp in [plan.linear_shapes[u.linear_name(n)]]) if cost.hessians else 0
+        inputs = [inp for u in units for n in u.linears for _, inp in [plan.linear_shapes[u.linear_name(n)]]]
+        hessians = 4 * sum(inp**2 for inp in inputs) if cost.hessians else 0
+        if cost.hessians and cost.kind == "plain":  # best's per-weight figure holds this already
+            hessians += GPTQ_FLOAT64_COPIES * 8 * max(inputs) ** 2
         autograd = sum(_autograd_bytes(plan, u, size) for u in units) if cost.kind != "plain" else 0
         best = max(best, weights + outputs + transient + hessians + autograd)
     return best

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run (a lent GPU comes for minutes): the GPU tests (the bundled job
+# on the GPU against the CPU run, a stage's tensors on its device, VEO through two stages on the GPU), then
+# bench/gpu.py at LLaVA-13B's layer shape (128 x 2048 tokens, float16). Each part has its own time limit, so
+# a slow one still leaves the others' figures; everything printed is also written under OUTDIR.
+#   usage: bash bench/gpu_checks.sh OUTDIR [PYTHON]        (PYTHON: .venv/bin/python by default)
+#   BENCH_SECONDS (300) and TEST_SECONDS (240) set the limits.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$1
+py=${2:-.venv/bin/python}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+"$py" -c "import torch, transformers, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)" 2>&1 | tee -a "$out/gpu.txt"
+timeout "${TEST_SECONDS:-240}" "$py" -m pytest tests/test_stage.py tests/test_veo.py -k "gpu or cuda" -p no:cacheprovider -ra \
+  2>&1 | tee "$out/tests.log"
+echo "[gpu_checks] tests exit ${PIPESTATUS[0]}"
+timeout "${BENCH_SECONDS:-300}" "$py" bench/gpu.py --json "$out/gpu.json" 2>&1 | tee "$out/bench.log"
+echo "[gpu_checks] bench exit ${PIPESTATUS[0]}"
