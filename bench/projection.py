@@ -488,7 +488,7 @@ def print_assumptions(a: Assume, job: Job13B, measured: dict, path: Path | None,
           "best (memory); a block's time is the sum of its units' (every count below is per unit)")
     a_ = measured["args"]
     shown = os.path.relpath(path) if path else "no --measured file"
-    print(f"  CPU calibration: {shown}: bench/gpu.py on {measured['device']}, "
+    print(f"  measured: {shown}: bench/gpu.py on {measured['device']}, "
           f"{measured['threads']} threads, layer {a_['hidden']}/{a_['intermediate']}, {a_['heads']} heads, "
           f"{a_['dtype']}, {a_['samples']} x {a_['tokens']} tokens in batches of {a_['batch']}, iters {a_['iters']}; "
           f"copy bandwidth {cal.cpu_bandwidth / 1e9:.1f} GB/s " + ("(measured in that run)\n" if "copy_gbps" in measured
@@ -530,7 +530,7 @@ def print_memory(job: Job13B, a: Assume) -> dict:
 
 def print_measured_memory(job: Job13B, measured: dict) -> None:
     a_ = measured["args"]
-    print(f"\n  Search workspace measured on bench/gpu.py's CPU run (layer {a_['hidden']}/{a_['intermediate']}, "
+    print(f"\n  Search workspace measured on bench/gpu.py's run on {measured['device']} (layer {a_['hidden']}/{a_['intermediate']}, "
           f"{a_['samples']} x {a_['tokens']} tokens: the tokens' share is small, so this is mostly weight-proportional); "
           "cluster/memory.py's workspace counts 2 x the block's weights (4 bytes per weight in float16) plus "
           "token-proportional terms:")
@@ -558,10 +558,10 @@ def measured_memory_rows(measured: dict) -> list:
 def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
     a_ = measured["args"]
     print(f"\n2. COST PER UNIT. Forwards over the whole calibration set per method (qvlm/search.py, qvlm/learned.py), "
-          f"checked on bench/gpu.py's CPU run (iters {a_['iters']}); the rest of each method's measured seconds is "
+          f"checked on bench/gpu.py's run on {measured['device']} (iters {a_['iters']}); the rest of each method's measured seconds is "
           "weight-proportional work")
     print(table(["method", "evaluations measured", "formula", "check", "forwards incl. uncounted", "learned steps",
-                 "CPU s measured", "CPU s forwards+steps", "CPU s rest", "rest ns per weight"], cal.rows))
+                 "s measured", "s forwards+steps", "s rest", "rest ns per weight"], cal.rows))
     print(f"  forwards: capture seconds ({measured['capture']['seconds']:.2f} s) x count; steps: {a.fwd_bwd:g} x a "
           f"forward of one batch. At {a.iters} iters: " + ", ".join(
               f"{m} {evaluations(m, a.iters) + uncounted(m)} forwards + {steps(m, a.iters)} steps" for m in METHODS))
@@ -651,8 +651,8 @@ def main() -> None:
         job = plan_13b(folder, args.workers, args.samples, args.tokens, args.batch)
         cal = calibrate(measured, a)
         units = units_of(job)
-        print("No GPU was used: every time below is modelled, calibrated by bench/gpu.py's CPU run; every memory "
-              "figure is cluster/memory.py's model or an estimate named as one.\n")
+        print(f"Every time below is modelled, calibrated by bench/gpu.py's run on {measured['device']} (no job ran on "
+              "a GPU); every memory figure is cluster/memory.py's model or an estimate named as one.\n")
         print_assumptions(a, job, measured, args.measured, cal)
         print_plan(job)
         print_memory(job, a)
