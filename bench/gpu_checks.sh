@@ -4,6 +4,7 @@
 # bench/gpu.py at LLaVA-13B's layer shape (128 x 2048 tokens, float16). Each part has its own time limit, so
 # a slow one still leaves the others' figures; everything printed is also written under OUTDIR.
 #   usage: bash bench/gpu_checks.sh OUTDIR [PYTHON]        (PYTHON: .venv/bin/python by default)
+#   on a lent GPU machine with no registry: bench/device_wheels.sh prepares what it lacks and says how to run it.
 #   BENCH_SECONDS (300) and TEST_SECONDS (240) set the limits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
