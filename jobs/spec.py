@@ -197,7 +197,7 @@ class QvlmSpec(Strict):
     shrink_steps: Annotated[StrictInt, Field(ge=1, le=200)] = SHRINK_STEPS  # in this many steps
     epochs: Annotated[StrictInt, Field(ge=1)] = _QUANT.epochs
     iters: Annotated[StrictInt, Field(ge=1)] = _QUANT.iters
-    propagation: Literal["fp", "quantized"] = _QUANT.propagation
+    propagation: Literal["fp", "stage", "quantized"] = _QUANT.propagation
     veo: VeoSpec = VeoSpec()
 
     @field_validator("h0", mode="before")

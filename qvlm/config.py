@@ -61,7 +61,11 @@ class QuantConfig:
     percentiles: tuple[float, ...] = SearchConfig.percentiles  # the search's own defaults, stated once there
     epochs: int = SearchConfig.epochs
     iters: int = SearchConfig.iters
-    propagation: Literal["fp", "quantized"] = "quantized"
+    # What a block is calibrated on (Eq. 3): "quantized", the quantized output of the block before it in its
+    # stream, across stages too (the model's blocks one after another); "stage", that within a stage and the
+    # full-precision captured inputs at a stage's first block (stages search in parallel; with one stage the
+    # same as "quantized"); "fp", the full-precision captured inputs everywhere.
+    propagation: Literal["fp", "stage", "quantized"] = "quantized"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     veo: VeoConfig = field(default_factory=VeoConfig)
     seed: int = 0

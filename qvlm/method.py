@@ -218,19 +218,27 @@ def search_phase(pipe: Pipeline, layout: Layout, jobs: Sequence[BlockJob], confi
                  hooks: Hooks) -> dict[int, BlockSummary]:
     """Each stage searches its own blocks, in order. ``propagation: fp``: every stage starts at once.
     ``quantized`` (Eq. 3): a block takes the quantized output of the block before it in its stream; across a
-    stage boundary that output travels from one stage to the next, so the chain moves down the pipeline."""
-    quantized = config.propagation == "quantized"
+    stage boundary that output travels from one stage to the next, so the chain moves down the pipeline.
+    ``stage``: the chain breaks at stage boundaries (a stage's first block takes its captured inputs), so every
+    stage starts at once."""
+
+    def chained(before: BlockJob | None, block: BlockJob) -> bool:
+        """Whether ``block`` is calibrated on the quantized output of ``before``."""
+        if before is None or before.stream != block.stream or config.propagation == "fp":
+            return False
+        return config.propagation == "quantized" or layout.stage_of(before.units[0]) == layout.stage_of(block.units[0])
+
     pending = {}
     for k, job in enumerate(jobs):
         s = layout.stage_of(job.units[0])
-        prev = jobs[k - 1] if k > 0 and jobs[k - 1].stream == job.stream else None
+        prev = jobs[k - 1] if k > 0 else None
         source, upstream = "captured", None
-        if quantized and prev is not None:
+        if chained(prev, job):
             prev_stage = layout.stage_of(prev.units[0])
             source = "carried" if prev_stage == s else "upstream"
             if prev_stage != s:
                 upstream = pipe.call(prev_stage, "carried")
-        needs_out = quantized and k + 1 < len(jobs) and jobs[k + 1].stream == job.stream
+        needs_out = k + 1 < len(jobs) and chained(job, jobs[k + 1])
         if job.index in done and not needs_out:
             continue
         future = pipe.call(s, "search_block", job, config, source, upstream, needs_out, job.index in done)

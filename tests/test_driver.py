@@ -56,6 +56,22 @@ def test_quantized_propagation_changes_block_inputs(tiny_llava_dir, llava_batche
     assert errs["quantized"][-1] > errs["fp"][-1]
 
 
+def test_stage_propagation_chains_blocks_inside_a_stage_only(tiny_llava_dir, llava_batches):
+    """`stage`: inside a stage a block is calibrated on the quantized output of the block before it, as with
+    `quantized`; a stage's first block on its full-precision captured inputs, as with `fp`, so that stages can
+    search at once. Stages here: the tower, the projector and the first decoder layer; the two others."""
+    errors = {}
+    for prop in ("fp", "stage", "quantized"):
+        model, _ = load_llava(tiny_llava_dir)
+        _, result = quantize(model, llava_batches, QuantConfig(method="rtn", propagation=prop, max_block_depth=1),
+                             stages=[[0, 1, 2, 3], [4, 5]])
+        errors[prop] = {b.units[0]: r.error_after for b, r in zip(result.blocks, result.block_results)}
+    assert all(errors["stage"][u] == errors["quantized"][u] for u in (0, 1, 2, 3))
+    assert errors["quantized"][1] != errors["fp"][1]  # the vision stream's chain inside stage 0
+    assert errors["stage"][4] == errors["fp"][4] != errors["quantized"][4]  # the second stage starts from FP
+    assert errors["stage"][5] != errors["fp"][5]  # and chains from there
+
+
 @pytest.mark.parametrize("metric", ["sensitivity", "kurtosis"])
 def test_mixed_precision_stays_within_budget(llava, llava_batches, metric):
     model, _ = llava

@@ -73,6 +73,25 @@ def test_only_boundary_states_cross_the_object_store(two_worker_run, tiny_llava_
     assert boundary + carried < block_inputs
 
 
+def test_stage_propagation_job_equals_one_process_and_carries_nothing_between_stages(local_ray, tiny_llava_dir,
+                                                                                       tmp_path):
+    """With `propagation: stage` the stages search at once: no quantized hidden state goes from one stage to
+    the next (the object store carries the capture's boundary states only), and the checkpoint is the one
+    `quantize` gives for the same cut."""
+    quant = QuantConfig(epochs=2, iters=30, activations=ActScheme(4, "channel", False), propagation="stage")
+    out = tmp_path / "job"
+    run_job(_settings(tiny_llava_dir, out, quant=quant))
+    plan, tensors = _shard_tensors(out)
+    model, _ = load_llava(tiny_llava_dir)
+    _, result = quantize(model, calibration_batches(tiny_llava_dir, CAL), quant, stages=plan["stages"])
+    expected = result.tensors()
+    assert set(tensors) == set(expected) and all(torch.equal(tensors[k], v) for k, v in expected.items())
+    layout = layout_of(model, quant, plan["stages"])
+    first = Stage(load_llava(tiny_llava_dir)[0], [layout.units[i] for i in layout.stages[0]], first=True)
+    boundary = sum(nbytes(pack(first.capture(b))) for b in calibration_batches(tiny_llava_dir, CAL))
+    assert plan["transfer_bytes"] == [boundary, 0]
+
+
 def test_blocks_never_cross_a_stage_boundary(two_worker_run):
     out, _ = two_worker_run
     plan = plan_of(out)
