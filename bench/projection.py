@@ -47,6 +47,7 @@ from _common import table
 
 GB, GIB = 1e9, 2**30
 METHODS = ("rtn", "gptq", "clip", "learned", "best")
+PROPAGATIONS = ("fp", "stage", "quantized")
 
 
 @dataclass(frozen=True)
@@ -404,21 +405,20 @@ class Phases:
     load: float
     capture: float
     statistics: float
-    search_fp: float
-    search_quantized: float
+    search: dict  # propagation -> seconds of the search phase
     export: float
     search_parts: tuple  # (forwards, steps, weight work, writes) summed over every unit
 
-    def total(self, quantized: bool) -> float:
-        return self.start + self.load + self.capture + self.statistics + self.export + \
-            (self.search_quantized if quantized else self.search_fp)
+    def total(self, propagation: str) -> float:
+        return self.start + self.load + self.capture + self.statistics + self.export + self.search[propagation]
 
 
 def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration, wheres: list[Where], a: Assume,
                    bound: str):
-    """Per stage, the seconds of its blocks' searches with ``propagation: fp`` and with ``quantized`` (each block
-    but a stream's last then also runs ``quantized_block_outputs``: one more forward of its units over every
-    batch); and (forwards, steps, weight work, writes) summed over the model."""
+    """Per stage, the seconds of its blocks' searches with ``propagation: fp`` and with a chain of blocks
+    (``stage`` and ``quantized``: each block but a chain's last then also runs ``quantized_block_outputs``, one
+    more forward of its units over every batch); and (forwards, steps, weight work, writes) summed over the
+    model."""
     fp, quantized, parts = [], [], [0.0, 0.0, 0.0, 0.0]
     for s, stage in enumerate(job.plan.stages):
         total = extra = 0.0
@@ -456,7 +456,8 @@ def phases(job: Job13B, method: str, units: list[Unit], cal: Calibration, gpu: G
     carried = batches * hop * ((n - 1) / store + crossings / gpu.network)
     rest = sum(job.index.total_bytes(chunk) for chunk in plan.rest_chunks)
     export = 2 * rest / per_stage_storage
-    return Phases(a.stage_start_s, load, capture, stats, max(fp), sum(quantized) + carried, export, parts)
+    search = {"fp": max(fp), "stage": max(quantized), "quantized": sum(quantized) + carried}
+    return Phases(a.stage_start_s, load, capture, stats, search, export, parts)
 
 
 def captured_bytes(job: Job13B, units: list[Unit], stage) -> int:
@@ -619,12 +620,14 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
             lo, hi = (phases(job, m, units, cal, gpu, measured, a, host, bound) for bound in ("low", "high"))
             parts = hi.search_parts
             rows.append([key, m, fmt_s(hi.start), fmt_s(hi.load), fmt_s(hi.capture), fmt_s(hi.statistics),
-                         span(lo.search_fp, hi.search_fp), span(lo.search_quantized, hi.search_quantized),
-                         fmt_s(hi.export), span(lo.total(False), hi.total(False)), span(lo.total(True), hi.total(True)),
+                         *(span(lo.search[p], hi.search[p]) for p in PROPAGATIONS), fmt_s(hi.export),
+                         *(span(lo.total(p), hi.total(p)) for p in PROPAGATIONS),
                          f"{sum(host)}/{len(host)}", " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
-    print(table(["GPUs", "method", "start", "load", "capture", "statistics", "search fp", "search quantized", "export",
-                 "TOTAL fp", "TOTAL quantized", "host captures", "high: fwd / steps / weights / writes"], rows))
-    print("  search fp: stages search their own blocks in parallel (the slowest stage); search quantized (the default "
+    print(table(["GPUs", "method", "start", "load", "capture", "statistics", *(f"search {p}" for p in PROPAGATIONS),
+                 "export", *(f"TOTAL {p}" for p in PROPAGATIONS), "host captures",
+                 "high: fwd / steps / weights / writes"], rows))
+    print("  search fp: stages search their own blocks in parallel (the slowest stage); search stage: the same, each "
+          "block also computing its quantized output for the next block of its stage (one more forward); search quantized (the default "
           "propagation): each block waits for the quantized output of the block before it in its stream, across stages "
           "too, so the whole model's blocks run one after another, each also computing its quantized output (one more "
           "forward), plus the carried outputs between stages. Host captures: stages whose captures cluster/memory.py "

@@ -13,7 +13,8 @@ then compares the fake-quant model with FP on held-out data.
 
 Grid: schemes W8A8, W6A6, W4A4, W4A16 g128, W4A16 per channel, W3A16 g128 x methods rtn, gptq (natural
 order, `gptq-ao` with act-order on static groups), qvlm (search clip / learned / best) x mixed precision none /
-sensitivity / kurtosis (extra budget 2%) x propagation fp / quantized. ``--dtype`` casts the models (and so
+sensitivity / kurtosis (extra budget 2%) x propagation fp / stage / quantized (``--stages N`` cuts the
+units as a job on N workers would; with one stage `stage` is `quantized`). ``--dtype`` casts the models (and so
 the quantizer's scales and every forward pass) to float16 or bfloat16; full precision is then that dtype. Rows that are
 provably identical are not repeated: a mixed-precision plan that boosts no linear leaves every scheme at
 the base, so its rows equal the `none` rows (checked once by running one such config in full), and where
@@ -35,7 +36,7 @@ from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaFo
 from jobs.spec import ActivationsSpec, WeightsSpec
 from qvlm.config import CalibrationSettings, MixedPrecisionConfig, QuantConfig
 from qvlm.batches import batches_for, records_for
-from qvlm.driver import quantize
+from qvlm.driver import layout_of, quantize
 from qvlm.method import linear_shapes
 from qvlm.evaluate import compare_models, evaluate_records
 from qvlm.quant import ActScheme, WeightScheme
@@ -55,7 +56,7 @@ METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq", "act_order": Fal
            "qvlm-best-d3": {"method": "qvlm", "search": "best", "max_block_depth": 3, "h0": 0.0}}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIXED = ("none", "sensitivity", "kurtosis")
-PROPAGATION = ("fp", "quantized")
+PROPAGATION = ("fp", "stage", "quantized")
 EXTRA_BUDGET = 0.02
 CAL_SAMPLES, CAL_BATCH = 64, 8
 
@@ -123,10 +124,22 @@ def text_subject(layers: int = TEXT_RECIPE.layers, cal_seed: int = 0) -> Model:
     return Model(f"tiny text Llama {path}", fp, cal, quality, "ppl")
 
 
-def run_one(subject: Model, config: QuantConfig) -> dict:
+def stage_cut(model, config: QuantConfig, stages: int) -> list[tuple[int, ...]] | None:
+    """Units per stage as a job on ``stages`` workers cuts them (cluster.plan.split_stages), balanced here by
+    the units' weights; None for one stage."""
+    if stages <= 1:
+        return None
+    from cluster.plan import split_stages
+
+    layout = layout_of(model, config)
+    costs = [sum(model.get_submodule(u.linear_name(n)).weight.numel() for n in u.linears) for u in layout.units]
+    return split_stages(costs, layout.streams, stages)
+
+
+def run_one(subject: Model, config: QuantConfig, stages: int = 1) -> dict:
     model = copy.deepcopy(subject.fp)
     t = time.perf_counter()
-    model, result = quantize(model, subject.batches, config)
+    model, result = quantize(model, subject.batches, config, stages=stage_cut(model, config, stages))
     seconds_q = time.perf_counter() - t
     shapes = linear_shapes(model, result.units)
     bits = sum(result.schemes[n].storage_bits(*shapes[n]) for n in shapes)
@@ -175,7 +188,7 @@ def grid(subject: Model, args) -> tuple[list[list], list[str]]:
                 for prop in args.propagation:
                     cfg = replace(base_config(args, w, a, method), propagation=prop,
                                   mixed_precision=MixedPrecisionConfig(mp, EXTRA_BUDGET))
-                    runs[prop] = run_one(subject, cfg)
+                    runs[prop] = run_one(subject, cfg, args.stages)
                     print(f"  {subject.score_name} {sname} {method} {mp} {prop}: {runs[prop]['score']:.4f} "
                           f"({runs[prop]['seconds']:.1f}s)", flush=True)
                 if mp == "none":
@@ -196,7 +209,7 @@ def format_rows(sname: str, method: str, mp: str, runs: dict) -> list[list]:
         return [sname, method, mp, prop, r["boosted"], f"{r['bits']:.3f}", r["blocks"], f"{r['score']:.4f}",
                 f"{r['kl']:.5f}", f"{r['top1']:.4f}", f"{r['quantize_s']:.1f}", f"{r['seconds']:.1f}"]
 
-    if len(runs) == 2 and same_tensors(runs["fp"]["tensors"], runs["quantized"]["tensors"]):
+    if set(runs) == {"fp", "quantized"} and same_tensors(runs["fp"]["tensors"], runs["quantized"]["tensors"]):
         return [cells("fp=q", runs["fp"])]
     return [cells(p, r) for p, r in runs.items()]
 
@@ -220,6 +233,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100, help="learned: optimisation steps per block")
     parser.add_argument("--cal-seed", type=int, default=0,
                         help="which calibration records (LLaVA: and held-out records) are drawn; shows what is noise")
+    parser.add_argument("--stages", type=int, default=1,
+                        help="cut the units into this many stages as a job on as many workers would (blocks stop at "
+                             "stage boundaries; `propagation: stage` breaks the chain there)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (2 OpenMP threads spin-wait on each other when the 2 cores are shared)")
     args = parser.parse_args()
@@ -230,7 +246,7 @@ def main() -> None:
           f"{QuantConfig().shrinks[-1]}..1 ({len(QuantConfig().shrinks)}); learned/best iters {args.iters}; "
           f"qvlm max_block_depth {QuantConfig().max_block_depth}, h0 auto; gptq/rtn one unit per block; "
           f"mixed precision extra budget {EXTRA_BUDGET:.0%} (stop {MixedPrecisionConfig().stop}); lm_head not quantized; "
-          f"models in {args.dtype}")
+          f"models in {args.dtype}; stages {args.stages}")
     for name, (w, a) in schemes().items():
         print(f"  {name}: {describe(w, a)}")
     headers = ["scheme", "method", "mixed", "prop", "boosted", "bits/w", "blocks", "SCORE", "KL", "top-1", "q-sec", "sec"]
