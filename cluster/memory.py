@@ -120,10 +120,10 @@ def workspace_bytes(plan, stage: int, size: CalibrationSize, cost: SearchCost) -
         transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * element
         inputs = [inp for u in units for n in u.linears for _, inp in [plan.linear_shapes[u.linear_name(n)]]]
         hessians = 4 * sum(inp**2 for inp in inputs) if cost.hessians else 0
-        if cost.hessians and cost.kind == "plain":  # best's per-weight figure holds this already
-            hessians += GPTQ_FLOAT64_COPIES * 8 * max(inputs) ** 2
+        # best's per-weight figure holds GPTQ's float64 work already
+        cholesky = GPTQ_FLOAT64_COPIES * 8 * max(inputs) ** 2 if cost.hessians and cost.kind == "plain" else 0
         autograd = sum(_autograd_bytes(plan, u, size) for u in units) if cost.kind != "plain" else 0
-        best = max(best, weights + outputs + transient + hessians + autograd)
+        best = max(best, weights + outputs + transient + hessians + cholesky + autograd)
     return best
 
 

@@ -82,13 +82,14 @@ def test_stage_propagation_job_equals_one_process_and_carries_nothing_between_st
     out = tmp_path / "job"
     run_job(_settings(tiny_llava_dir, out, quant=quant))
     plan, tensors = _shard_tensors(out)
+    batches = calibration_batches(tiny_llava_dir, CAL)
     model, _ = load_llava(tiny_llava_dir)
-    _, result = quantize(model, calibration_batches(tiny_llava_dir, CAL), quant, stages=plan["stages"])
+    layout = layout_of(model, quant, plan["stages"])
+    first = Stage(model, [layout.units[i] for i in layout.stages[0]], first=True)
+    boundary = sum(nbytes(pack(first.capture(b))) for b in batches)  # before quantize swaps in fake-quant linears
+    _, result = quantize(load_llava(tiny_llava_dir)[0], batches, quant, stages=plan["stages"])
     expected = result.tensors()
     assert set(tensors) == set(expected) and all(torch.equal(tensors[k], v) for k, v in expected.items())
-    layout = layout_of(model, quant, plan["stages"])
-    first = Stage(load_llava(tiny_llava_dir)[0], [layout.units[i] for i in layout.stages[0]], first=True)
-    boundary = sum(nbytes(pack(first.capture(b))) for b in calibration_batches(tiny_llava_dir, CAL))
     assert plan["transfer_bytes"] == [boundary, 0]
 
 
