@@ -85,12 +85,14 @@ class BlockResult:
 
 @dataclass(frozen=True)
 class _Found:
-    """What one searcher returns."""
+    """What one searcher returns. ``outputs()`` gives the block's output per batch with the kept result in place:
+    the searcher's last forward pass where that ran with the kept result (one more pass where it did not)."""
 
     linears: tuple[LinearResult, ...]
     before: float
     after: float
     evaluations: int
+    outputs: Callable[[], list[torch.Tensor]]
     candidates: dict[str, float] = field(default_factory=dict)
     chosen: str | None = None
 
@@ -250,7 +252,7 @@ def _results(ws: _Workspace, cand: _Candidates, wp: dict, ap: dict, weights: dic
 
 def search_rtn(data: BlockData, cfg: SearchConfig) -> _Found:
     ws, cand, wp, ap, before = _start(data, cfg)
-    return _Found(_results(ws, cand, wp, ap), before, before, ws.evaluations)
+    return _Found(_results(ws, cand, wp, ap), before, before, ws.evaluations, _last_outputs(ws))
 
 
 def search_clip(data: BlockData, cfg: SearchConfig) -> _Found:
@@ -261,7 +263,7 @@ def search_clip(data: BlockData, cfg: SearchConfig) -> _Found:
     _set_weights(ws, weights)
     wp = {n: None for n in ws.fq}  # the coordinate passes leave these weights alone
     after = _coordinate_search(ws, cand, cfg, wp, ap, [(n, "act") for n in ws.fq if ap[n] is not None])
-    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations)
+    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations, _last_outputs(ws))
 
 
 def search_learned(data: BlockData, cfg: SearchConfig) -> _Found:
@@ -276,8 +278,9 @@ def search_learned(data: BlockData, cfg: SearchConfig) -> _Found:
     if not after < before:  # never hand back something worse than where the search started
         for n in ws.fq:
             cand.apply(n, 1.0, ap[n])
-        return _Found(_results(ws, cand, wp, ap), before, min(before, ws.refresh()), ws.evaluations)
-    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations)
+        return _Found(_results(ws, cand, wp, ap), before, min(before, ws.refresh()), ws.evaluations,
+                      _last_outputs(ws))
+    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations, _last_outputs(ws))
 
 
 def search_gptq(data: BlockData, cfg: SearchConfig) -> _Found:
@@ -285,7 +288,7 @@ def search_gptq(data: BlockData, cfg: SearchConfig) -> _Found:
     ws, cand, wp, ap, before = _start(data, cfg)
     weights = gptq_weights(ws, cfg, shrinks=(1.0,))
     after = _weights_error(ws, weights)
-    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations)
+    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations, _last_outputs(ws))
 
 
 def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
@@ -304,7 +307,9 @@ def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
     found["learned"] = learn_rounding(ws, cfg, starts=found[start])
     errors["learned"] = _weights_error(ws, found["learned"])
     chosen = min(found, key=lambda k: errors[k])  # each candidate's error was measured with its weights in place
-    return _Found(_results(ws, cand, wp, ap, found[chosen]), before, errors[chosen], ws.evaluations, errors, chosen)
+    outputs = _last_outputs(ws) if chosen == "learned" else _outputs_with(ws, found[chosen])  # learned ran last
+    return _Found(_results(ws, cand, wp, ap, found[chosen]), before, errors[chosen], ws.evaluations, outputs, errors,
+                  chosen)
 
 
 def clipped_weights(ws: _Workspace, cfg: SearchConfig) -> dict[str, QuantizedWeight]:
@@ -341,6 +346,20 @@ def _weights_error(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> float
     """Block-output error with ``weights`` in place (they stay in place)."""
     _set_weights(ws, weights)
     return ws.refresh()
+
+
+def _last_outputs(ws: _Workspace) -> Callable[[], list[torch.Tensor]]:
+    """The block output of the workspace's last full forward pass (the searcher left the kept result in place)."""
+    return lambda: ws.outputs[-1]
+
+
+def _outputs_with(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> Callable[[], list[torch.Tensor]]:
+    """The block output with ``weights`` put back in place (one more forward pass, run only when asked for)."""
+    def run() -> list[torch.Tensor]:
+        _weights_error(ws, weights)
+        return ws.outputs[-1]
+
+    return run
 
 
 class _InputPower:
@@ -409,6 +428,18 @@ SEARCHERS: dict[str, Callable[[BlockData, SearchConfig], _Found]] = {
 def search_block(data: BlockData, cfg: SearchConfig) -> BlockResult:
     """Choose the block's quantizer parameters; returns integer weights, act ranges and errors before/after.
     A numerical failure quarantines the block (see the module docstring)."""
+    return _search(data, cfg)[0]
+
+
+def search_block_with_outputs(data: BlockData, cfg: SearchConfig) -> tuple[BlockResult, list[torch.Tensor]]:
+    """:func:`search_block` and the block's quantized output per batch (the next block's input under Eq. 3
+    propagation), equal to :func:`quantized_block_outputs` of the result, mostly without running the block again:
+    it is the search's own last forward pass, except where ``best`` keeps a candidate it did not measure last."""
+    result, found = _search(data, cfg)
+    return result, found.outputs()
+
+
+def _search(data: BlockData, cfg: SearchConfig) -> tuple[BlockResult, _Found]:
     from qvlm.gptq import NumericalFailure
 
     if cfg.method not in SEARCHERS:
@@ -422,8 +453,9 @@ def search_block(data: BlockData, cfg: SearchConfig) -> BlockResult:
         found, problem = None, f"{cfg.method}: {exc}"
     if problem is not None:
         found = _fallback(data, cfg, found)
-    return BlockResult(tuple(data.unit_names), found.linears, found.before, found.after, found.evaluations,
-                       time.perf_counter() - t0, found.candidates, found.chosen, problem)
+    result = BlockResult(tuple(data.unit_names), found.linears, found.before, found.after, found.evaluations,
+                         time.perf_counter() - t0, found.candidates, found.chosen, problem)
+    return result, found
 
 
 def non_finite(found: _Found) -> str | None:
@@ -453,7 +485,7 @@ def _fallback(data: BlockData, cfg: SearchConfig, failed: _Found | None) -> _Fou
     before = failed.before if failed is not None else after
     candidates = dict(failed.candidates) if failed is not None else {}
     return _Found(_results(ws, cand, {n: None for n in ws.fq}, ap, weights), before, after, ws.evaluations,
-                  candidates, "fallback")
+                  _last_outputs(ws), candidates, "fallback")
 
 
 @torch.no_grad()

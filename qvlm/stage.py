@@ -25,7 +25,8 @@ from qvlm.dependency import pair_dependency, unit_entropy, unit_rows
 from qvlm.evaluate import Comparison, EvalResult
 from qvlm.fakequant import FakeQuantLinear, put_modules, swap_in_fake_quant
 from qvlm.quant import WeightScheme
-from qvlm.search import BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block
+from qvlm.search import (BlockData, BlockResult, apply_linear_results, quantized_block_outputs, search_block,
+                         search_block_with_outputs)
 from qvlm.stats import UnitStats, unit_statistics
 from qvlm.structure import Unit, find_units
 from qvlm.veo_stage import StageVeo
@@ -184,17 +185,20 @@ class Stage:
         inputs = {"captured": None, "carried": self._carried, "upstream": upstream}[source]
         if inputs is not None:
             inputs = [move(h, self.keep_on) for h in inputs]
-        summary = None
         if done:
             if needs_out:
                 self.results[job.index] = self.load_result(job)
+            self._carried = self.block_outputs(job, config, inputs) if needs_out else None
+            return None
+        data = self.block_data(job, config, inputs)
+        if needs_out:  # the search's own last forward pass is the quantized output (no second pass)
+            result, outputs = search_block_with_outputs(data, config.search_config())
         else:
-            result = search_block(self.block_data(job, config, inputs), config.search_config())
-            self.results[job.index] = result
-            self.keep_result(job, result, config)
-            summary = summary_of(job.index, result)
-        self._carried = self.block_outputs(job, config, inputs) if needs_out else None
-        return summary
+            result, outputs = search_block(data, config.search_config()), None
+        self.results[job.index] = result
+        self.keep_result(job, result, config)
+        self._carried = None if outputs is None else [move(o, self.keep_on) for o in outputs]
+        return summary_of(job.index, result)
 
     def carried(self) -> list[torch.Tensor] | None:
         """The quantized output of the last block searched with ``needs_out`` (for the next stage)."""

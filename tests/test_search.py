@@ -107,3 +107,37 @@ def test_a_block_with_nan_inputs_is_quarantined_at_the_fallback(llava, llava_bat
     for r in result.linears:
         expected = quantize_clipped(model.get_submodule(r.name).weight, data.schemes[r.name])
         assert torch.equal(r.weight.qweight, expected.qweight) and torch.equal(r.weight.scale, expected.scale)
+
+
+@pytest.mark.parametrize("act", [ActScheme(), A4], ids=["W4A16", "W4A4"])
+@pytest.mark.parametrize("method,iters", [("rtn", 5), ("clip", 5), ("gptq", 5), ("learned", 20), ("best", 20),
+                                          ("best", 0)])
+def test_the_output_a_search_hands_on_is_its_result_run_again(llava, llava_batches, act, method, iters):
+    """Eq. 3 propagation takes the searched block's quantized output from the search itself: it must equal, bit for
+    bit, the block run afresh with the result (``best`` with no learning steps keeps a candidate it measured before
+    its last one, so it puts that one back in place first)."""
+    from qvlm.search import quantized_block_outputs, search_block_with_outputs
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", act)
+    result, outputs = search_block_with_outputs(data, SearchConfig(method, epochs=1, iters=iters))
+    if method == "best" and iters == 0:
+        assert result.chosen != "learned"
+    again = quantized_block_outputs(data, result)
+    assert len(outputs) == len(again) and all(torch.equal(a, b) for a, b in zip(outputs, again))
+
+
+def test_a_quarantined_block_hands_on_the_output_of_its_fallback(llava, llava_batches):
+    from qvlm.search import quantized_block_outputs, search_block_with_outputs
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", ActScheme(), depth=1)
+    call = data.calls[0][0]
+    hidden = call.hidden.clone()
+    b, t = (call.mask.nonzero()[0].tolist() if call.mask is not None else (0, 0))  # a valid token
+    hidden[b, t, 0] = float("nan")
+    data.calls[0][0] = call.with_hidden(hidden)
+    result, outputs = search_block_with_outputs(data, SearchConfig("gptq"))
+    assert result.chosen == "fallback"
+    for a, b in zip(outputs, quantized_block_outputs(data, result)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
