@@ -2,7 +2,10 @@
 
 A stage holds its units' weights; the captures of its units (each unit's input for every calibration sample,
 plus the last unit's output: a unit's output is the next unit's input, kept once) and the extra arguments its
-layer list takes per batch (an attention mask of batch x tokens x tokens); and, while it searches a block, a
+layer list takes per batch (an attention mask of batch x tokens x tokens); when blocks chain (``propagation``
+``quantized`` or ``stage``), beside them the quantized output of the block before, the input of the block it
+searches (one more hidden state per sample, counted with the captures: it is kept where they are); and, while it
+searches a block, a
 workspace: per weight of the block what its search holds (``SEARCH_BYTES_PER_WEIGHT``), the block's cached unit
 outputs for every sample, GPTQ's Hessians, one batch's intermediate activations and, for learned rounding,
 what autograd keeps of one batch through the block. Activations are in the
@@ -187,8 +190,19 @@ def veo_host_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     return size.samples * size.tokens * plan.vocab_size * plan.weight_element_bytes
 
 
+def carried_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
+    """The quantized output a chained block search takes as its input (from the stage's block before, or from the
+    stage before): one hidden state per calibration sample at the widest input of the stage's units. 0 with
+    ``propagation: fp``, where every block starts from its captured inputs."""
+    if quant.propagation == "fp":
+        return 0
+    units = [plan.units[i] for i in plan.stages[stage]]
+    return max(size.samples * unit_tokens(u, size) * _unit_width(plan, u) for u in units) * plan.weight_element_bytes
+
+
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
-    return StageMemory(plan.stage_bytes(stage), capture_bytes(plan, stage, size),
+    captures = capture_bytes(plan, stage, size) + carried_bytes(plan, stage, size, quant)
+    return StageMemory(plan.stage_bytes(stage), captures,
                        workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size),
                        veo_bytes(plan, stage, size, quant), veo_host_bytes(plan, stage, size, quant))
 

@@ -115,6 +115,28 @@ def test_a_search_that_fits_only_with_shallower_blocks_is_refused_naming_the_dep
     assert runner.invoke(app, args + ["--set", "quantization.qvlm.max_block_depth=1"]).exit_code == 0
 
 
+def test_a_chained_search_counts_the_output_it_carries_from_block_to_block(tmp_path, tiny_llava_dir):
+    """With propagation quantized or stage a stage holds, beside its captures, the quantized output of the block
+    before (the next block's input): one hidden state per sample at its widest unit input; none with fp."""
+    from dataclasses import replace
+
+    from cluster.memory import calibration_size, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+
+    job = load_job(_job(tmp_path, tiny_llava_dir)).compile()
+    plan = inspect_model(job)[0]
+    size = calibration_size(plan, job.calibration)
+    last = len(plan.stages) - 1  # language units only: text tokens at the decoder's width
+    hidden = plan.linear_shapes[plan.units[plan.stages[last][0]].linear_name(plan.units[plan.stages[last][0]].linears[0])][1]
+    one_state = size.samples * size.tokens * hidden * plan.weight_element_bytes
+    fp = stage_memory(plan, last, size, replace(job.quant, propagation="fp"))
+    for chained in ("quantized", "stage"):
+        memory = stage_memory(plan, last, size, replace(job.quant, propagation=chained))
+        assert memory.captures - fp.captures == one_state
+        assert (memory.weights, memory.workspace) == (fp.weights, fp.workspace)
+
+
 def test_the_evaluation_after_the_searches_counts_in_a_stage_memory(tmp_path, tiny_llava_dir):
     """The held-out evaluation holds quantized copies of the stage's linears and, in the first stage, one batch's
     logits over the vocabulary: a stage whose searches fit but whose evaluation does not is refused, saying so."""
