@@ -416,8 +416,9 @@ class Phases:
 def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration, wheres: list[Where], a: Assume,
                    bound: str):
     """Per stage, the seconds of its blocks' searches with ``propagation: fp`` and with a chain of blocks
-    (``stage`` and ``quantized``: each block but a chain's last then also runs ``quantized_block_outputs``, one
-    more forward of its units over every batch); and (forwards, steps, weight work, writes) summed over the
+    (``stage`` and ``quantized``: a chained block hands on the output of its search's last forward pass, so only
+    ``best`` may run its units once more over every batch, when it keeps a candidate it did not measure last;
+    counted here for every block, an upper bound); and (forwards, steps, weight work, writes) summed over the
     model."""
     fp, quantized, parts = [], [], [0.0, 0.0, 0.0, 0.0]
     for s, stage in enumerate(job.plan.stages):
@@ -426,7 +427,7 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
             f, st, wk = search_s(units[k], method, job, cal, wheres[s], a, bound)
             wr = block_write_s(units[k], wheres[s])
             total += f + st + wk + wr
-            extra += forward_s(units[k], job, wheres[s], a)
+            extra += forward_s(units[k], job, wheres[s], a) if method == "best" else 0.0
             for j, v in enumerate((f, st, wk, wr)):
                 parts[j] += v
         fp.append(total)
@@ -627,10 +628,11 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
                  "export", *(f"TOTAL {p}" for p in PROPAGATIONS), "host captures",
                  "high: fwd / steps / weights / writes"], rows))
     print("  search fp: stages search their own blocks in parallel (the slowest stage); search stage: the same, each "
-          "block also computing its quantized output for the next block of its stage (one more forward); search quantized (the default "
+          "block handing its quantized output to the next block of its stage (its search's last forward; best: one more "
+          "forward, counted for every block); search quantized (the default "
           "propagation): each block waits for the quantized output of the block before it in its stream, across stages "
-          "too, so the whole model's blocks run one after another, each also computing its quantized output (one more "
-          "forward), plus the carried outputs between stages. Host captures: stages whose captures cluster/memory.py "
+          "too, so the whole model's blocks run one after another (best: one more forward each, as for stage), plus the "
+          "carried outputs between stages. Host captures: stages whose captures cluster/memory.py "
           "puts in host memory; each use moves them over PCIe. load: the largest stage's weights at the node's storage "
           "rate / its GPUs; capture: (batches + stages - 1) x the slowest stage's batch or the hop through the object "
           "store (bench/gpu.py's put and get), whichever is slower; export: the unquantized tensors read and written once.")
