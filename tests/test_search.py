@@ -87,6 +87,16 @@ def test_best_keeps_the_lowest_of_its_candidates(llava, llava_batches):
     assert block_error(outs, data.targets, data.calls[-1]) == pytest.approx(best.error_after, rel=1e-9)
 
 
+def _with_nan_input(data):
+    """``data`` with NaN in one valid token of its first captured input."""
+    call = data.calls[0][0]
+    hidden = call.hidden.clone()
+    b, t = (call.mask.nonzero()[0].tolist() if call.mask is not None else (0, 0))
+    hidden[b, t, 0] = float("nan")
+    data.calls[0][0] = call.with_hidden(hidden)
+    return data
+
+
 @pytest.mark.parametrize("method", ["gptq", "best", "learned", "rtn"])
 def test_a_block_with_nan_inputs_is_quarantined_at_the_fallback(llava, llava_batches, method):
     """NaN in one captured input token: GPTQ's Hessian is non-finite, the other searches' errors are NaN; the
@@ -94,12 +104,7 @@ def test_a_block_with_nan_inputs_is_quarantined_at_the_fallback(llava, llava_bat
     from qvlm.quant import quantize_clipped
 
     model, _ = llava
-    data = _block(model, llava_batches, "language", ActScheme(), depth=1)
-    call = data.calls[0][0]
-    hidden = call.hidden.clone()
-    b, t = (call.mask.nonzero()[0].tolist() if call.mask is not None else (0, 0))  # a valid token
-    hidden[b, t, 0] = float("nan")
-    data.calls[0][0] = data.calls[0][0].with_hidden(hidden)
+    data = _with_nan_input(_block(model, llava_batches, "language", ActScheme(), depth=1))
     result = search_block(data, SearchConfig(method, iters=5))
     assert result.quarantine is not None and result.chosen == "fallback"
     assert ("Hessian" in result.quarantine) == (method in ("gptq", "best"))
@@ -131,12 +136,7 @@ def test_a_quarantined_block_hands_on_the_output_of_its_fallback(llava, llava_ba
     from qvlm.search import quantized_block_outputs, search_block_with_outputs
 
     model, _ = llava
-    data = _block(model, llava_batches, "language", ActScheme(), depth=1)
-    call = data.calls[0][0]
-    hidden = call.hidden.clone()
-    b, t = (call.mask.nonzero()[0].tolist() if call.mask is not None else (0, 0))  # a valid token
-    hidden[b, t, 0] = float("nan")
-    data.calls[0][0] = call.with_hidden(hidden)
+    data = _with_nan_input(_block(model, llava_batches, "language", ActScheme(), depth=1))
     result, outputs = search_block_with_outputs(data, SearchConfig("gptq"))
     assert result.chosen == "fallback"
     for a, b in zip(outputs, quantized_block_outputs(data, result)):
