@@ -64,9 +64,10 @@ def test_dependency_gradients_chunk_by_chunk_equal_the_whole_graphs():
     whole = 0.5 * (weights * terms).sum()
     expected = torch.autograd.grad(whole, leaves)
     grads, value, mean_d = dependency_gradients(rows, grids, weights, 0.5)  # chunks of 512 rows here
-    # float32 chunks summed in another grouping (512 rows against joint_distribution's 256): agreement to 1e-6
-    assert value == pytest.approx(float(whole.detach()), rel=1e-6)
-    assert mean_d == pytest.approx(float(terms.detach().mean()), rel=1e-6)
+    # float32 chunks summed in another grouping (512 rows against joint_distribution's 256), over about 2e6 rows x
+    # levels: 1e-6 held on Intel CPUs, an AMD EPYC with the same torch gives 1.9e-6 (MKL's own summation order)
+    assert value == pytest.approx(float(whole.detach()), rel=1e-5)
+    assert mean_d == pytest.approx(float(terms.detach().mean()), rel=1e-5)
     for got, want in zip(grads, expected, strict=True):
         assert float(want.abs().max()) > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
