@@ -46,6 +46,7 @@ import torch
 from _common import table
 
 GB, GIB = 1e9, 2**30
+LAYER_13B_WEIGHTS = 4 * 5120**2 + 3 * 5120 * 13824  # one LLaVA-13B (Llama-2-13B) decoder layer's linear weights
 METHODS = ("rtn", "gptq", "clip", "learned", "best")
 PROPAGATIONS = ("fp", "stage", "quantized")
 
@@ -362,24 +363,38 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
 
 def unmodelled_rows(job: Job13B) -> list:
     """What a decoder-layer stage holds beyond cluster/memory.py's model, estimated (GiB)."""
-    gptq = 4 * 13824**2 * 8  # float64: H's copy, its permutation, the Cholesky factor and the inverse
-    return [
-        ["GPTQ (gptq, and best's candidate): float64 work on the widest input (down_proj, 13824)", f"{gptq / GIB:.1f}",
-         "one linear at a time", "counted as Hessians only for method gptq; not at all for search best"],
-        ["int8 results: only the block being searched (a stage worker drops them once its file is written)",
-         f"{317.2e6 / GIB:.2f} per layer", "x block depth", "counted: the int8 candidate of the search workspace"],
-        ["statistics: float64 copy of the widest weight (kurtosis) and its temporaries", f"{2 * 70.8e6 * 8 / GIB:.1f}",
-         "transient", "not counted"],
-    ]
+    from qvlm.mixed_precision import KURTOSIS_CHUNK
+    from qvlm.quant import ROW_SLICE_ELEMENTS
+
+    statistics = 3 * 8 * KURTOSIS_CHUNK + 3 * 4 * ROW_SLICE_ELEMENTS
+    return [["statistics: kurtosis's float64 chunks and the sensitivity's float32 slice of rows",
+             f"{statistics / GIB:.2f}", "transient, before the searches", "not counted"]]
+
+
+def _decoder_unit(job: Job13B):
+    return next(u for u in job.plan.units if u.segment == "language")
+
+
+def modelled_and_measured(job: Job13B, measured: dict, method: str) -> tuple[int, int]:
+    """cluster/memory.py's search workspace of one LLaVA-13B decoder layer at bench/gpu.py's calibration size, and
+    what bench/gpu.py measured (its peak above the memory before it: the captures and the weights are counted
+    apart in both), bytes; a run on a smaller layer is scaled by the 13B layer's weights over its own."""
+    from dataclasses import replace
+
+    from cluster.memory import CalibrationSize, block_workspace_bytes, search_cost
+
+    args = measured["args"]
+    size = CalibrationSize(args["samples"], args["batch"], args["tokens"], 0)
+    cost = replace(search_cost(quant_for(method)), depth=1)
+    fig = measured["methods"][method]
+    scale = LAYER_13B_WEIGHTS / (4 * args["hidden"] ** 2 + 3 * args["hidden"] * args["intermediate"])
+    seen = round((fig["peak_gib"] - fig["before_gib"]) * GIB * scale)
+    return block_workspace_bytes(job.plan, [_decoder_unit(job)], size, cost), seen
 
 
 def estimated_peak_rows(job: Job13B, measured: dict) -> list:
-    """Per GPU and method: the model's bytes on the GPU for the largest decoder stage, plus the estimates above and
-    the weight-proportional bytes bench/gpu.py measured beyond the bytes per weight the model counts."""
-    from cluster.memory import SEARCH_BYTES_PER_WEIGHT, search_cost
-
-    args = measured["args"]
-    weights = 4 * args["hidden"] ** 2 + 3 * args["hidden"] * args["intermediate"]
+    """Per GPU and method: the model's bytes on the GPU for the largest decoder stage, plus what bench/gpu.py
+    measured beyond the model's count for one layer (x block depth; 0 where the model counts more)."""
     rows = []
     for key, gpu in GPUS.items():
         for method in METHODS:
@@ -387,10 +402,8 @@ def estimated_peak_rows(job: Job13B, measured: dict) -> list:
             depth = quant.max_block_depth if quant.method == "qvlm" else 1
             table_rows, _ = memory_rows(job, gpu, method)
             on_gpu = max(float(r[7]) for r in table_rows[1:]) * GIB  # a decoder-only stage
-            fig = measured["methods"][method]
-            counted = SEARCH_BYTES_PER_WEIGHT[search_cost(quant).kind]
-            per_weight = max((fig["peak_gib"] - fig["before_gib"]) * GIB / weights - counted, 0.0)
-            extra = depth * 317.2e6 * per_weight
+            modelled, seen = modelled_and_measured(job, measured, method)
+            extra = depth * max(seen - modelled, 0)
             total = on_gpu + extra
             rows.append([key, method, depth, f"{on_gpu / GIB:.1f}", f"{extra / GIB:.1f}", f"{total / GIB:.1f}",
                          f"{0.9 * gpu.memory / GIB:.1f}", "yes" if total <= 0.9 * gpu.memory else "NO"])
@@ -532,29 +545,21 @@ def print_memory(job: Job13B, a: Assume) -> dict:
 
 def print_measured_memory(job: Job13B, measured: dict) -> None:
     a_ = measured["args"]
-    print(f"\n  Search workspace measured on bench/gpu.py's run on {measured['device']} (layer {a_['hidden']}/{a_['intermediate']}, "
-          f"{a_['samples']} x {a_['tokens']} tokens: the tokens' share is small, so this is mostly weight-proportional); "
-          "cluster/memory.py's workspace counts 2 x the block's weights (4 bytes per weight in float16) plus "
-          "token-proportional terms:")
-    print(table(["method", "peak - before MiB", "bytes per linear weight", "x 317.2M weights: GiB per 13B decoder layer"],
-                measured_memory_rows(measured)))
-    print("\n  Estimated peak on the GPU of a decoder stage: the model's bytes on the GPU + the blocks' weight-proportional "
-          "bytes measured above beyond the 4 per weight the model counts (x block depth; GPTQ's float64 work is in "
-          "them) + autograd of a step at the job's batch (learned, best; x depth):")
-    print(table(["GPU", "method", "depth", "model on GPU GiB", "estimated extra GiB", "estimated peak GiB",
-                 "90% of GPU GiB", "fits"], estimated_peak_rows(job, measured)))
-
-
-def measured_memory_rows(measured: dict) -> list:
-    """Each method's peak above the memory before it on bench/gpu.py's CPU run, per linear weight of the layer, and
-    what that is for one LLaVA-13B decoder layer (317.2M weights) if it scales with the weights."""
-    args = measured["args"]
-    weights = 4 * args["hidden"] ** 2 + 3 * args["hidden"] * args["intermediate"]
+    scaled = (a_["hidden"], a_["intermediate"]) != (5120, 13824)
+    print(f"\n  One decoder layer's search workspace: cluster/memory.py's count at bench/gpu.py's calibration "
+          f"({a_['samples']} x {a_['tokens']} tokens, batches of {a_['batch']}) against what bench/gpu.py measured on "
+          f"{measured['device']} (layer {a_['hidden']}/{a_['intermediate']}"
+          + ("; scaled to the 13B layer by its weights, so its token-proportional part is over-stated" if scaled else "")
+          + "; peak above the memory before it, the captures and weights apart in both):")
     rows = []
-    for m, fig in measured["methods"].items():
-        extra = (fig["peak_gib"] - fig["before_gib"]) * GIB
-        rows.append([m, f"{extra / 2**20:.0f}", f"{extra / weights:.1f}", f"{extra / weights * 317.2e6 / GIB:.1f}"])
-    return rows
+    for method in measured["methods"]:
+        modelled, seen = modelled_and_measured(job, measured, method)
+        rows.append([method, f"{modelled / GIB:.1f}", f"{seen / GIB:.1f}", f"{seen / modelled:.2f}"])
+    print(table(["method", "counted GiB", "measured GiB", "measured / counted"], rows))
+    print("\n  Estimated peak on the GPU of a decoder stage: the model's bytes on the GPU + what the layer measured "
+          "beyond the count above (x block depth):")
+    print(table(["GPU", "method", "depth", "model on GPU GiB", "measured beyond it GiB", "estimated peak GiB",
+                 "90% of GPU GiB", "fits"], estimated_peak_rows(job, measured)))
 
 
 def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
@@ -569,8 +574,8 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
               f"{m} {evaluations(m, a.iters) + uncounted(m)} forwards + {steps(m, a.iters)} steps" for m in METHODS))
     h100 = GPUS["H100"]
     scale = cal.cpu_bandwidth / (h100.hbm * a.bw_efficiency)
-    calibrated = a.iters * cal.per_weight_step * 317.2e6 * scale
-    analytic = a.iters * 16 * 2 * 4 * 317.2e6 / (h100.hbm * a.bw_efficiency)
+    calibrated = a.iters * cal.per_weight_step * LAYER_13B_WEIGHTS * scale
+    analytic = a.iters * 16 * 2 * 4 * LAYER_13B_WEIGHTS / (h100.hbm * a.bw_efficiency)
     print(f"  The weight-proportional work on a GPU has two bounds. High: the CPU run's seconds per weight x this CPU's "
           f"copy bandwidth / the GPU's x {a.bw_efficiency:g}; it carries the CPU's own overheads (Python, float16 "
           "conversions, elementwise kernels far below its bandwidth) over to the GPU. Low: Assume's bytes per weight at "

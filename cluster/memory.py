@@ -7,7 +7,7 @@ layer list takes per batch (an attention mask of batch x tokens x tokens); when 
 searches (one more hidden state per sample, counted with the captures: it is kept where they are); and, while it
 searches a block, a
 workspace: per weight of the block what its search holds (``SEARCH_BYTES_PER_WEIGHT``), the block's cached unit
-outputs for every sample, GPTQ's Hessians, one batch's intermediate activations and, for learned rounding,
+outputs for every sample, GPTQ's Hessians (one unit's at a time), one batch's intermediate activations and, for learned rounding,
 what autograd keeps of one batch through the block. Activations are in the
 model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds a
 quantized copy of the stage's linears beside the full-precision ones, one batch's activations and, in the first
@@ -83,22 +83,27 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 # (BENCHMARKS.md, "Search workspace per weight"); "plain" raised to what clip took on an H200 at LLaVA-13B's layer
 # (BENCHMARKS.md, "One 13B layer on an H200"). "plain" (rtn, clip, gptq): the fake-quant copy, the int8
 # candidate and the quantizer's temporaries; "learned": also its float32 rounding offsets and their gradients, the
-# int8 best-so-far and one linear's soft weight recomputed in the backward; "best": learned plus the other
-# candidates (clipped RTN, GPTQ's integers and its float64 work on one linear, which at the layer it was measured
-# on took about what it takes at 13B per weight).
-SEARCH_BYTES_PER_WEIGHT = {"plain": 12, "learned": 24, "best": 44}
-# GPTQ's float64 work on one linear grows with its input width squared, not with its weights: the damped Hessian,
-# its Cholesky factor, the inverse and the inverse's factor, alive at once (8 bytes each). On an H200 a GPTQ search
-# of LLaVA-13B's layer took 5 GiB more than the per-weight figure said: down_proj's 13824 inputs.
+# int8 best-so-far and one linear's soft weight recomputed in the backward.
+SEARCH_BYTES_PER_WEIGHT = {"plain": 12, "learned": 24}
+# `best` runs its candidates one after another (qvlm.search.search_best): clipped RTN, then GPTQ with the RTN
+# candidate kept (its int8 codes), then learned rounding with both kept and its int16 shifts from the GPTQ start.
+# Its peak is the larger of its GPTQ and learned phases plus what each keeps, not their sum.
+BEST_KEEPS_PER_WEIGHT = {"plain": 1, "learned": 4}
+# GPTQ's work on one linear grows with its input width squared, not with its weights: the damped Hessian, its
+# Cholesky factor, the inverse and the inverse's factor, alive at once (8 bytes each), beside two float32 copies
+# of that linear's weight (the original and its act-order permutation). On an H200 a GPTQ search of LLaVA-13B's
+# layer took 5 GiB more than the per-weight figure said: down_proj's 13824 inputs.
 GPTQ_FLOAT64_COPIES = 4
+GPTQ_FLOAT32_COPIES = 2
 
 
 @dataclass(frozen=True)
 class SearchCost:
-    """What sizes a stage's largest block search: units per block, the kind of search, GPTQ's Hessians or not."""
+    """What sizes a stage's largest block search: units per block, the kind of search ("plain", "learned" or
+    "best"), GPTQ's Hessians or not."""
 
     depth: int
-    kind: str  # a key of SEARCH_BYTES_PER_WEIGHT
+    kind: str
     hessians: bool
 
 
@@ -111,23 +116,28 @@ def search_cost(quant) -> SearchCost:
 
 def workspace_bytes(plan, stage: int, size: CalibrationSize, cost: SearchCost) -> int:
     """The largest block search of the stage: ``cost.depth`` consecutive units with the most weights."""
-    element = plan.weight_element_bytes
     own = list(plan.stages[stage])
     windows = [own[k:k + cost.depth] for k in range(max(1, len(own) - cost.depth + 1))]
-    best = 0
-    for window in windows:
-        units = [plan.units[i] for i in window]
-        weights = SEARCH_BYTES_PER_WEIGHT[cost.kind] * sum(plan.unit_bytes[i] for i in window) // element
-        outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
-        widest = max(out for u in units for n in u.linears for out, _ in [plan.linear_shapes[u.linear_name(n)]])
-        transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * element
-        inputs = [inp for u in units for n in u.linears for _, inp in [plan.linear_shapes[u.linear_name(n)]]]
-        hessians = 4 * sum(inp**2 for inp in inputs) if cost.hessians else 0
-        # best's per-weight figure holds GPTQ's float64 work already
-        cholesky = GPTQ_FLOAT64_COPIES * 8 * max(inputs) ** 2 if cost.hessians and cost.kind == "plain" else 0
-        autograd = sum(_autograd_bytes(plan, u, size) for u in units) if cost.kind != "plain" else 0
-        best = max(best, weights + outputs + transient + hessians + cholesky + autograd)
-    return best
+    return max(block_workspace_bytes(plan, [plan.units[i] for i in window], size, cost) for window in windows)
+
+
+def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) -> int:
+    """What the search of one block of ``units`` holds besides the stage's weights and captures."""
+    element = plan.weight_element_bytes
+    n_weights = sum(plan.unit_bytes[u.index] for u in units) // element
+    shapes = [plan.linear_shapes[u.linear_name(n)] for u in units for n in u.linears]
+    outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
+    transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * max(o for o, _ in shapes) * element
+    plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights
+    if cost.hessians:  # a unit's Hessians (float32) while GPTQ quantizes it, and one linear's Cholesky work
+        plain += max(4 * sum(plan.linear_shapes[u.linear_name(n)][1] ** 2 for n in u.linears) for u in units)
+        widest = max(shapes, key=lambda s: s[1])
+        plain += GPTQ_FLOAT64_COPIES * 8 * widest[1] ** 2 + GPTQ_FLOAT32_COPIES * 4 * widest[0] * widest[1]
+    learned = SEARCH_BYTES_PER_WEIGHT["learned"] * n_weights + sum(_autograd_bytes(plan, u, size) for u in units)
+    search = {"plain": plain, "learned": learned,
+              "best": max(plain + BEST_KEEPS_PER_WEIGHT["plain"] * n_weights,
+                          learned + BEST_KEEPS_PER_WEIGHT["learned"] * n_weights)}[cost.kind]
+    return search + outputs + transient
 
 
 def _autograd_bytes(plan, unit, size: CalibrationSize) -> int:
@@ -263,9 +273,17 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
     workers = next((w for w in range(len(plan.stages) + 1, len(plan.streams[-1]) + 1)
                     if plan_fits(plan.with_workers(w), size, quant, gpu, device_bytes, host_bytes)), None)
     depth = _deepest_block_that_fits(plan, size, quant, gpu, device_bytes, host_bytes)
+    batch = _largest_batch_that_fits(plan, size, quant, gpu, device_bytes, host_bytes)
     fixes = ([f"calibration.samples: {samples} would fit"] if samples else []) + \
             ([f"resources.workers: {workers} would fit"] if workers else []) + \
-            ([f"quantization.qvlm.max_block_depth: {depth} would fit"] if depth else [])
+            ([f"quantization.qvlm.max_block_depth: {depth} would fit"] if depth else []) + \
+            ([f"calibration.batch_size: {batch} would fit"] if batch else [])
+    if not fixes:  # neither alone: shallower blocks and smaller batches together (learned rounding's autograd)
+        both = next(((d, b) for d in range(quant.max_block_depth - 1, 0, -1) if quant.method == "qvlm"
+                     for b in [_largest_batch_that_fits(plan, size, replace(quant, max_block_depth=d), gpu,
+                                                        device_bytes, host_bytes)] if b), None)
+        fixes = [f"quantization.qvlm.max_block_depth: {both[0]} with calibration.batch_size: {both[1]} would fit"
+                 ] if both else []
     raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
                      f"of weights, {memory.captures / GIB:.2f} GiB of captures and {memory.workspace / GIB:.2f} GiB "
                      f"of search workspace ({size.samples} samples x {size.tokens} tokens), "
@@ -282,6 +300,14 @@ def _deepest_block_that_fits(plan, size: CalibrationSize, quant, gpu: bool, devi
         return 0
     return next((d for d in range(quant.max_block_depth - 1, 0, -1)
                  if plan_fits(plan, size, replace(quant, max_block_depth=d), gpu, device, host)), 0)
+
+
+def _largest_batch_that_fits(plan, size: CalibrationSize, quant, gpu: bool, device: int | None,
+                             host: int | None) -> int:
+    """The largest calibration batch below the job's that fits (a search holds one batch's activations and, for
+    learned rounding, one batch's graph), 0 if none."""
+    return next((b for b in range(size.batch_size - 1, 0, -1)
+                 if plan_fits(plan, replace(size, batch_size=b), quant, gpu, device, host)), 0)
 
 
 def _most_samples(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> int:

@@ -33,14 +33,14 @@ _REL_SD_FLOOR = 1e-9
 # --------------------------------------------------------------------------------------------- signals
 
 
-_KURTOSIS_CHUNK = 1 << 22  # elements per float64 copy: a 13B MLP weight is never copied whole to float64
+KURTOSIS_CHUNK = 1 << 22  # elements per float64 copy: a 13B MLP weight is never copied whole to float64
 
 
 def kurtosis(w: torch.Tensor) -> float:
     """Pearson (non-excess) kurtosis over all elements, in float64 chunk by chunk; NaN for a constant tensor."""
     if w.numel() == 0:
         raise ValueError("kurtosis of an empty tensor")
-    chunks = w.detach().reshape(-1).split(_KURTOSIS_CHUNK)
+    chunks = w.detach().reshape(-1).split(KURTOSIS_CHUNK)
     n = w.numel()
     mean = sum(float(c.double().sum()) for c in chunks) / n
     m2 = m4 = 0.0

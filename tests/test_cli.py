@@ -115,6 +115,54 @@ def test_a_search_that_fits_only_with_shallower_blocks_is_refused_naming_the_dep
     assert runner.invoke(app, args + ["--set", "quantization.qvlm.max_block_depth=1"]).exit_code == 0
 
 
+def test_a_search_that_fits_only_with_shallower_blocks_and_smaller_batches_is_refused_naming_both(tmp_path, tiny_llava_dir):
+    """When neither a shallower block nor a smaller calibration batch fits alone (nor fewer samples or more
+    workers), the refusal names the two together, and the job with both is accepted."""
+    from cluster.memory import CalibrationSize, HEADROOM, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+
+    path = _job(tmp_path, tiny_llava_dir, **{"quantization.qvlm.max_block_depth": 3, "resources.workers": 1,
+                                             "calibration.samples": 8, "calibration.batch_size": 8})
+    job = load_job(path).compile()
+    plan = inspect_model(job)[0]
+    cal = job.calibration
+    def need(depth, batch, p=plan):
+        size = CalibrationSize(cal.samples, batch, cal.max_length, p.image_tokens)
+        quant = replace(job.quant, max_block_depth=depth)
+        return max(m.weights + m.workspace for m in (stage_memory(p, s, size, quant) for s in range(len(p.stages))))
+
+    room = (need(1, 4) + need(1, 5)) / 2
+    most_workers = plan.with_workers(len(plan.streams[-1]))
+    assert min(need(1, 8), need(2, 1), need(3, 1), need(3, 8, most_workers)) > room  # no one change is enough
+    args = ["plan", str(path), "--set", "resources.gpus_per_worker=1",
+            "--set", f"resources.gpu_memory_gb={room / HEADROOM / 2**30}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "quantization.qvlm.max_block_depth: 1 with calibration.batch_size: 4 would fit" in result.output, result.output
+    both = ["--set", "quantization.qvlm.max_block_depth=1", "--set", "calibration.batch_size=4"]
+    assert runner.invoke(app, args + both).exit_code == 0
+
+
+def test_best_holds_its_larger_phase_not_the_sum_of_its_candidates(tmp_path, tiny_llava_dir):
+    """`best` runs GPTQ and then learned rounding on the same block: the plan counts the larger of the two
+    searches plus what best keeps between them (two int8 candidates and int16 shifts: 4 bytes a weight), not
+    both searches at once."""
+    from cluster.memory import SearchCost, block_workspace_bytes, calibration_size
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+
+    job = load_job(_job(tmp_path, tiny_llava_dir)).compile()
+    plan = inspect_model(job)[0]
+    size = calibration_size(plan, job.calibration)
+    language = [u for u in plan.units if u.segment == "language"]
+    for units in (language[:1], language[:3]):
+        gptq, learned, best = (block_workspace_bytes(plan, units, size, SearchCost(len(units), kind, hessians))
+                               for kind, hessians in [("plain", True), ("learned", False), ("best", True)])
+        weights = sum(plan.unit_bytes[u.index] for u in units) // plan.weight_element_bytes
+        assert max(gptq, learned) < best <= max(gptq, learned) + 4 * weights, (len(units), gptq, learned, best)
+
+
 def test_a_chained_search_counts_the_output_it_carries_from_block_to_block(tmp_path, tiny_llava_dir):
     """With propagation quantized or stage a stage holds, beside its captures, the quantized output of the block
     before (the next block's input): one hidden state per sample at its widest unit input; none with fp."""
