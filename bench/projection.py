@@ -549,7 +549,8 @@ def print_measured_memory(job: Job13B, measured: dict) -> None:
     print(f"\n  One decoder layer's search workspace: cluster/memory.py's count at bench/gpu.py's calibration "
           f"({a_['samples']} x {a_['tokens']} tokens, batches of {a_['batch']}) against what bench/gpu.py measured on "
           f"{measured['device']} (layer {a_['hidden']}/{a_['intermediate']}"
-          + ("; scaled to the 13B layer by its weights, so its token-proportional part is over-stated" if scaled else "")
+          + ("; scaled to the 13B layer by its weights, so its token-proportional part is over-stated"
+             if scaled else "")
           + "; peak above the memory before it, the captures and weights apart in both):")
     rows = []
     for method in measured["methods"]:

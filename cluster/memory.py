@@ -7,8 +7,8 @@ layer list takes per batch (an attention mask of batch x tokens x tokens); when 
 searches (one more hidden state per sample, counted with the captures: it is kept where they are); and, while it
 searches a block, a
 workspace: per weight of the block what its search holds (``SEARCH_BYTES_PER_WEIGHT``), the block's cached unit
-outputs for every sample, GPTQ's Hessians (one unit's at a time), one batch's intermediate activations and, for learned rounding,
-what autograd keeps of one batch through the block. Activations are in the
+outputs for every sample, GPTQ's Hessians (one unit's at a time), one batch's intermediate activations
+and, for learned rounding, what autograd keeps of one batch through the block. Activations are in the
 model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds a
 quantized copy of the stage's linears beside the full-precision ones, one batch's activations and, in the first
 stage, the float32 logits of both passes of one batch (cluster/evaluation.py). Visual-encoder optimisation, when
@@ -278,10 +278,8 @@ def check_memory(plan, cal, quant, gpu: bool, device_bytes: int | None, host_byt
             ([f"resources.workers: {workers} would fit"] if workers else []) + \
             ([f"quantization.qvlm.max_block_depth: {depth} would fit"] if depth else []) + \
             ([f"calibration.batch_size: {batch} would fit"] if batch else [])
-    if not fixes:  # neither alone: shallower blocks and smaller batches together (learned rounding's autograd)
-        both = next(((d, b) for d in range(quant.max_block_depth - 1, 0, -1) if quant.method == "qvlm"
-                     for b in [_largest_batch_that_fits(plan, size, replace(quant, max_block_depth=d), gpu,
-                                                        device_bytes, host_bytes)] if b), None)
+    if not fixes:
+        both = _shallower_block_and_smaller_batch(plan, size, quant, gpu, device_bytes, host_bytes)
         fixes = [f"quantization.qvlm.max_block_depth: {both[0]} with calibration.batch_size: {both[1]} would fit"
                  ] if both else []
     raise InputError(f"stage {bad} of {len(plan.stages)} does not fit its worker: it needs {memory.weights / GIB:.2f} GiB "
@@ -308,6 +306,19 @@ def _largest_batch_that_fits(plan, size: CalibrationSize, quant, gpu: bool, devi
     learned rounding, one batch's graph), 0 if none."""
     return next((b for b in range(size.batch_size - 1, 0, -1)
                  if plan_fits(plan, replace(size, batch_size=b), quant, gpu, device, host)), 0)
+
+
+def _shallower_block_and_smaller_batch(plan, size: CalibrationSize, quant, gpu: bool, device: int | None,
+                                       host: int | None) -> tuple[int, int] | None:
+    """The deepest block below the job's with the largest batch that fits beside it, for when neither alone fits
+    (learned rounding's autograd grows with both); None if none."""
+    if quant.method != "qvlm":
+        return None
+    for depth in range(quant.max_block_depth - 1, 0, -1):
+        batch = _largest_batch_that_fits(plan, size, replace(quant, max_block_depth=depth), gpu, device, host)
+        if batch:
+            return depth, batch
+    return None
 
 
 def _most_samples(plan, size: CalibrationSize, quant, gpu: bool, device: int | None, host: int | None) -> int:

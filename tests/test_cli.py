@@ -139,7 +139,8 @@ def test_a_search_that_fits_only_with_shallower_blocks_and_smaller_batches_is_re
             "--set", f"resources.gpu_memory_gb={room / HEADROOM / 2**30}"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "quantization.qvlm.max_block_depth: 1 with calibration.batch_size: 4 would fit" in result.output, result.output
+    fix = "quantization.qvlm.max_block_depth: 1 with calibration.batch_size: 4 would fit"
+    assert fix in result.output, result.output
     both = ["--set", "quantization.qvlm.max_block_depth=1", "--set", "calibration.batch_size=4"]
     assert runner.invoke(app, args + both).exit_code == 0
 
