@@ -46,9 +46,17 @@ import torch
 from _common import table
 
 GB, GIB = 1e9, 2**30
-LAYER_13B_WEIGHTS = 4 * 5120**2 + 3 * 5120 * 13824  # one LLaVA-13B (Llama-2-13B) decoder layer's linear weights
 METHODS = ("rtn", "gptq", "clip", "learned", "best")
 PROPAGATIONS = ("fp", "stage", "quantized")
+LAYER_13B = (5120, 13824)  # hidden and MLP width of a LLaVA-13B (Llama-2-13B) decoder layer
+
+
+def layer_weights(hidden: int, intermediate: int) -> int:
+    """Linear weights of a Llama decoder layer (q, k, v, o; gate, up, down) without grouped-query attention."""
+    return 4 * hidden**2 + 3 * hidden * intermediate
+
+
+LAYER_13B_WEIGHTS = layer_weights(*LAYER_13B)
 
 
 @dataclass(frozen=True)
@@ -361,7 +369,7 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     return rows, verdict
 
 
-def unmodelled_rows(job: Job13B) -> list:
+def unmodelled_rows() -> list:
     """What a decoder-layer stage holds beyond cluster/memory.py's model, estimated (GiB)."""
     from qvlm.mixed_precision import KURTOSIS_CHUNK
     from qvlm.quant import ROW_SLICE_ELEMENTS
@@ -387,7 +395,7 @@ def modelled_and_measured(job: Job13B, measured: dict, method: str) -> tuple[int
     size = CalibrationSize(args["samples"], args["batch"], args["tokens"], 0)
     cost = replace(search_cost(quant_for(method)), depth=1)
     fig = measured["methods"][method]
-    scale = LAYER_13B_WEIGHTS / (4 * args["hidden"] ** 2 + 3 * args["hidden"] * args["intermediate"])
+    scale = LAYER_13B_WEIGHTS / layer_weights(args["hidden"], args["intermediate"])
     seen = round((fig["peak_gib"] - fig["before_gib"]) * GIB * scale)
     return block_workspace_bytes(job.plan, [_decoder_unit(job)], size, cost), seen
 
@@ -539,13 +547,13 @@ def print_memory(job: Job13B, a: Assume) -> dict:
             print(table(["stage", "units", "weights GiB", "captures GiB", "workspace GiB", "total GiB", "captures on",
                          "on the GPU GiB", "90% of GPU GiB"], rows))
     print("\n  Not in cluster/memory.py's model (estimated here from the code, per stage):")
-    print(table(["what", "GiB", "scales", "in the model"], unmodelled_rows(job)))
+    print(table(["what", "GiB", "scales", "in the model"], unmodelled_rows()))
     return verdicts
 
 
 def print_measured_memory(job: Job13B, measured: dict) -> None:
     a_ = measured["args"]
-    scaled = (a_["hidden"], a_["intermediate"]) != (5120, 13824)
+    scaled = (a_["hidden"], a_["intermediate"]) != LAYER_13B
     print(f"\n  One decoder layer's search workspace: cluster/memory.py's count at bench/gpu.py's calibration "
           f"({a_['samples']} x {a_['tokens']} tokens, batches of {a_['batch']}) against what bench/gpu.py measured on "
           f"{measured['device']} (layer {a_['hidden']}/{a_['intermediate']}"
