@@ -3,6 +3,7 @@ stage-local data path (issue 16): does each stage fit its GPU, and how long does
 
     .venv/bin/python bench/gpu.py --device cpu ... --json bench/gpu-cpu.json   # the CPU figures it is calibrated by
     .venv/bin/python bench/projection.py [--measured bench/gpu-cpu.json] [--samples 128 --tokens 2048 --batch 8]
+        [--depth 3] [--iters 100]   # the job's own defaults
 
 Nothing here runs on a GPU and no figure it prints is a GPU measurement. What it uses:
 
@@ -18,9 +19,11 @@ Nothing here runs on a GPU and no figure it prints is a GPU measurement. What it
    rounding's steps (forward + backward on one batch), and work that scales with the weights, not the tokens
    (copies, RTN and clipping grids, GPTQ's column loop, the soft weights of each step). The forward counts
    are checked against ``BlockResult.evaluations`` of bench/gpu.py's run. The weight-proportional work gets
-   two bounds: high, calibrated on that CPU run (what is left of each method's seconds after its forwards)
-   and moved to a GPU by the ratio of memory bandwidths; low, the bytes per weight read off the code at the
-   GPU's bandwidth; both with a floor for GPTQ's one-column-at-a-time kernel launches.
+   two estimates: calibrated on that run (what is left of each method's seconds after its forwards, moved to
+   the GPU by the ratio of memory bandwidths), and analytic (the bytes per weight read off the code at the
+   GPU's bandwidth); both with a floor for GPTQ's one-column-at-a-time kernel launches. Times are printed as
+   the range between the two, smaller first: calibrated on a CPU run the calibrated one is the larger, on a
+   GPU run it can be the smaller.
 3. The job: stage start, ranged reads, the pipelined capture, statistics, the searches (``propagation:
    fp``: stages in parallel; ``quantized``, the default: one chain down the pipeline, so every block of
    the model one after another) and the export.
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 
 from _common import table
+from qvlm.search import SearchConfig
 
 GB, GIB = 1e9, 2**30
 METHODS = ("rtn", "gptq", "clip", "learned", "best")
@@ -89,19 +93,19 @@ class Assume:
     column_launch_s: float = 1e-4  # GPTQ: ~15 small kernels per column, launch-bound on a GPU
     stats_bytes_per_weight: float = 80.0  # kurtosis in float64 + sensitivity's float32 fake quant: passes over a weight
     stage_start_s: float = 30.0  # a stage actor: process, imports, CUDA context
-    iters: int = 200  # learned rounding steps (issue 16's figure; the job's default is QuantConfig.iters)
+    iters: int = SearchConfig.iters  # learned rounding steps: the job's default (bench/gpu.py measures 200)
     checkpoints: int = 8  # learn_rounding's evaluations on the whole calibration set during training
     causal_attention: float = 1.0  # share of the full T x T attention square computed (1.0: no causal saving)
-    # The low bound of weight-proportional work: bytes read + written per linear weight if every such kernel ran at
-    # the GPU's memory bandwidth, read off the code (float32 passes of 8 bytes read + write): a search's copies and
-    # RTN ~48; clip's 21-point shrink grid ~72 per point (~1560); GPTQ's column loop ~120 (and its launch floor);
+    # The analytic estimate of weight-proportional work: bytes read + written per linear weight if every such kernel
+    # ran at the GPU's memory bandwidth, read off the code (float32 passes of 8 bytes read + write): a search's copies
+    # and RTN ~48; clip's 21-point shrink grid ~72 per point (~1560); GPTQ's column loop ~120 (and its launch floor);
     # best = RTN + clip + GPTQ with the shrink grid (~3300); learned's soft weights forward + backward ~16 passes
     # per step (128).
-    low_bytes_rtn: float = 48.0
-    low_bytes_clip: float = 1560.0
-    low_bytes_gptq: float = 170.0
-    low_bytes_best: float = 3300.0
-    low_bytes_step: float = 128.0
+    analytic_bytes_rtn: float = 48.0
+    analytic_bytes_clip: float = 1560.0
+    analytic_bytes_gptq: float = 170.0
+    analytic_bytes_best: float = 3300.0
+    analytic_bytes_step: float = 128.0
 
 
 # ---- 1. the plan: a header-only LLaVA-1.5-13B through the product's make_plan ------------------------------------
@@ -162,9 +166,10 @@ class Job13B:
     samples: int
     tokens: int
     batch: int
+    depth: int  # quantization.qvlm.max_block_depth of clip, learned and best (rtn and gptq search single units)
 
 
-def plan_13b(folder: Path, workers: int, samples: int, tokens: int, batch: int) -> Job13B:
+def plan_13b(folder: Path, workers: int, samples: int, tokens: int, batch: int, depth: int) -> Job13B:
     from cluster.plan import make_plan
     from qvlm.config import QuantConfig
     from workers.safetensors_reader import CheckpointIndex
@@ -172,13 +177,16 @@ def plan_13b(folder: Path, workers: int, samples: int, tokens: int, batch: int) 
 
     write_header_only(folder)
     index = CheckpointIndex.open(LocalStorage(folder))
-    return Job13B(make_plan(str(folder), index, QuantConfig(), workers, tokens), index, samples, tokens, batch)
+    return Job13B(make_plan(str(folder), index, QuantConfig(), workers, tokens), index, samples, tokens, batch,
+                  depth)
 
 
-def quant_for(method: str):
+def quant_for(method: str, depth: int):
     from qvlm.config import QuantConfig
 
-    return QuantConfig(method=method) if method in ("rtn", "gptq") else QuantConfig(method="qvlm", search=method)
+    if method in ("rtn", "gptq"):
+        return QuantConfig(method=method)
+    return QuantConfig(method="qvlm", search=method, max_block_depth=depth)
 
 
 # ---- 2. per unit: forwards, learned steps and weight-proportional work ------------------------------------------
@@ -308,16 +316,17 @@ def forward_s(u: Unit, job: Job13B, w: Where, a: Assume) -> float:
 
 
 def weight_work_s(u: Unit, method: str, cal: Calibration, w: Where, a: Assume, bound: str) -> float:
-    """Weight-proportional work on a GPU, ``high``: its seconds per weight on the CPU run times the ratio of that
-    CPU's copy bandwidth to the GPU's (x bw_efficiency), which carries over the CPU's own overheads (Python,
-    float16 conversions, kernels far below its bandwidth); ``low``: the bytes per weight of ``Assume`` at the GPU's
-    bandwidth. GPTQ's column loop (gptq, and best's GPTQ candidate) takes at least one launch-bound step per column."""
+    """Weight-proportional work on a GPU, ``calibrated``: its seconds per weight on the measured run times the ratio
+    of that device's copy bandwidth to the GPU's (x bw_efficiency), which carries over the measured device's own
+    overheads (Python, float16 conversions, kernels far below its bandwidth); ``analytic``: the bytes per weight of
+    ``Assume`` at the GPU's bandwidth. GPTQ's column loop (gptq, and best's GPTQ candidate) takes at least one
+    launch-bound step per column."""
     gpu_bw = w.gpu.hbm * a.bw_efficiency
     floor = u.columns * a.column_launch_s if method in ("gptq", "best") else 0.0
-    if bound == "low":
-        per = {"rtn": a.low_bytes_rtn, "clip": a.low_bytes_clip, "gptq": a.low_bytes_gptq, "learned": a.low_bytes_rtn,
-               "best": a.low_bytes_best}[method]
-        return (per + steps(method, a.iters) * a.low_bytes_step) * u.params / gpu_bw + floor
+    if bound == "analytic":
+        per = {"rtn": a.analytic_bytes_rtn, "clip": a.analytic_bytes_clip, "gptq": a.analytic_bytes_gptq,
+               "learned": a.analytic_bytes_rtn, "best": a.analytic_bytes_best}[method]
+        return (per + steps(method, a.iters) * a.analytic_bytes_step) * u.params / gpu_bw + floor
     scale = cal.cpu_bandwidth / gpu_bw
     gptq = cal.per_weight.get("gptq", 0.0) if method in ("gptq", "best") else 0.0
     other = max(cal.per_weight.get(method, 0.0) - gptq, 0.0)
@@ -326,7 +335,7 @@ def weight_work_s(u: Unit, method: str, cal: Calibration, w: Where, a: Assume, b
 
 
 def search_s(u: Unit, method: str, job: Job13B, cal: Calibration, w: Where, a: Assume,
-             bound: str = "high") -> tuple[float, float, float]:
+             bound: str = "calibrated") -> tuple[float, float, float]:
     """(forwards, learned steps, weight work) of one unit's search, seconds."""
     f = forward_s(u, job, w, a)
     fwd = (evaluations(method, a.iters) + uncounted(method)) * f
@@ -349,7 +358,7 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     from qvlm.config import CalibrationSettings
     from qvlm.errors import QvlmError
 
-    quant = quant_for(method)
+    quant = quant_for(method, job.depth)
     size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
     cal = CalibrationSettings(samples=job.samples, max_length=job.tokens, batch_size=job.batch)
     host = gpu.host // gpu.per_node * len(job.plan.stages)
@@ -393,7 +402,7 @@ def modelled_and_measured(job: Job13B, measured: dict, method: str) -> tuple[int
 
     args = measured["args"]
     size = CalibrationSize(args["samples"], args["batch"], args["tokens"], 0)
-    cost = replace(search_cost(quant_for(method)), depth=1)
+    cost = replace(search_cost(quant_for(method, job.depth)), depth=1)
     fig = measured["methods"][method]
     scale = LAYER_13B_WEIGHTS / layer_weights(args["hidden"], args["intermediate"])
     seen = round((fig["peak_gib"] - fig["before_gib"]) * GIB * scale)
@@ -406,7 +415,7 @@ def estimated_peak_rows(job: Job13B, measured: dict) -> list:
     rows = []
     for key, gpu in GPUS.items():
         for method in METHODS:
-            quant = quant_for(method)
+            quant = quant_for(method, job.depth)
             depth = quant.max_block_depth if quant.method == "qvlm" else 1
             table_rows, _ = memory_rows(job, gpu, method)
             on_gpu = max(float(r[7]) for r in table_rows[1:]) * GIB  # a decoder-only stage
@@ -507,8 +516,9 @@ def print_assumptions(a: Assume, job: Job13B, measured: dict, path: Path | None,
               f"{g.per_node} GPUs and {g.host / GIB:.0f} GiB host memory per node, storage {g.storage / 1e9:g} GB/s "
               f"per node, network {g.network / 1e9:g} GB/s")
     print(f"  calibration: {job.samples} samples x {job.tokens} tokens (decoder), {job.plan.image_tokens} tokens per "
-          f"image (vision tower, projector), batch {job.batch}; W4 g128 symmetric; max_block_depth 3 for clip/learned/"
-          "best (memory); a block's time is the sum of its units' (every count below is per unit)")
+          f"image (vision tower, projector), batch {job.batch}; W4 g128 symmetric; "
+          f"max_block_depth {job.depth} for clip/"
+          "learned/best (memory); a block's time is the sum of its units' (every count below is per unit)")
     a_ = measured["args"]
     shown = os.path.relpath(path) if path else "no --measured file"
     print(f"  measured: {shown}: bench/gpu.py on {measured['device']}, "
@@ -531,8 +541,8 @@ def print_plan(job: Job13B) -> None:
             segs[plan.units[k].segment] = segs.get(plan.units[k].segment, 0) + 1
         print(f"  stage {s}: units {st[0]}..{st[-1]} ({', '.join(f'{v} {k}' for k, v in segs.items())}), "
               f"{plan.stage_bytes(s) / GIB:.2f} GiB of weights" + (" with the glue" if s == 0 else ""))
-    print("  `qvlm plan` prints (cluster/plan.py memory_lines, method qvlm, depth 3):")
-    for line in memory_lines(plan, quant_for("best"), job.samples, job.tokens, job.batch):
+    print(f"  `qvlm plan` prints (cluster/plan.py memory_lines, method qvlm, depth {job.depth}):")
+    for line in memory_lines(plan, quant_for("best", job.depth), job.samples, job.tokens, job.batch):
         print("    " + line)
 
 
@@ -542,7 +552,7 @@ def print_memory(job: Job13B, a: Assume) -> dict:
         for method in ("gptq", "best"):
             rows, verdict = memory_rows(job, gpu, method)
             verdicts[key, method] = verdict
-            depth = "depth 1" if method == "gptq" else "depth 3"
+            depth = "depth 1" if method == "gptq" else f"depth {job.depth}"
             print(f"\n  {key}, method {method} ({depth}, Hessians counted): {verdict}")  # best runs GPTQ too
             print(table(["stage", "units", "weights GiB", "captures GiB", "workspace GiB", "total GiB", "captures on",
                          "on the GPU GiB", "90% of GPU GiB"], rows))
@@ -585,15 +595,17 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
     scale = cal.cpu_bandwidth / (h100.hbm * a.bw_efficiency)
     calibrated = a.iters * cal.per_weight_step * LAYER_13B_WEIGHTS * scale
     analytic = a.iters * 16 * 2 * 4 * LAYER_13B_WEIGHTS / (h100.hbm * a.bw_efficiency)
-    print(f"  The weight-proportional work on a GPU has two bounds. High: the CPU run's seconds per weight x this CPU's "
-          f"copy bandwidth / the GPU's x {a.bw_efficiency:g}; it carries the CPU's own overheads (Python, float16 "
-          "conversions, elementwise kernels far below its bandwidth) over to the GPU. Low: Assume's bytes per weight at "
-          f"the GPU's bandwidth. E.g. learned's soft weights, {a.iters} steps of one 13B decoder layer on an H100: "
-          f"{fmt_s(calibrated)} high, {fmt_s(analytic)} low; GPTQ's column loop is at least columns x "
-          f"{a.column_launch_s * 1e3:g} ms either way.")
+    print(f"  The weight-proportional work on a GPU has two estimates. Calibrated: the measured run's seconds per "
+          f"weight x its device's copy bandwidth / the GPU's x {a.bw_efficiency:g}; it carries that device's own overheads "
+          "(Python, float16 conversions, elementwise kernels far below its bandwidth) over to the GPU. Analytic: "
+          "Assume's bytes per weight at the GPU's bandwidth. E.g. learned's soft weights, "
+          f"{a.iters} steps of one 13B decoder layer on an H100: {fmt_s(calibrated)} calibrated, {fmt_s(analytic)} "
+          f"analytic; GPTQ's column loop is at least columns x {a.column_launch_s * 1e3:g} ms either way.")
 
 
-def span(low: float, high: float) -> str:
+def span(one: float, other: float) -> str:
+    """Two estimates of one time as a range, the smaller first."""
+    low, high = sorted((one, other))
     return fmt_s(low) if fmt_s(low) == fmt_s(high) else f"{fmt_s(low)} - {fmt_s(high)}"
 
 
@@ -605,12 +617,13 @@ def print_units(job: Job13B, units: list[Unit], cal: Calibration, a: Assume) -> 
         for key, gpu in GPUS.items():
             for host in ((False, True) if key == "A10G" and seg == "language" else (False,)):
                 w = Where(gpu, host)
-                cells = [span(sum(search_s(u, m, job, cal, w, a, "low")), sum(search_s(u, m, job, cal, w, a, "high")))
+                cells = [span(*(sum(search_s(u, m, job, cal, w, a, bound)) for bound in ("analytic", "calibrated")))
                          for m in METHODS]
                 rows.append([f"{seg} x {count}", f"{u.params / 1e6:.1f}",
                              f"{forward_flops(u, job.samples, a.causal_attention) / 1e12:.1f}",
                              key + (" (captures on host)" if host else ""), fmt_s(forward_s(u, job, w, a)), *cells])
-    print(f"\n  One unit's search, modelled ({a.iters} learned steps; low - high bound of the weight-proportional work):")
+    print(f"\n  One unit's search, modelled ({a.iters} learned steps; the range between the analytic and the calibrated "
+          "weight-proportional work):")
     print(table(["unit", "linear params M", "TFLOP per forward", "GPU", "one forward", *METHODS], rows))
 
 
@@ -618,7 +631,7 @@ def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[bool]:
     """Which stages keep their captures in host memory: cluster/memory.py's fit for this GPU and method."""
     from cluster.memory import CalibrationSize, fit, stage_memory
 
-    quant = quant_for(method)
+    quant = quant_for(method, job.depth)
     size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
     return [fit(stage_memory(job.plan, s, size, quant), gpu.memory, gpu.host // gpu.per_node,
                 True).keep_captures == "host" for s in range(len(job.plan.stages))]
@@ -626,21 +639,27 @@ def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[bool]:
 
 def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, a: Assume) -> None:
     print(f"\n3. THE JOB, modelled (LLaVA-13B, {job.samples} x {job.tokens}, W4A16 g128, {len(job.plan.stages)} stage "
-          "actors, one GPU each); where two figures stand, they are the low and the high bound of the weight-proportional "
-          "work")
-    rows = []
+          "actors, one GPU each); where two figures stand, they are the range between the "
+          "analytic and the calibrated estimate of the weight-proportional work, smaller first")
+    rows, refusals = [], []
     for key, gpu in GPUS.items():
         for m in METHODS:
             host = host_captures(job, gpu, m)
-            lo, hi = (phases(job, m, units, cal, gpu, measured, a, host, bound) for bound in ("low", "high"))
+            an, hi = (phases(job, m, units, cal, gpu, measured, a, host, bound) for bound in ("analytic", "calibrated"))
             parts = hi.search_parts
-            rows.append([key, m, fmt_s(hi.start), fmt_s(hi.load), fmt_s(hi.capture), fmt_s(hi.statistics),
-                         *(span(lo.search[p], hi.search[p]) for p in PROPAGATIONS), fmt_s(hi.export),
-                         *(span(lo.total(p), hi.total(p)) for p in PROPAGATIONS),
+            _, verdict = memory_rows(job, gpu, m)
+            accepted = verdict.startswith("accepted")
+            if not accepted:
+                refusals.append(f"{key} {m}: {verdict.rsplit('; ', 1)[-1]}")
+            rows.append([key, m, "accepted" if accepted else "REFUSED",
+                         fmt_s(hi.start), fmt_s(hi.load), fmt_s(hi.capture), fmt_s(hi.statistics),
+                         *(span(an.search[p], hi.search[p]) for p in PROPAGATIONS), fmt_s(hi.export),
+                         *(span(an.total(p), hi.total(p)) for p in PROPAGATIONS),
                          f"{sum(host)}/{len(host)}", " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
-    print(table(["GPUs", "method", "start", "load", "capture", "statistics", *(f"search {p}" for p in PROPAGATIONS),
+    print(table(["GPUs", "method", "memory check", "start", "load", "capture", "statistics",
+                 *(f"search {p}" for p in PROPAGATIONS),
                  "export", *(f"TOTAL {p}" for p in PROPAGATIONS), "host captures",
-                 "high: fwd / steps / weights / writes"], rows))
+                 "calibrated: fwd / steps / weights / writes"], rows))
     print("  search fp: stages search their own blocks in parallel (the slowest stage); search stage: the same, each "
           "block handing its quantized output to the next block of its stage (its search's last forward; best: one more "
           "forward, counted for every block); search quantized (the default "
@@ -650,6 +669,12 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
           "puts in host memory; each use moves them over PCIe. load: the largest stage's weights at the node's storage "
           "rate / its GPUs; capture: (batches + stages - 1) x the slowest stage's batch or the hop through the object "
           "store (bench/gpu.py's put and get), whichever is slower; export: the unquantized tensors read and written once.")
+    if refusals:
+        print("  REFUSED: cluster/memory.py's check (section 1) refuses the job at this calibration size and block "
+              "depth, so its times above are of a job that would not start; what the refusal names instead:\n"
+              + "\n".join(f"    {line}" for line in refusals)
+              + "\n  A block's time is the sum of its units' here, so a shallower block changes none of them, only "
+                "where the captures live; rerun with --depth D --batch N to model the setting named.")
 
 
 def main() -> None:
@@ -660,6 +685,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=3, help="quantization.qvlm.max_block_depth (the job's default: 3)")
     parser.add_argument("--efficiency", type=float, default=Assume.efficiency)
     parser.add_argument("--iters", type=int, default=Assume.iters)
     args = parser.parse_args()
@@ -667,7 +693,7 @@ def main() -> None:
     measured = json.loads(args.measured.read_text())
     folder = Path(tempfile.mkdtemp(prefix="qvlm-llava13b-headers-"))
     try:
-        job = plan_13b(folder, args.workers, args.samples, args.tokens, args.batch)
+        job = plan_13b(folder, args.workers, args.samples, args.tokens, args.batch, args.depth)
         cal = calibrate(measured, a)
         units = units_of(job)
         print(f"Every time below is modelled, calibrated by bench/gpu.py's run on {measured['device']} (no job ran on "
