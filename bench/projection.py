@@ -517,8 +517,8 @@ def print_assumptions(a: Assume, job: Job13B, measured: dict, path: Path | None,
               f"per node, network {g.network / 1e9:g} GB/s")
     print(f"  calibration: {job.samples} samples x {job.tokens} tokens (decoder), {job.plan.image_tokens} tokens per "
           f"image (vision tower, projector), batch {job.batch}; W4 g128 symmetric; "
-          f"max_block_depth {job.depth} for clip/"
-          "learned/best (memory); a block's time is the sum of its units' (every count below is per unit)")
+          f"max_block_depth {job.depth} for clip/learned/best (memory); a block's time is the sum of its units' "
+          "(every count below is per unit)")
     a_ = measured["args"]
     shown = os.path.relpath(path) if path else "no --measured file"
     print(f"  measured: {shown}: bench/gpu.py on {measured['device']}, "
@@ -596,8 +596,8 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
     calibrated = a.iters * cal.per_weight_step * LAYER_13B_WEIGHTS * scale
     analytic = a.iters * 16 * 2 * 4 * LAYER_13B_WEIGHTS / (h100.hbm * a.bw_efficiency)
     print(f"  The weight-proportional work on a GPU has two estimates. Calibrated: the measured run's seconds per "
-          f"weight x its device's copy bandwidth / the GPU's x {a.bw_efficiency:g}; it carries that device's own overheads "
-          "(Python, float16 conversions, elementwise kernels far below its bandwidth) over to the GPU. Analytic: "
+          f"weight x its device's copy bandwidth / the GPU's x {a.bw_efficiency:g}; it carries that device's own "
+          "overheads (Python, float16 conversions, elementwise kernels far below its bandwidth) over to the GPU. Analytic: "
           "Assume's bytes per weight at the GPU's bandwidth. E.g. learned's soft weights, "
           f"{a.iters} steps of one 13B decoder layer on an H100: {fmt_s(calibrated)} calibrated, {fmt_s(analytic)} "
           f"analytic; GPTQ's column loop is at least columns x {a.column_launch_s * 1e3:g} ms either way.")
@@ -645,16 +645,18 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
     for key, gpu in GPUS.items():
         for m in METHODS:
             host = host_captures(job, gpu, m)
-            an, hi = (phases(job, m, units, cal, gpu, measured, a, host, bound) for bound in ("analytic", "calibrated"))
-            parts = hi.search_parts
+            analytic, calibrated = (phases(job, m, units, cal, gpu, measured, a, host, bound)
+                                    for bound in ("analytic", "calibrated"))
+            parts = calibrated.search_parts
             _, verdict = memory_rows(job, gpu, m)
             accepted = verdict.startswith("accepted")
             if not accepted:
                 refusals.append(f"{key} {m}: {verdict.rsplit('; ', 1)[-1]}")
             rows.append([key, m, "accepted" if accepted else "REFUSED",
-                         fmt_s(hi.start), fmt_s(hi.load), fmt_s(hi.capture), fmt_s(hi.statistics),
-                         *(span(an.search[p], hi.search[p]) for p in PROPAGATIONS), fmt_s(hi.export),
-                         *(span(an.total(p), hi.total(p)) for p in PROPAGATIONS),
+                         *(fmt_s(getattr(calibrated, phase)) for phase in ("start", "load", "capture", "statistics")),
+                         *(span(analytic.search[p], calibrated.search[p]) for p in PROPAGATIONS),
+                         fmt_s(calibrated.export),
+                         *(span(analytic.total(p), calibrated.total(p)) for p in PROPAGATIONS),
                          f"{sum(host)}/{len(host)}", " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
     print(table(["GPUs", "method", "memory check", "start", "load", "capture", "statistics",
                  *(f"search {p}" for p in PROPAGATIONS),
