@@ -396,8 +396,6 @@ def modelled_and_measured(job: Job13B, measured: dict, method: str) -> tuple[int
     """cluster/memory.py's search workspace of one LLaVA-13B decoder layer at bench/gpu.py's calibration size, and
     what bench/gpu.py measured (its peak above the memory before it: the captures and the weights are counted
     apart in both), bytes; a run on a smaller layer is scaled by the 13B layer's weights over its own."""
-    from dataclasses import replace
-
     from cluster.memory import CalibrationSize, block_workspace_bytes, search_cost
 
     args = measured["args"]

@@ -125,12 +125,13 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
     """What the search of one block of ``units`` holds besides the stage's weights and captures."""
     element = plan.weight_element_bytes
     n_weights = sum(plan.unit_bytes[u.index] for u in units) // element
-    shapes = [plan.linear_shapes[u.linear_name(n)] for u in units for n in u.linears]
+    unit_shapes = [[plan.linear_shapes[u.linear_name(n)] for n in u.linears] for u in units]  # (out, in) per linear
+    shapes = [shape for per_unit in unit_shapes for shape in per_unit]
     outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
     transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * max(o for o, _ in shapes) * element
     plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights
     if cost.hessians:  # a unit's Hessians (float32) while GPTQ quantizes it, and one linear's Cholesky work
-        plain += max(4 * sum(plan.linear_shapes[u.linear_name(n)][1] ** 2 for n in u.linears) for u in units)
+        plain += max(4 * sum(inp**2 for _, inp in per_unit) for per_unit in unit_shapes)
         widest = max(shapes, key=lambda s: s[1])
         plain += GPTQ_FLOAT64_COPIES * 8 * widest[1] ** 2 + GPTQ_FLOAT32_COPIES * 4 * widest[0] * widest[1]
     learned = SEARCH_BYTES_PER_WEIGHT["learned"] * n_weights + sum(_autograd_bytes(plan, u, size) for u in units)
