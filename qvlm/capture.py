@@ -367,12 +367,14 @@ def sampled_rows(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor |
 
 @torch.no_grad()
 def capture_linear_inputs(
-    unit_module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], max_rows: int | None = None
+    unit_module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], max_rows: int | None = None,
+    outputs: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """Inputs of each named linear inside a unit over all calls, as [rows, in_features] (masked rows only).
 
     ``max_rows`` keeps an evenly strided subset of rows, chosen batch by batch so that memory stays bounded
-    by ``max_rows`` (a linear whose input rows are not the hidden state's tokens is strided per batch).
+    by ``max_rows`` (a linear whose input rows are not the hidden state's tokens is strided per batch). The
+    unit's output of each call is appended to ``outputs`` when a list is given.
     """
     counts = row_counts(calls)
     picks = row_selection(counts, max_rows)
@@ -395,7 +397,9 @@ def capture_linear_inputs(
     try:
         for call, keep, count in zip(calls, picks, counts):
             current[:] = [call.mask, keep, count]
-            call_unit(unit_module, call)
+            output = call_unit(unit_module, call)
+            if outputs is not None:
+                outputs.append(output)
     finally:
         for h in handles:
             h.remove()

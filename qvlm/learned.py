@@ -65,7 +65,12 @@ class LearnedWeightQuantizer:
 
     @torch.no_grad()
     def _align(self, target: torch.Tensor, rounds: int = 3) -> None:
-        """Integer shifts that make the untrained quantizer give ``target`` (a clamped value may need two)."""
+        """Integer shifts that make the untrained quantizer give ``target`` (a clamped value may need two).
+
+        A weight exactly halfway between two integers (``w / scale`` = k + 0.5, common at a group's extreme) may be
+        left one step from its target: rounding half to even makes every integer shift land on an even integer,
+        so a start that chose the odd one cannot be reproduced. Such a start is evaluated as the quantizer
+        gives it, not as the candidate it came from (``learn_rounding`` checks which)."""
         shift = torch.zeros(target.shape, dtype=torch.int16, device=target.device)  # 8-bit steps overflow int8
         for _ in range(rounds):
             self.shift = shift if bool(shift.any()) else None
@@ -125,13 +130,35 @@ def _start_bounds(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return (s.qmin - z) * scale, (s.qmax - z) * scale
 
 
-def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None,
-                   checkpoints: int = 8) -> dict[str, QuantizedWeight]:
-    """Train every linear of the workspace's block jointly; returns the final integer weights by name.
+@dataclass(frozen=True)
+class Known:
+    """Weights whose block error the caller measured last: if the untrained quantizers give exactly these, that
+    error stands for the start's and the start is not run again. ``fresh``: the workspace's cached outputs
+    (``ws.outputs``) are still the block run with them."""
+
+    weights: dict[str, QuantizedWeight]
+    error: float
+    fresh: bool
+
+
+@dataclass(frozen=True)
+class Learned:
+    """The weights kept, their whole-calibration-set block error, and whether ``ws.outputs`` is the block run
+    with them (so that whoever hands the output on need not run the block again)."""
+
+    weights: dict[str, QuantizedWeight]
+    error: float
+    fresh: bool
+
+
+def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None, known: Known | None = None,
+                   checkpoints: int = 8) -> Learned:
+    """Train every linear of the workspace's block jointly.
 
     The parameters kept are those with the lowest error on the whole calibration set among the start and
     ``checkpoints`` evenly spaced points of the training (one forward pass over the calibration data each), so
-    the result is never worse than the start."""
+    the result is never worse than the start. The start's error is ``known.error`` when the untrained quantizers
+    reproduce ``known.weights`` exactly (the same weights in place give the same forward pass, bit for bit)."""
     starts = starts or {}
     rounding = {n: LearnedWeightQuantizer.init(ws.fp_weight[n], ws.data.schemes[n], starts.get(n)) for n in ws.fq}
     for n, r in rounding.items():
@@ -142,7 +169,8 @@ def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None,
     every = max(cfg.iters // max(checkpoints, 1), 1)
     best = _Best()
     try:
-        best.offer(ws, rounding)
+        if not best.take_known(known, rounding):
+            best.offer(ws, rounding)
         for step, b in enumerate(order):
             loss, _ = _batch_loss(ws, b)
             loss.backward()
@@ -152,7 +180,9 @@ def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None,
     finally:
         for n in rounding:
             ws.fq[n].weight_fn = None
-    return best.weights or {n: r.finalize() for n, r in rounding.items()}  # none offered a finite error
+    if not best.weights:  # none offered a finite error
+        return Learned({n: r.finalize() for n, r in rounding.items()}, best.error, False)
+    return Learned(best.weights, best.error, best.fresh)
 
 
 class _Best:
@@ -160,13 +190,30 @@ class _Best:
     will hold them (int8 and qparams, one byte a weight), not as the float32 offsets that gave them."""
 
     def __init__(self):
-        self.error, self.weights = float("inf"), {}
+        self.error, self.weights, self.fresh = float("inf"), {}, False
 
     def offer(self, ws, rounding: dict) -> None:
         error = ws.refresh()  # the soft weights are in place: their value is exactly the exported weight's
-        if error < self.error:
+        self.fresh = error < self.error  # ws.outputs now hold this offer's outputs, kept or not
+        if self.fresh:
             self.error = error
             self.weights = {n: r.finalize() for n, r in rounding.items()}
+
+    def take_known(self, known: Known | None, rounding: dict) -> bool:
+        """Take ``known`` as the start's offer if the untrained quantizers give exactly its weights."""
+        if known is None or set(known.weights) != set(rounding):
+            return False
+        start = {n: r.finalize() for n, r in rounding.items()}
+        if not all(_same(start[n], known.weights[n]) for n in rounding):
+            return False
+        if known.error < self.error:  # as offer(): a NaN error is never kept
+            self.error, self.weights, self.fresh = known.error, known.weights, known.fresh
+        return True
+
+
+def _same(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    return (torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+            and (a.zero is None) == (b.zero is None) and (a.zero is None or torch.equal(a.zero, b.zero)))
 
 
 @torch.no_grad()

@@ -169,9 +169,9 @@ def _act_rows(ws: _Workspace, cfg: SearchConfig) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for u, (module, name, rel) in enumerate(zip(ws.units, ws.data.unit_names, ws.data.linears)):
             calls = ws.data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(ws.data.calls[u], hidden)]
-            for r, x in capture_linear_inputs(module, rel, calls, cfg.max_act_rows).items():
+            hidden = [] if u + 1 < len(ws.units) else None  # the pass that captures a unit feeds the next one
+            for r, x in capture_linear_inputs(module, rel, calls, cfg.max_act_rows, hidden).items():
                 rows[f"{name}.{r}"] = x
-            hidden = [call_unit(module, c) for c in calls]
     return rows
 
 
@@ -267,27 +267,25 @@ def search_clip(data: BlockData, cfg: SearchConfig) -> _Found:
 
 
 def search_learned(data: BlockData, cfg: SearchConfig) -> _Found:
-    from qvlm.learned import learn_rounding
+    from qvlm.learned import Known, learn_rounding
 
     ws, cand, wp, ap, before = _start(data, cfg)
     act_coords = [(n, "act") for n in ws.fq if ap[n] is not None]
-    if act_coords:
-        _coordinate_search(ws, cand, cfg, wp, ap, act_coords)
-    weights = learn_rounding(ws, cfg)
-    after = _weights_error(ws, weights)
-    if not after < before:  # never hand back something worse than where the search started
+    start = _coordinate_search(ws, cand, cfg, wp, ap, act_coords) if act_coords else before
+    learned = learn_rounding(ws, cfg, known=Known({n: cand.weight(n, wp[n]) for n in ws.fq}, start, True))
+    if not learned.error < before:  # never hand back something worse than where the search started
         for n in ws.fq:
             cand.apply(n, 1.0, ap[n])
         return _Found(_results(ws, cand, wp, ap), before, min(before, ws.refresh()), ws.evaluations,
                       _last_outputs(ws))
-    return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations, _last_outputs(ws))
+    return _Found(_results(ws, cand, wp, ap, learned.weights), before, learned.error, ws.evaluations,
+                  _kept_outputs(ws, learned.weights, learned.fresh))
 
 
 def search_gptq(data: BlockData, cfg: SearchConfig) -> _Found:
     """GPTQ as the reference tools run it (min/max ranges), with act-order on static groups if ``cfg`` asks."""
     ws, cand, wp, ap, before = _start(data, cfg)
-    weights = gptq_weights(ws, cfg, shrinks=(1.0,))
-    after = _weights_error(ws, weights)
+    weights, after = gptq_weights(ws, cfg, shrinks=(1.0,))
     return _Found(_results(ws, cand, wp, ap, weights), before, after, ws.evaluations, _last_outputs(ws))
 
 
@@ -295,19 +293,20 @@ def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
     """Candidates inside the block, each scored on the block output: clipped RTN (``rtn``), GPTQ with the
     searched clipping (``gptq``), learned rounding started from the better of those two (``learned``). Static
     activation ranges are searched first, with RTN weights, and shared by every candidate."""
-    from qvlm.learned import learn_rounding
+    from qvlm.learned import Known, learn_rounding
 
     ws, cand, wp, ap, before = _start(data, cfg)
     act_coords = [(n, "act") for n in ws.fq if ap[n] is not None]
     if act_coords:
         _coordinate_search(ws, cand, cfg, wp, ap, act_coords)
-    found = {"rtn": clipped_weights(ws, cfg), "gptq": gptq_weights(ws, cfg, cfg.shrinks)}
-    errors = {name: _weights_error(ws, weights) for name, weights in found.items()}
+    found = {"rtn": clipped_weights(ws, cfg)}
+    errors = {"rtn": _weights_error(ws, found["rtn"])}
+    found["gptq"], errors["gptq"] = gptq_weights(ws, cfg, cfg.shrinks)  # its last forward leaves ws.outputs
     start = min(("rtn", "gptq"), key=lambda k: (errors[k], k != "rtn"))
-    found["learned"] = learn_rounding(ws, cfg, starts=found[start])
-    errors["learned"] = _weights_error(ws, found["learned"])
+    learned = learn_rounding(ws, cfg, starts=found[start], known=Known(found[start], errors[start], start == "gptq"))
+    found["learned"], errors["learned"] = learned.weights, learned.error
     chosen = min(found, key=lambda k: errors[k])  # each candidate's error was measured with its weights in place
-    outputs = _last_outputs(ws) if chosen == "learned" else _outputs_with(ws, found[chosen])  # learned ran last
+    outputs = _kept_outputs(ws, found[chosen], learned.fresh and found[chosen] is learned.weights)
     return _Found(_results(ws, cand, wp, ap, found[chosen]), before, errors[chosen], ws.evaluations, outputs, errors,
                   chosen)
 
@@ -319,22 +318,27 @@ def clipped_weights(ws: _Workspace, cfg: SearchConfig) -> dict[str, QuantizedWei
     return {n: quantize_clipped(ws.fp_weight[n], ws.data.schemes[n], power[n], cfg.shrinks) for n in ws.fq}
 
 
-def gptq_weights(ws: _Workspace, cfg: SearchConfig, shrinks: tuple[float, ...]) -> dict[str, QuantizedWeight]:
+def gptq_weights(ws: _Workspace, cfg: SearchConfig, shrinks: tuple[float, ...]) -> tuple[dict[str, QuantizedWeight], float]:
     """GPTQ unit by unit: each unit's Hessians come from its inputs with the units before it in the block already
-    quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input (q/k/v share one)."""
+    quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input (q/k/v share one).
+    The quantized units' outputs that feed the next unit are the block run with the GPTQ weights in place: they
+    become the workspace's outputs, and their error is returned with the weights (no forward pass is run twice)."""
     from qvlm.gptq import gptq_quantize
 
-    data, weights, hidden = ws.data, {}, None
+    data, weights, outputs = ws.data, {}, []
+    ws.outputs = []  # replaced below; the earlier weights' outputs are not needed again
     for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
-        calls = data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(data.calls[u], hidden)]
+        calls = data.calls[u] if not outputs else [c.with_hidden(h) for c, h in zip(data.calls[u], outputs[-1])]
         for r, h in unit_hessians(module, rel, calls).items():
             n = f"{name}.{r}"
             weights[n] = gptq_quantize(ws.fp_weight[n], h, data.schemes[n], cfg.damp, act_order=cfg.act_order,
                                        shrinks=shrinks)
             ws.fq[n].weight.data = weights[n].dequantize().to(ws.fq[n].weight.dtype)
         with torch.no_grad():
-            hidden = [call_unit(ws.units[u], c) for c in calls]
-    return weights
+            outputs.append([call_unit(ws.units[u], c) for c in calls])
+    ws.outputs = outputs
+    ws.evaluations += 1
+    return weights, ws.error(outputs[-1])
 
 
 def _set_weights(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> None:
@@ -353,8 +357,12 @@ def _last_outputs(ws: _Workspace) -> Callable[[], list[torch.Tensor]]:
     return lambda: ws.outputs[-1]
 
 
-def _outputs_with(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> Callable[[], list[torch.Tensor]]:
-    """The block output with ``weights`` put back in place (one more forward pass, run only when asked for)."""
+def _kept_outputs(ws: _Workspace, weights: dict[str, QuantizedWeight], fresh: bool) -> Callable[[], list[torch.Tensor]]:
+    """The block output with ``weights`` in place: the last forward pass's when ``fresh`` (it ran with them),
+    else one more forward pass with them put back, run only when asked for."""
+    if fresh:
+        return _last_outputs(ws)
+
     def run() -> list[torch.Tensor]:
         _weights_error(ws, weights)
         return ws.outputs[-1]
@@ -387,9 +395,9 @@ def block_input_power(data: BlockData) -> dict[str, torch.Tensor]:
     hidden = None
     for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
         calls = data.calls[u] if hidden is None else [c.with_hidden(h) for c, h in zip(data.calls[u], hidden)]
-        for r, acc in _hooked_inputs(module, rel, calls, _InputPower).items():
+        hidden = [] if u + 1 < len(data.units) else None  # the pass that measures a unit feeds the next one
+        for r, acc in _hooked_inputs(module, rel, calls, _InputPower, hidden).items():
             out[f"{name}.{r}"] = acc.value
-        hidden = [call_unit(module, c) for c in calls]
     return out
 
 
@@ -402,9 +410,11 @@ def unit_hessians(module: nn.Module, linears: Sequence[str], calls: Sequence[Uni
     return {n: acc.hessian for n, acc in _hooked_inputs(module, linears, calls, HessianAccumulator).items()}
 
 
-def _hooked_inputs(module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], make: Callable) -> dict:
+def _hooked_inputs(module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], make: Callable,
+                   outputs: list | None = None) -> dict:
     """``make(in_features)`` accumulators fed each named linear's valid input rows over the calls, by a forward
-    hook on the first linear of each group that shares one input tensor; returns one (shared) per name."""
+    hook on the first linear of each group that shares one input tensor; returns one (shared) per name. The
+    unit's output of each call is appended to ``outputs`` when a list is given."""
     groups = shared_input_groups(module, list(linears), calls[0])
     accumulators = {g[0]: make(module.get_submodule(g[0]).in_features) for g in groups}
     mask: list = [None]
@@ -414,7 +424,9 @@ def _hooked_inputs(module: nn.Module, linears: Sequence[str], calls: Sequence[Un
     try:
         for call in calls:
             mask[0] = call.mask
-            call_unit(module, call)
+            output = call_unit(module, call)
+            if outputs is not None:
+                outputs.append(output)
     finally:
         for handle in handles:
             handle.remove()
@@ -423,6 +435,12 @@ def _hooked_inputs(module: nn.Module, linears: Sequence[str], calls: Sequence[Un
 
 SEARCHERS: dict[str, Callable[[BlockData, SearchConfig], _Found]] = {
     "rtn": search_rtn, "clip": search_clip, "learned": search_learned, "gptq": search_gptq, "best": search_best}
+
+# Forwards of the block over every batch that ``BlockResult.evaluations`` does not count, weight-only schemes
+# (a static activation scheme adds one to each: the pass that collects the linears' input rows): clip's and
+# best's input-power pass (``block_input_power``), gptq's and best's Hessian pass (``gptq_weights``). Learned
+# rounding's steps (one batch each) are not forwards over every batch. tests/test_search.py counts them.
+UNCOUNTED_FORWARDS: dict[str, int] = {"rtn": 0, "clip": 1, "gptq": 1, "learned": 0, "best": 2}
 
 
 def search_block(data: BlockData, cfg: SearchConfig) -> BlockResult:

@@ -87,6 +87,26 @@ def test_best_keeps_the_lowest_of_its_candidates(llava, llava_batches):
     assert block_error(outs, data.targets, data.calls[-1]) == pytest.approx(best.error_after, rel=1e-9)
 
 
+@pytest.mark.parametrize("act,depth", [(ActScheme(), 2), (A4, 1)], ids=["W4A16", "W4A4-static"])
+@pytest.mark.parametrize("method,iters", [("rtn", 0), ("clip", 0), ("gptq", 0), ("learned", 12), ("best", 12)])
+def test_every_forward_a_search_runs_is_counted_or_declared(llava, llava_batches, method, iters, act, depth):
+    """Each whole-calibration-set forward of a block is an evaluation or one of the method's declared uncounted
+    passes (bench/projection.py models a 13B job's time from these counts). Learned rounding adds one call a step;
+    each uncounted pass is a hooked one, which first runs one batch to see which linears share an input. A static
+    activation scheme adds the pass that collects the linears' input rows (one unit: the coordinate passes over a
+    later unit's ranges do not run the first)."""
+    from qvlm.search import UNCOUNTED_FORWARDS
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", act, depth=depth)
+    calls = []
+    data.units[0].register_forward_hook(lambda *_: calls.append(1))  # the workspace's copies carry it along
+    result = search_block(data, SearchConfig(method, iters=iters))
+    batches = len(data.targets)
+    uncounted, rows_pass = UNCOUNTED_FORWARDS[method], int(act.static and act.enabled)
+    assert len(calls) == batches * (result.evaluations + uncounted + rows_pass) + uncounted + iters
+
+
 def _with_nan_input(data):
     """``data`` with NaN in one valid token of its first captured input."""
     call = data.calls[0][0]
