@@ -220,6 +220,7 @@ def main() -> None:
     device = torch.device(args.device)
     from qvlm.method import select_units
     from qvlm.config import QuantConfig
+    from qvlm.search import UNCOUNTED_FORWARDS
     from qvlm.stage import Stage
 
     model = build_layer(args, device)
@@ -231,7 +232,8 @@ def main() -> None:
           f"MLP {args.intermediate}, {args.heads} heads, {args.dtype}; calibration {args.samples} x {args.tokens} "
           f"tokens in batches of {args.batch}; W4 g128 symmetric")
     figures = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "args": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": {}}
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "methods": {},
+        "uncounted_forwards": dict(UNCOUNTED_FORWARDS)}  # the search code's own, for bench/projection.py's check
     seconds, before, peak = capture(stage, args, device)
     figures["capture"] = {"seconds": seconds, "before_gib": before, "peak_gib": peak}
     unit = "GPU GiB allocated" if device.type == "cuda" else "RSS GiB"

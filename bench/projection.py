@@ -198,20 +198,32 @@ def offers(iters: int, checkpoints: int = 8) -> int:
     return 1 + sum(1 for step in range(iters) if (step + 1) % every == 0 or step + 1 == iters)
 
 
-def evaluations(method: str, iters: int, improved: bool = True) -> int:
+def evaluations(method: str, iters: int, improved: bool = True, earlier: bool = False) -> int:
     """``BlockResult.evaluations`` (each one forward of the block over every batch), read off qvlm/search.py:
-    every search starts with one (``_start``); clip refreshes once more in ``_coordinate_search``; gptq and
-    each candidate of best once with its weights in place; learned adds its ``offers`` and one with the final
-    weights (one more when learning did not help)."""
-    learned = offers(iters) + 1
-    return {"rtn": 1, "clip": 2, "gptq": 2, "learned": 1 + learned + (0 if improved else 1),
-            "best": 1 + 2 + learned}[method]
+    every search starts with one (``_start``); clip refreshes once more in ``_coordinate_search``; gptq's pass
+    that feeds each unit the one before it quantized is its evaluation; best measures its clipped-RTN candidate,
+    GPTQ's feeding pass and learn_rounding's offers, the start's among them (a 13B layer's weights halfway
+    between two integers keep learned rounding from reproducing its start exactly; one fewer where it does);
+    learned rounding from RTN reproduces its start, so learned counts the offers less the start's, and one more
+    when learning did not help. ``earlier``: the code before 2026-12-05, which measured learned rounding's
+    start and its result once more each (a run that does not record ``uncounted_forwards``)."""
+    n = offers(iters)
+    if earlier:
+        return {"rtn": 1, "clip": 2, "gptq": 2, "learned": 2 + n + (0 if improved else 1), "best": 4 + n}[method]
+    return {"rtn": 1, "clip": 2, "gptq": 2, "learned": n + (0 if improved else 1), "best": 3 + n}[method]
 
 
-def uncounted(method: str) -> int:
-    """Forwards over every batch that ``evaluations`` does not count: clip's input power pass
-    (``block_input_power``), gptq's Hessian pass and the pass that feeds the next unit (``gptq_weights``)."""
-    return {"rtn": 0, "clip": 1, "gptq": 2, "learned": 0, "best": 3}[method]
+# The forwards outside ``evaluations`` before 2026-12-05: clip's and best's input-power pass ran each unit twice
+# (once hooked, once to feed the next), and gptq's feeding pass was not counted.
+EARLIER_UNCOUNTED = {"rtn": 0, "clip": 2, "gptq": 2, "learned": 0, "best": 4}
+
+
+def uncounted(method: str, earlier: bool = False) -> int:
+    """Forwards over every batch that ``evaluations`` does not count (``qvlm.search.UNCOUNTED_FORWARDS``, which
+    tests/test_search.py checks against the forwards a search runs)."""
+    from qvlm.search import UNCOUNTED_FORWARDS
+
+    return (EARLIER_UNCOUNTED if earlier else UNCOUNTED_FORWARDS)[method]
 
 
 def steps(method: str, iters: int) -> int:
@@ -281,13 +293,16 @@ def calibrate(measured: dict, a: Assume) -> Calibration:
     batches = args["samples"] // args["batch"]
     f = measured["capture"]["seconds"]
     rows, fixed = [], {}
+    earlier = "uncounted_forwards" not in measured
     for m, fig in measured["methods"].items():
         improved = fig["error_ratio"] < 1.0 or m not in ("learned",)
-        formula = evaluations(m, args["iters"], improved)
-        forwards = fig["evaluations"] + uncounted(m)
+        formula = evaluations(m, args["iters"], improved, earlier)
+        forwards = fig["evaluations"] + uncounted(m, earlier)
         token_s = forwards * f + steps(m, args["iters"]) * a.fwd_bwd * f / batches
         fixed[m] = max(fig["seconds"] - token_s, 0.0)
-        rows.append([m, fig["evaluations"], formula, "ok" if formula == fig["evaluations"] else "MISMATCH", forwards,
+        check = "ok" if formula == fig["evaluations"] else (
+            "ok (start reproduced)" if m == "best" and not earlier and formula - 1 == fig["evaluations"] else "MISMATCH")
+        rows.append([m, fig["evaluations"], formula, check, forwards,
                      steps(m, args["iters"]), f"{fig['seconds']:.2f}", f"{token_s:.2f}", f"{fixed[m]:.2f}",
                      f"{fixed[m] / weights * 1e9:.1f}"])
     learned_step = fixed.get("learned", 0.0) / max(args["iters"], 1) / weights
@@ -445,9 +460,9 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
                    bound: str):
     """Per stage, the seconds of its blocks' searches with ``propagation: fp`` and with a chain of blocks
     (``stage`` and ``quantized``: a chained block hands on the output of its search's last forward pass, so only
-    ``best`` may run its units once more over every batch, when it keeps a candidate it did not measure last;
-    counted here for every block, an upper bound); and (forwards, steps, weight work, writes) summed over the
-    model."""
+    learned and best may run its units once more over every batch, when what they keep is not what they measured
+    last; counted here for every block, an upper bound); and (forwards, steps, weight work, writes) summed over
+    the model."""
     fp, quantized, parts = [], [], [0.0, 0.0, 0.0, 0.0]
     for s, stage in enumerate(job.plan.stages):
         total = extra = 0.0
@@ -455,7 +470,7 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
             f, st, wk = search_s(units[k], method, job, cal, wheres[s], a, bound)
             wr = block_write_s(units[k], wheres[s])
             total += f + st + wk + wr
-            extra += forward_s(units[k], job, wheres[s], a) if method == "best" else 0.0
+            extra += forward_s(units[k], job, wheres[s], a) if method in ("learned", "best") else 0.0
             for j, v in enumerate((f, st, wk, wr)):
                 parts[j] += v
         fp.append(total)
@@ -586,6 +601,9 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
           "weight-proportional work")
     print(table(["method", "evaluations measured", "formula", "check", "forwards incl. uncounted", "learned steps",
                  "s measured", "s forwards+steps", "s rest", "rest ns per weight"], cal.rows))
+    if "uncounted_forwards" not in measured:
+        print("  The run predates 2026-12-05's search code (it records no uncounted_forwards): its counts are checked "
+              "against that code's, and the job below is modelled with today's, two forwards fewer for learned and best.")
     print(f"  forwards: capture seconds ({measured['capture']['seconds']:.2f} s) x count; steps: {a.fwd_bwd:g} x a "
           f"forward of one batch. At {a.iters} iters: " + ", ".join(
               f"{m} {evaluations(m, a.iters) + uncounted(m)} forwards + {steps(m, a.iters)} steps" for m in METHODS))
@@ -661,10 +679,10 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
                  "export", *(f"TOTAL {p}" for p in PROPAGATIONS), "host captures",
                  "calibrated: fwd / steps / weights / writes"], rows))
     print("  search fp: stages search their own blocks in parallel (the slowest stage); search stage: the same, each "
-          "block handing its quantized output to the next block of its stage (its search's last forward; best: one more "
-          "forward, counted for every block); search quantized (the default "
+          "block handing its quantized output to the next block of its stage (its search's last forward; learned and best: "
+          "one more forward, counted for every block, an upper bound); search quantized (the default "
           "propagation): each block waits for the quantized output of the block before it in its stream, across stages "
-          "too, so the whole model's blocks run one after another (best: one more forward each, as for stage), plus the "
+          "too, so the whole model's blocks run one after another (learned and best: one more forward each, as for stage), plus the "
           "carried outputs between stages. Host captures: stages whose captures cluster/memory.py "
           "puts in host memory; each use moves them over PCIe. load: the largest stage's weights at the node's storage "
           "rate / its GPUs; capture: (batches + stages - 1) x the slowest stage's batch or the hop through the object "
