@@ -180,8 +180,8 @@ def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None, kn
     finally:
         for n in rounding:
             ws.fq[n].weight_fn = None
-    if not best.weights:  # none offered a finite error
-        return Learned({n: r.finalize() for n, r in rounding.items()}, best.error, False)
+    if not best.weights:  # no error measured was finite (NaN in the block): the caller quarantines it
+        return Learned({n: r.finalize() for n, r in rounding.items()}, float("nan"), False)
     return Learned(best.weights, best.error, best.fresh)
 
 
