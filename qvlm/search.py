@@ -452,7 +452,8 @@ def search_block(data: BlockData, cfg: SearchConfig) -> BlockResult:
 def search_block_with_outputs(data: BlockData, cfg: SearchConfig) -> tuple[BlockResult, list[torch.Tensor]]:
     """:func:`search_block` and the block's quantized output per batch (the next block's input under Eq. 3
     propagation), equal to :func:`quantized_block_outputs` of the result, mostly without running the block again:
-    it is the search's own last forward pass, except where ``best`` keeps a candidate it did not measure last."""
+    it is the search's own last forward pass, except where ``learned`` or ``best`` keeps weights it did not
+    measure last."""
     result, found = _search(data, cfg)
     return result, found.outputs()
 
