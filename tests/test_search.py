@@ -152,6 +152,21 @@ def test_the_output_a_search_hands_on_is_its_result_run_again(llava, llava_batch
     assert len(outputs) == len(again) and all(torch.equal(a, b) for a, b in zip(outputs, again))
 
 
+def test_learned_that_keeps_an_earlier_checkpoint_hands_on_that_ones_output(llava, llava_batches):
+    """A step far too large makes every checkpoint worse than the start (RTN with the searched act ranges): the
+    start is kept though the block last ran with the last checkpoint, so its output is run again before it is
+    handed on."""
+    from qvlm.search import quantized_block_outputs, search_block_with_outputs
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", A4)
+    start = search_block(data, SearchConfig("learned", epochs=1, iters=0))
+    result, outputs = search_block_with_outputs(data, SearchConfig("learned", epochs=1, iters=20, lr=1.0))
+    assert result.error_after == start.error_after < result.error_before
+    again = quantized_block_outputs(data, result)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, again))
+
+
 def test_a_quarantined_block_hands_on_the_output_of_its_fallback(llava, llava_batches):
     from qvlm.search import quantized_block_outputs, search_block_with_outputs
 
