@@ -193,7 +193,17 @@ class _Best:
         self.error, self.weights, self.fresh = float("inf"), {}, False
 
     def offer(self, ws, rounding: dict) -> None:
-        error = ws.refresh()  # the soft weights are in place: their value is exactly the exported weight's
+        # Each soft weight is computed once for the pass over every batch, not once a batch: it goes into the
+        # workspace's dequantized copy (unused while training), its value exactly the exported weight's.
+        with torch.no_grad():
+            for n, r in rounding.items():
+                ws.fq[n].weight.data.copy_(r.soft_weight())
+                ws.fq[n].weight_fn = None
+        try:
+            error = ws.refresh()
+        finally:
+            for n, r in rounding.items():
+                ws.fq[n].weight_fn = r.soft_weight
         self.fresh = error < self.error  # ws.outputs now hold this offer's outputs, kept or not
         if self.fresh:
             self.error = error
