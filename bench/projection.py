@@ -300,8 +300,8 @@ def calibrate(measured: dict, a: Assume) -> Calibration:
         forwards = fig["evaluations"] + uncounted(m, earlier)
         token_s = forwards * f + steps(m, args["iters"]) * a.fwd_bwd * f / batches
         fixed[m] = max(fig["seconds"] - token_s, 0.0)
-        check = "ok" if formula == fig["evaluations"] else (
-            "ok (start reproduced)" if m == "best" and not earlier and formula - 1 == fig["evaluations"] else "MISMATCH")
+        reproduced = m == "best" and not earlier and formula - 1 == fig["evaluations"]  # learned's start not run
+        check = "ok" if formula == fig["evaluations"] else "ok (start reproduced)" if reproduced else "MISMATCH"
         rows.append([m, fig["evaluations"], formula, check, forwards,
                      steps(m, args["iters"]), f"{fig['seconds']:.2f}", f"{token_s:.2f}", f"{fixed[m]:.2f}",
                      f"{fixed[m] / weights * 1e9:.1f}"])
@@ -427,7 +427,7 @@ def estimated_peak_rows(job: Job13B, measured: dict) -> list:
     measured beyond the model's count for one layer (x block depth; 0 where the model counts more)."""
     rows = []
     for key, gpu in GPUS.items():
-        for method in METHODS:
+        for method in (m for m in METHODS if m in measured["methods"]):
             quant = quant_for(method, job.depth)
             depth = quant.max_block_depth if quant.method == "qvlm" else 1
             table_rows, _ = memory_rows(job, gpu, method)
@@ -601,6 +601,10 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
           "weight-proportional work")
     print(table(["method", "evaluations measured", "formula", "check", "forwards incl. uncounted", "learned steps",
                  "s measured", "s forwards+steps", "s rest", "rest ns per weight"], cal.rows))
+    missing = [m for m in METHODS if m not in measured["methods"]]
+    if missing:
+        print(f"  The run did not measure {', '.join(missing)}: below, their calibrated weight work is taken as none "
+              "(only the analytic estimate has it) and their measured memory is left out.")
     if "uncounted_forwards" not in measured:
         print("  The run predates 2026-12-05's search code (it records no uncounted_forwards): its counts are checked "
               "against that code's, and the job below is modelled with today's, two forwards fewer for learned and best.")

@@ -131,29 +131,19 @@ def _start_bounds(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class Known:
-    """Weights whose block error the caller measured last: if the untrained quantizers give exactly these, that
-    error stands for the start's and the start is not run again. ``fresh``: the workspace's cached outputs
-    (``ws.outputs``) are still the block run with them."""
+class Measured:
+    """Integer weights, their block error on the whole calibration set, and whether the workspace's cached
+    outputs (``ws.outputs``) are still the block run with them (then whoever hands the output on, or measures
+    them again, need not run the block)."""
 
     weights: dict[str, QuantizedWeight]
     error: float
     fresh: bool
 
 
-@dataclass(frozen=True)
-class Learned:
-    """The weights kept, their whole-calibration-set block error, and whether ``ws.outputs`` is the block run
-    with them (so that whoever hands the output on need not run the block again)."""
-
-    weights: dict[str, QuantizedWeight]
-    error: float
-    fresh: bool
-
-
-def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None, known: Known | None = None,
-                   checkpoints: int = 8) -> Learned:
-    """Train every linear of the workspace's block jointly.
+def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None, known: Measured | None = None,
+                   checkpoints: int = 8) -> Measured:
+    """Train every linear of the workspace's block jointly; returns the weights kept.
 
     The parameters kept are those with the lowest error on the whole calibration set among the start and
     ``checkpoints`` evenly spaced points of the training (one forward pass over the calibration data each), so
@@ -181,8 +171,8 @@ def learn_rounding(ws, cfg, starts: dict[str, QuantizedWeight] | None = None, kn
         for n in rounding:
             ws.fq[n].weight_fn = None
     if not best.weights:  # no error measured was finite (NaN in the block): the caller quarantines it
-        return Learned({n: r.finalize() for n, r in rounding.items()}, float("nan"), False)
-    return Learned(best.weights, best.error, best.fresh)
+        return Measured({n: r.finalize() for n, r in rounding.items()}, float("nan"), False)
+    return Measured(best.weights, best.error, best.fresh)
 
 
 class _Best:
@@ -209,7 +199,7 @@ class _Best:
             self.error = error
             self.weights = {n: r.finalize() for n, r in rounding.items()}
 
-    def take_known(self, known: Known | None, rounding: dict) -> bool:
+    def take_known(self, known: Measured | None, rounding: dict) -> bool:
         """Take ``known`` as the start's offer if the untrained quantizers give exactly its weights."""
         if known is None or set(known.weights) != set(rounding):
             return False

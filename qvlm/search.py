@@ -267,12 +267,12 @@ def search_clip(data: BlockData, cfg: SearchConfig) -> _Found:
 
 
 def search_learned(data: BlockData, cfg: SearchConfig) -> _Found:
-    from qvlm.learned import Known, learn_rounding
+    from qvlm.learned import Measured, learn_rounding
 
     ws, cand, wp, ap, before = _start(data, cfg)
     act_coords = [(n, "act") for n in ws.fq if ap[n] is not None]
     start = _coordinate_search(ws, cand, cfg, wp, ap, act_coords) if act_coords else before
-    learned = learn_rounding(ws, cfg, known=Known({n: cand.weight(n, wp[n]) for n in ws.fq}, start, True))
+    learned = learn_rounding(ws, cfg, known=Measured({n: cand.weight(n, wp[n]) for n in ws.fq}, start, True))
     if not learned.error < before:  # never hand back something worse than where the search started
         for n in ws.fq:
             cand.apply(n, 1.0, ap[n])
@@ -293,7 +293,7 @@ def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
     """Candidates inside the block, each scored on the block output: clipped RTN (``rtn``), GPTQ with the
     searched clipping (``gptq``), learned rounding started from the better of those two (``learned``). Static
     activation ranges are searched first, with RTN weights, and shared by every candidate."""
-    from qvlm.learned import Known, learn_rounding
+    from qvlm.learned import Measured, learn_rounding
 
     ws, cand, wp, ap, before = _start(data, cfg)
     act_coords = [(n, "act") for n in ws.fq if ap[n] is not None]
@@ -303,7 +303,7 @@ def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
     errors = {"rtn": _weights_error(ws, found["rtn"])}
     found["gptq"], errors["gptq"] = gptq_weights(ws, cfg, cfg.shrinks)  # its last forward leaves ws.outputs
     start = min(("rtn", "gptq"), key=lambda k: (errors[k], k != "rtn"))
-    learned = learn_rounding(ws, cfg, starts=found[start], known=Known(found[start], errors[start], start == "gptq"))
+    learned = learn_rounding(ws, cfg, starts=found[start], known=Measured(found[start], errors[start], start == "gptq"))
     found["learned"], errors["learned"] = learned.weights, learned.error
     chosen = min(found, key=lambda k: errors[k])  # each candidate's error was measured with its weights in place
     outputs = _kept_outputs(ws, found[chosen], learned.fresh and found[chosen] is learned.weights)
@@ -318,7 +318,8 @@ def clipped_weights(ws: _Workspace, cfg: SearchConfig) -> dict[str, QuantizedWei
     return {n: quantize_clipped(ws.fp_weight[n], ws.data.schemes[n], power[n], cfg.shrinks) for n in ws.fq}
 
 
-def gptq_weights(ws: _Workspace, cfg: SearchConfig, shrinks: tuple[float, ...]) -> tuple[dict[str, QuantizedWeight], float]:
+def gptq_weights(ws: _Workspace, cfg: SearchConfig,
+                 shrinks: tuple[float, ...]) -> tuple[dict[str, QuantizedWeight], float]:
     """GPTQ unit by unit: each unit's Hessians come from its inputs with the units before it in the block already
     quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input (q/k/v share one).
     The quantized units' outputs that feed the next unit are the block run with the GPTQ weights in place: they
