@@ -136,8 +136,12 @@ class _Workspace:
 
     def refresh(self) -> float:
         with torch.no_grad():
-            self.outputs = self.run_from(0)
-        return self.error(self.outputs[-1])
+            return self.keep(self.run_from(0))
+
+    def keep(self, outputs: list[list[torch.Tensor]]) -> float:
+        """Take ``outputs`` (every unit, every batch) as the block's current run; returns its error."""
+        self.outputs = outputs
+        return self.error(outputs[-1])
 
 
 def _fake_quant_copy(module: nn.Module, linears: Sequence[str]) -> tuple[nn.Module, dict[str, FakeQuantLinear]]:
@@ -337,9 +341,8 @@ def gptq_weights(ws: _Workspace, cfg: SearchConfig,
             ws.fq[n].weight.data = weights[n].dequantize().to(ws.fq[n].weight.dtype)
         with torch.no_grad():
             outputs.append([call_unit(ws.units[u], c) for c in calls])
-    ws.outputs = outputs
-    ws.evaluations += 1
-    return weights, ws.error(outputs[-1])
+    ws.evaluations += 1  # the pass run_from would have made
+    return weights, ws.keep(outputs)
 
 
 def _set_weights(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> None:
