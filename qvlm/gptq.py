@@ -15,12 +15,14 @@ algorithm uses as the quantized columns are computed with the same arithmetic as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from qvlm.quant import QuantizedWeight, WeightScheme, grid_integers, grouped, mse_clip_bounds, qparams_from_bounds
 
-__all__ = ["HessianAccumulator", "gptq_quantize", "DAMP_RETRIES", "NumericalFailure", "NotPositiveDefinite"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "gptq_quantize_shared", "DAMP_RETRIES", "NumericalFailure",
+           "NotPositiveDefinite"]
 
 DAMP_RETRIES = 3  # a Hessian that is not positive definite is damped x10 up to this many more times
 
@@ -118,16 +120,17 @@ class _Prepared:
     u: torch.Tensor  # upper Cholesky factor of the damped H^-1, processing order, float32
     order: torch.Tensor  # original column index of each processed column
     importance: torch.Tensor  # diag(H) per original column (float32): the clipping search's weights
-    original: torch.Tensor  # float32 weight in the original order, dead columns zeroed
 
 
-def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool) -> _Prepared:
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool,
+             before_permuting: Callable[[torch.Tensor, torch.Tensor], None]) -> _Prepared:
     """The float32 working weight and the upper Cholesky factor of the damped inverse Hessian, both permuted
-    to decreasing diag(H) with ``act_order``."""
+    to decreasing diag(H) with ``act_order``. ``before_permuting`` is given the float32 weight in the original
+    order (dead columns zeroed) and diag(H): the only moment that copy and the permuted one are both alive."""
     h = hessian.detach().to(device=weight.device, dtype=torch.float64, copy=True)
     if not torch.isfinite(h).all():
         raise NumericalFailure("GPTQ: the Hessian of this layer has non-finite entries (NaN/inf in the calibration inputs?)")
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32, copy=True)
     importance = torch.diagonal(h).float().clone()
     # Dead inputs (always zero in calibration): the weight column cannot matter, so drop it and give the
     # Hessian a unit diagonal there to keep it invertible.
@@ -136,7 +139,7 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order
         idx = dead.nonzero().squeeze(1)
         h[idx, idx] = 1.0
         w[:, dead] = 0.0
-    original = w
+    before_permuting(w, importance)
     order = torch.arange(w.shape[1], device=w.device)
     if act_order:
         order = torch.argsort(importance, descending=True, stable=True)
@@ -150,20 +153,28 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order
         u64[dead, :] = 0.0
         u64[:, dead] = 0.0
         u64.diagonal().copy_(diag)
-    return _Prepared(w.clone() if act_order else w, u64.to(torch.float32), order, importance, original)
+    return _Prepared(w, u64.to(torch.float32), order, importance)
 
 
 class _Columns:
-    """Output buffers, and quantization of one column with its group's qparams."""
+    """Output buffers, each group's qparams, and quantization of one column with its group's.
 
-    def __init__(self, w: torch.Tensor, scheme: WeightScheme, sdtype: torch.dtype, shrinks: tuple[float, ...]):
+    On a GPU the column loop is bound by kernel launches, not by bytes, so each column launches as few as it can:
+    the qparams are also kept in the dtypes the loop computes with (converted once per group, not once per
+    column), and a column's integers go to a buffer of its block, written into the outputs once per block."""
+
+    def __init__(self, w: torch.Tensor, scheme: WeightScheme, sdtype: torch.dtype, shrinks: tuple[float, ...],
+                 keep_used: bool):
         out_features, in_features = w.shape
         n_groups = scheme.groups(in_features)
         self.scheme, self.sdtype, self.shrinks = scheme, sdtype, shrinks
         self.qweight = torch.empty(out_features, in_features, dtype=torch.int8, device=w.device)
-        self.used = torch.empty(out_features, in_features, dtype=torch.float32, device=w.device)
+        self.used = torch.empty(out_features, in_features, dtype=torch.float32, device=w.device) if keep_used else None
         self.scale = torch.empty(out_features, n_groups, dtype=sdtype, device=w.device)
         self.zero = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8, device=w.device)
+        self._scale32 = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
+        self._zero32 = None if scheme.symmetric else torch.empty_like(self._scale32)
+        self._zero_stored = None if scheme.symmetric else torch.empty_like(self.scale)  # the zero in sdtype
 
     def set_qparams(self, groups: slice, values: torch.Tensor, importance: torch.Tensor) -> None:
         """Qparams of ``groups`` from ``values`` [out, n_groups, group] (clipping searched on the shrink grid,
@@ -172,49 +183,64 @@ class _Columns:
         lo, hi = mse_clip_bounds(values, s.bits, s.symmetric, self.sdtype, importance.unsqueeze(0), self.shrinks)
         scale, zero = qparams_from_bounds(lo, hi, s.bits, s.symmetric, self.sdtype)
         self.scale[:, groups] = scale
+        self._scale32[:, groups] = self.scale[:, groups]
         if self.zero is not None:
             self.zero[:, groups] = zero
+            self._zero32[:, groups] = self.zero[:, groups]
+            self._zero_stored[:, groups] = self.zero[:, groups]
 
-    def quantize(self, col: int, g: int, x: torch.Tensor) -> torch.Tensor:
-        """Quantize column ``col``; returns the dequantized column, computed as QuantizedWeight.dequantize() does."""
-        s = self.scale[:, g]
-        z = None if self.zero is None else self.zero[:, g]
-        q = grid_integers(x, s, z, self.scheme.qmin, self.scheme.qmax)
+    def quantize(self, g: int, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Quantize column ``x`` with group ``g``'s qparams, its integers into ``q`` (float32); returns the
+        dequantized column, computed as QuantizedWeight.dequantize() does."""
+        zero = None if self._zero32 is None else self._zero32[:, g]
+        grid_integers(x, self._scale32[:, g], zero, self.scheme.qmin, self.scheme.qmax, out=q)
         qs = q.to(self.sdtype)
-        if z is not None:
-            qs = qs - z.to(self.sdtype)
-        x_hat = (qs * s).float()
-        self.qweight[:, col] = q.to(torch.int8)
-        self.used[:, col] = x_hat
-        return x_hat
+        if self._zero_stored is not None:
+            qs = qs - self._zero_stored[:, g]
+        return (qs * self.scale[:, g]).float()
+
+    def store(self, columns: slice | torch.Tensor, q: torch.Tensor, used: torch.Tensor | None) -> None:
+        """Write a block's integers (and the dequantized values the loop used) to the original ``columns``."""
+        self.qweight[:, columns] = q.to(torch.int8)
+        if self.used is not None:
+            self.used[:, columns] = used
 
 
 def _gptq(
     weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, damp: float, block_size: int,
-    act_order: bool = False, shrinks: tuple[float, ...] = (1.0,),
-) -> tuple[QuantizedWeight, torch.Tensor]:
-    """GPTQ proper; also returns the float32 quantized columns the algorithm used (for tests)."""
+    act_order: bool = False, shrinks: tuple[float, ...] = (1.0,), keep_used: bool = False,
+) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """GPTQ proper; with ``keep_used`` also returns the float32 quantized columns the algorithm used (for tests)."""
     _check_args(weight, hessian, damp, block_size)
     in_features = weight.shape[1]
     gs = in_features if scheme.group_size == -1 else scheme.group_size
-    p = _prepare(weight, hessian, damp, act_order)
-    w, u, order = p.w, p.u, p.order.tolist()
-    cols = _Columns(w, scheme, weight.dtype, shrinks)
     static = act_order or scheme.group_size == -1
-    if static:  # every group's qparams from the original weight, before any error feedback
-        cols.set_qparams(slice(None), grouped(p.original, scheme.group_size), grouped(p.importance.unsqueeze(0), scheme.group_size)[0])
+    cols = _Columns(weight, scheme, weight.dtype, shrinks, keep_used)
+
+    def static_qparams(original: torch.Tensor, importance: torch.Tensor) -> None:
+        if static:  # every group's qparams from the weight before any error feedback
+            cols.set_qparams(slice(None), grouped(original, scheme.group_size),
+                             grouped(importance.unsqueeze(0), scheme.group_size)[0])
+
+    p = _prepare(weight, hessian, damp, act_order, static_qparams)
+    w, u = p.w, p.u
+    group_of = (p.order // gs).tolist()
     for b1 in range(0, in_features, block_size):
         b2 = min(b1 + block_size, in_features)
         w_blk, u_blk = w[:, b1:b2].clone(), u[b1:b2, b1:b2]
-        err_blk = torch.zeros_like(w_blk)
+        err_blk, q_blk = torch.zeros_like(w_blk), torch.empty_like(w_blk)
+        used_blk = torch.empty_like(w_blk) if keep_used else None
         for i in range(b2 - b1):
             col = b1 + i
             if not static and col % gs == 0:
                 _dynamic_group(cols, w, u, w_blk, err_blk, p.importance, b1, b2, i, gs)
-            x = w_blk[:, i]
-            e = (x - cols.quantize(order[col], order[col] // gs, x)) / u_blk[i, i]
+            x, e = w_blk[:, i], err_blk[:, i]
+            x_hat = cols.quantize(group_of[col], x, q_blk[:, i])
+            if used_blk is not None:
+                used_blk[:, i] = x_hat
+            torch.sub(x, x_hat, out=e).div_(u_blk[i, i])
             w_blk[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
-            err_blk[:, i] = e
+        cols.store(p.order[b1:b2] if act_order else slice(b1, b2), q_blk, used_blk)
         if b2 < in_features:
             w[:, b2:] -= err_blk @ u[b1:b2, b2:]
     return QuantizedWeight(cols.qweight, cols.scale, cols.zero, scheme), cols.used
@@ -261,3 +287,26 @@ def gptq_quantize(
             if attempt == retries:
                 raise
     raise AssertionError("unreachable")
+
+
+def gptq_quantize_shared(
+    weights: Sequence[torch.Tensor], hessian: torch.Tensor, scheme: WeightScheme, damp: float = 0.01,
+    block_size: int = 128, retries: int = DAMP_RETRIES, act_order: bool = False, shrinks: tuple[float, ...] = (1.0,),
+) -> list[QuantizedWeight]:
+    """:func:`gptq_quantize` of linears that read one input (q/k/v, gate/up), in one column loop over their rows.
+
+    Given the Hessian, every step of GPTQ is a step on each row alone (a group's qparams, a column's integer, the
+    error it spreads along its row), and the damping, act-order and Cholesky factor come from the shared Hessian.
+    So quantizing the rows together gives each linear what it would get alone, with a third of the kernel
+    launches for q/k/v, which is what the column loop on a GPU is bound by.
+    """
+    if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
+        raise ValueError("GPTQ quantizes linears together only when they have one dtype and one input width, got "
+                         f"{[(str(w.dtype), tuple(w.shape)) for w in weights]}")
+    if len(weights) == 1:
+        return [gptq_quantize(weights[0], hessian, scheme, damp, block_size, retries, act_order, shrinks)]
+    rows = [w.shape[0] for w in weights]
+    joint = gptq_quantize(torch.cat(list(weights)), hessian, scheme, damp, block_size, retries, act_order, shrinks)
+    zeros = joint.zero.split(rows) if joint.zero is not None else [None] * len(rows)
+    return [QuantizedWeight(q.clone(), s.clone(), None if z is None else z.clone(), scheme)
+            for q, s, z in zip(joint.qweight.split(rows), joint.scale.split(rows), zeros)]

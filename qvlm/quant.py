@@ -128,8 +128,9 @@ def grid_qparams(
 
 
 def grid_integers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int, qmax: int,
-                  offset: torch.Tensor | None = None) -> torch.Tensor:
-    """``clamp(round(x / scale + offset + zero), qmin, qmax)`` in float32 (integer valued), broadcasting.
+                  offset: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``clamp(round(x / scale + offset + zero), qmin, qmax)`` in float32 (integer valued), broadcasting; written
+    into ``out`` when given (GPTQ's column loop, which counts every kernel it launches).
 
     Every path that makes integers (RTN, GPTQ, learned rounding, its export) goes through this one
     expression, so the integers written are the ones searched whatever the model's dtype.
@@ -139,7 +140,7 @@ def grid_integers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
         t = t + offset
     if zero is not None:
         t = t + zero.float()
-    return torch.clamp(round_ste(t), qmin, qmax)
+    return torch.clamp(round_ste(t), qmin, qmax, out=out)
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

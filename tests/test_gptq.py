@@ -62,7 +62,7 @@ def test_ints_in_range_shape_and_deterministic(scheme):
 @pytest.mark.parametrize("scheme", [WeightScheme(4, 64, False), WeightScheme(3, -1, True)], ids=str)
 def test_dequantize_is_exactly_what_the_algorithm_used(dtype, scheme):
     w, x = _data(2)
-    qw, used = _gptq(w.to(dtype), _hessian(x), scheme, damp=0.01, block_size=128)
+    qw, used = _gptq(w.to(dtype), _hessian(x), scheme, damp=0.01, block_size=128, keep_used=True)
     assert qw.scale.dtype == dtype
     assert torch.equal(qw.dequantize().float(), used)
 
@@ -197,7 +197,7 @@ def test_act_order_keeps_static_groups(dtype, scheme):
     their groups (no g_idx), and the dequantized weight is still exactly what the algorithm used."""
     w, x = _uneven(12)
     w = w.to(dtype)
-    qw, used = _gptq(w, _hessian(x), scheme, damp=0.01, block_size=48, act_order=True)
+    qw, used = _gptq(w, _hessian(x), scheme, damp=0.01, block_size=48, act_order=True, keep_used=True)
     rtn = quantize_weight(w, scheme)
     assert torch.equal(qw.scale, rtn.scale)
     if not scheme.symmetric:
@@ -233,3 +233,36 @@ def test_a_singular_hessian_with_no_damping_fails_after_the_retries():
     with pytest.raises(NotPositiveDefinite):
         gptq_quantize(w, _hessian(x), WeightScheme(4, 16, True), damp=0.0)
     assert torch.isfinite(gptq_quantize(w, _hessian(x), WeightScheme(4, 16, True)).dequantize()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, True), WeightScheme(4, 128, False), WeightScheme(3, -1, True)], ids=str)
+def test_linears_that_read_one_input_get_in_one_loop_what_each_gets_alone(dtype, act_order, scheme):
+    """q/k/v share their Hessian: quantized in one column loop over their rows, each gets the integers and qparams
+    it gets alone (every step of GPTQ is per row given the Hessian), and a dead input stays dead in all three."""
+    from qvlm.gptq import gptq_quantize_shared
+    from qvlm.quant import SHRINK_GRID
+
+    g = torch.Generator().manual_seed(15)
+    _, x = _data(15)
+    x[:, 3] = 0.0
+    weights = [(torch.randn(rows, IN, generator=g) * 0.02).to(dtype) for rows in (64, 32, 32)]
+    h = _hessian(x)
+    together = gptq_quantize_shared(weights, h, scheme, act_order=act_order, shrinks=SHRINK_GRID)
+    for w, got in zip(weights, together):
+        alone = gptq_quantize(w, h, scheme, act_order=act_order, shrinks=SHRINK_GRID)
+        assert torch.equal(got.qweight, alone.qweight) and torch.equal(got.scale, alone.scale)
+        assert (got.zero is None) == scheme.symmetric and (got.zero is None or torch.equal(got.zero, alone.zero))
+        assert got.qweight.shape == w.shape and not got.dequantize()[:, 3].any()
+
+
+def test_linears_of_different_input_widths_or_dtypes_are_not_joined():
+    from qvlm.gptq import gptq_quantize_shared
+
+    w, x = _data(16)
+    h = _hessian(x)
+    with pytest.raises(ValueError, match="one dtype and one input width"):
+        gptq_quantize_shared([w, w.to(torch.float16)], h, WeightScheme(4, 128, True))
+    with pytest.raises(ValueError, match="one dtype and one input width"):
+        gptq_quantize_shared([w, w[:, :128]], h, WeightScheme(4, 128, True))
