@@ -89,10 +89,11 @@ SEARCH_BYTES_PER_WEIGHT = {"plain": 12, "learned": 24}
 # candidate kept (its int8 codes), then learned rounding with both kept and its int16 shifts from the GPTQ start.
 # Its peak is the larger of its GPTQ and learned phases plus what each keeps, not their sum.
 BEST_KEEPS_PER_WEIGHT = {"plain": 1, "learned": 4}
-# GPTQ's work on one linear grows with its input width squared, not with its weights: the damped Hessian, its
-# Cholesky factor, the inverse and the inverse's factor, alive at once (8 bytes each), beside two float32 copies
-# of that linear's weight (the original and its act-order permutation). On an H200 a GPTQ search of LLaVA-13B's
-# layer took 5 GiB more than the per-weight figure said: down_proj's 13824 inputs.
+# GPTQ's work on one input grows with its width squared, not with its weights: the damped Hessian, its Cholesky
+# factor, the inverse and the inverse's factor, alive at once (8 bytes each), beside two float32 copies of the
+# weights of the linears that read that input, quantized together (the original and its act-order permutation),
+# and their rows joined in the model's dtype. On an H200 a GPTQ search of LLaVA-13B's layer took 5 GiB more than
+# the per-weight figure said: down_proj's 13824 inputs.
 GPTQ_FLOAT64_COPIES = 4
 GPTQ_FLOAT32_COPIES = 2
 
@@ -130,15 +131,25 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
     outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
     transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * max(o for o, _ in shapes) * element
     plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights
-    if cost.hessians:  # a unit's Hessians (float32) while GPTQ quantizes it, and one linear's Cholesky work
+    if cost.hessians:  # a unit's Hessians (float32) while GPTQ quantizes it, and one input's work
         plain += max(4 * sum(inp**2 for _, inp in per_unit) for per_unit in unit_shapes)
-        widest = max(shapes, key=lambda s: s[1])
-        plain += GPTQ_FLOAT64_COPIES * 8 * widest[1] ** 2 + GPTQ_FLOAT32_COPIES * 4 * widest[0] * widest[1]
+        plain += max(_gptq_input_bytes(per_unit, element) for per_unit in unit_shapes)
     learned = SEARCH_BYTES_PER_WEIGHT["learned"] * n_weights + sum(_autograd_bytes(plan, u, size) for u in units)
     search = {"plain": plain, "learned": learned,
               "best": max(plain + BEST_KEEPS_PER_WEIGHT["plain"] * n_weights,
                           learned + BEST_KEEPS_PER_WEIGHT["learned"] * n_weights)}[cost.kind]
     return search + outputs + transient
+
+
+def _gptq_input_bytes(shapes, element: int) -> int:
+    """GPTQ's largest working set on one input of a unit's linears (``shapes``: (out, in) each). The plan does not
+    know which linears read one input, so every linear of an input width is counted as reading the same one: q/k/v
+    and o_proj of Llama, of which only q/k/v do (an upper bound; down_proj's width decides at 13B)."""
+    rows: dict[int, int] = {}
+    for out, inp in shapes:
+        rows[inp] = rows.get(inp, 0) + out
+    return max(GPTQ_FLOAT64_COPIES * 8 * inp**2 + (GPTQ_FLOAT32_COPIES * 4 + element) * inp * n
+               for inp, n in rows.items())
 
 
 def _autograd_bytes(plan, unit, size: CalibrationSize) -> int:

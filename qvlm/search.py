@@ -325,20 +325,26 @@ def clipped_weights(ws: _Workspace, cfg: SearchConfig) -> dict[str, QuantizedWei
 def gptq_weights(ws: _Workspace, cfg: SearchConfig,
                  shrinks: tuple[float, ...]) -> tuple[dict[str, QuantizedWeight], float]:
     """GPTQ unit by unit: each unit's Hessians come from its inputs with the units before it in the block already
-    quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input (q/k/v share one).
-    The quantized units' outputs that feed the next unit are the block run with the GPTQ weights in place: they
-    become the workspace's outputs, and their error is returned with the weights (no forward pass is run twice)."""
-    from qvlm.gptq import gptq_quantize
+    quantized, accumulated batch by batch (float32) by forward hooks, one per distinct input; the linears that
+    share an input and a scheme (q/k/v, gate/up) are quantized in one column loop. The quantized units' outputs
+    that feed the next unit are the block run with the GPTQ weights in place: they become the workspace's outputs,
+    and their error is returned with the weights (no forward pass is run twice)."""
+    from qvlm.gptq import gptq_quantize_shared
 
     data, weights, outputs = ws.data, {}, []
     ws.outputs = []  # replaced below; the earlier weights' outputs are not needed again
     for u, (module, name, rel) in enumerate(zip(data.units, data.unit_names, data.linears)):
         calls = data.calls[u] if not outputs else [c.with_hidden(h) for c, h in zip(data.calls[u], outputs[-1])]
-        for r, h in unit_hessians(module, rel, calls).items():
-            n = f"{name}.{r}"
-            weights[n] = gptq_quantize(ws.fp_weight[n], h, data.schemes[n], cfg.damp, act_order=cfg.act_order,
-                                       shrinks=shrinks)
-            ws.fq[n].weight.data = weights[n].dequantize().to(ws.fq[n].weight.dtype)
+        for group, h in unit_hessians(module, rel, calls):
+            by_scheme: dict[WeightScheme, list[str]] = {}
+            for r in group:
+                by_scheme.setdefault(data.schemes[f"{name}.{r}"], []).append(f"{name}.{r}")
+            for scheme, names in by_scheme.items():
+                found = gptq_quantize_shared([ws.fp_weight[n] for n in names], h, scheme, cfg.damp,
+                                             act_order=cfg.act_order, shrinks=shrinks)
+                for n, qw in zip(names, found):
+                    weights[n] = qw
+                    ws.fq[n].weight.data = qw.dequantize().to(ws.fq[n].weight.dtype)
         with torch.no_grad():
             outputs.append([call_unit(ws.units[u], c) for c in calls])
     ws.evaluations += 1  # the pass run_from would have made
@@ -406,12 +412,16 @@ def block_input_power(data: BlockData) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def unit_hessians(module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall]) -> dict[str, torch.Tensor]:
-    """``2/n X^T X`` of each named linear's input over the calls (valid token rows), accumulated batch by batch in
-    float32 by a forward hook on the first linear of each group that shares one input tensor."""
+def unit_hessians(module: nn.Module, linears: Sequence[str],
+                  calls: Sequence[UnitCall]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """``2/n X^T X`` of each group of the named linears that share one input tensor, over the calls (valid token
+    rows), accumulated batch by batch in float32 by a forward hook on the group's first linear."""
     from qvlm.gptq import HessianAccumulator
 
-    return {n: acc.hessian for n, acc in _hooked_inputs(module, linears, calls, HessianAccumulator).items()}
+    groups: dict[HessianAccumulator, list[str]] = {}  # an accumulator per input tensor, hashed by identity
+    for n, acc in _hooked_inputs(module, linears, calls, HessianAccumulator).items():
+        groups.setdefault(acc, []).append(n)
+    return [(tuple(names), acc.hessian) for acc, names in groups.items()]
 
 
 def _hooked_inputs(module: nn.Module, linears: Sequence[str], calls: Sequence[UnitCall], make: Callable,

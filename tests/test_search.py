@@ -66,6 +66,26 @@ def test_gptq_block_beats_rtn(llava, llava_batches):
     assert search_block(data, SearchConfig("gptq")).error_after < search_block(data, SearchConfig("rtn")).error_after
 
 
+def test_gptq_block_quantizes_linears_that_read_one_input_as_each_would_be_alone(llava, llava_batches):
+    """q/k/v (and gate/up) go through one GPTQ column loop when they share a scheme; q at another scheme is apart.
+    Either way each linear's integers and qparams are those of GPTQ on it alone with the unit's Hessian."""
+    from qvlm.gptq import gptq_quantize
+    from qvlm.search import unit_hessians
+
+    model, _ = llava
+    model.to(torch.bfloat16)
+    data = _block(model, llava_batches, "language", ActScheme(), depth=1)
+    q_proj = next(n for n in data.schemes if n.endswith("q_proj"))
+    data.schemes[q_proj] = WeightScheme(8, 32, False)
+    found = {r.name: r.weight for r in search_block(data, SearchConfig("gptq")).linears}
+    groups = unit_hessians(data.units[0], data.linears[0], data.calls[0])
+    assert max(len(names) for names, _ in groups) == 3
+    for names, h in groups:
+        for n in (f"{data.unit_names[0]}.{r}" for r in names):
+            alone = gptq_quantize(model.get_submodule(n).weight, h, data.schemes[n], act_order=True)
+            assert torch.equal(found[n].qweight, alone.qweight) and torch.equal(found[n].scale, alone.scale), n
+
+
 def test_unknown_method_is_refused(llava, llava_batches):
     model, _ = llava
     data = _block(model, llava_batches, "language", ActScheme(), depth=1)
