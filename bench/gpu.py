@@ -6,7 +6,8 @@
 The layer is a ``LlamaModel`` with one decoder layer (hidden 5120, MLP 13824, 40 heads; random weights) run
 by :class:`qvlm.stage.Stage`, the code a job's stage actors run: the capture is the model's own forward pass
 over random token ids; each method is one ``search_block`` of that layer (``learned`` and ``best`` at
-``--iters``, W4 g128 symmetric). Figures: seconds per phase and tokens per second, the block evaluations, and
+``--iters``, W4 g128 symmetric); the forward is one plain pass of the layer over the captured batches, what each
+of a search's evaluations runs. Figures: seconds per phase and tokens per second, the block evaluations, and
 the memory of each phase: before it and its peak (GPU: ``torch.cuda.memory_allocated`` and
 ``max_memory_allocated``, reset before each phase; CPU: the process's RSS and its high-water mark, reset
 before each phase through ``/proc/self/clear_refs``), the object store's put and get throughput of one
@@ -98,19 +99,38 @@ def capture(stage, args, device) -> tuple[float, float, float]:
 
 def search(stage, args, device, method: str) -> dict:
     from qvlm.config import QuantConfig
-    from qvlm.method import Block, block_jobs
     from qvlm.quant import WeightScheme
 
     scheme = WeightScheme(4, 128, True)
     searches = ("clip", "learned", "best")
     config = QuantConfig(method="qvlm" if method in searches else method, search=method if method in searches else "clip",
                          weights=scheme, iters=args.iters, epochs=args.epochs)
-    unit = stage.units[0]
-    job = block_jobs([Block(0, 0, (unit.index,))], _layout(stage), {unit.linear_name(n): scheme for n in unit.linears})[0]
+    job = _job(stage, scheme)
     summary, seconds, before, peak = timed(device, lambda: stage.search_block(job, config))
     stage.results.clear()  # each method's result is its own; none is kept into the next method's memory
     return {"seconds": seconds, "before_gib": before, "peak_gib": peak, "evaluations": summary.evaluations,
             "error_ratio": summary.error_after / max(summary.error_before, 1e-30)}
+
+
+def forward(stage, device) -> float:
+    """Seconds of one plain forward of the layer over every captured batch: what a search's evaluation runs
+    (bench/projection.py counts a method's time in these)."""
+    from qvlm.capture import call_unit
+    from qvlm.config import QuantConfig
+    from qvlm.quant import WeightScheme
+
+    data = stage.block_data(_job(stage, WeightScheme(4, 128, True)), QuantConfig(), None)
+    with torch.no_grad():
+        _, seconds, _, _ = timed(device, lambda: [call_unit(data.units[0], c) for c in data.calls[0]])
+    return seconds
+
+
+def _job(stage, scheme):
+    """The search job of the stage's one layer, every linear at ``scheme``."""
+    from qvlm.method import Block, block_jobs
+
+    unit = stage.units[0]
+    return block_jobs([Block(0, 0, (unit.index,))], _layout(stage), {unit.linear_name(n): scheme for n in unit.linears})[0]
 
 
 def _layout(stage):
@@ -240,6 +260,8 @@ def main() -> None:
     print(f"\n{'phase':<16}{'seconds':>10}{'tokens/s':>12}{'evaluations':>13}{'before ' + unit:>24}{'peak ' + unit:>22}"
           f"{'error after/before':>20}")
     print(f"{'capture':<16}{seconds:>10.2f}{tokens / seconds:>12.0f}{'':>13}{before:>24.2f}{peak:>22.2f}{'':>20}")
+    figures["forward"] = {"seconds": forward(stage, device)}
+    print(f"{'forward':<16}{figures['forward']['seconds']:>10.2f}{tokens / figures['forward']['seconds']:>12.0f}")
     for method in args.methods:
         m = figures["methods"][method] = search(stage, args, device, method)
         print(f"{_label(method, args):<16}{m['seconds']:>10.2f}{tokens / m['seconds']:>12.0f}{m['evaluations']:>13}"

@@ -4,6 +4,7 @@ stage-local data path (issue 16): does each stage fit its GPU, and how long does
     .venv/bin/python bench/gpu.py --device cpu ... --json bench/gpu-cpu.json   # the CPU figures it is calibrated by
     .venv/bin/python bench/projection.py [--measured bench/gpu-cpu.json] [--samples 128 --tokens 2048 --batch 8]
         [--depth 3] [--iters 100]   # the job's own defaults
+        [--gptq-columns OUT/gptq-columns.json]   # GPTQ's launch time as bench/gptq_columns.py measured it on a GPU
 
 Nothing here runs on a GPU and no figure it prints is a GPU measurement. What it uses:
 
@@ -21,9 +22,11 @@ Nothing here runs on a GPU and no figure it prints is a GPU measurement. What it
    are checked against ``BlockResult.evaluations`` of bench/gpu.py's run. The weight-proportional work gets
    two estimates: calibrated on that run (what is left of each method's seconds after its forwards, moved to
    the GPU by the ratio of memory bandwidths), and analytic (the bytes per weight read off the code at the
-   GPU's bandwidth); both with a floor for GPTQ's one-column-at-a-time kernel launches. Times are printed as
-   the range between the two, smaller first: calibrated on a CPU run the calibrated one is the larger, on a
-   GPU run it can be the smaller.
+   GPU's bandwidth). GPTQ's column loop is bound by kernel launches in both: its looped columns x the operators
+   a column dispatches (bench/gptq_columns.py counts them) x the seconds of a launch, calibrated on the run's GPTQ
+   when it ran on a GPU. The forward the counts multiply is the run's plain forward (or, for runs that did not
+   time one, rtn's search, which bounds it). Times are printed as the range between the two, smaller first:
+   calibrated on a CPU run the calibrated one is the larger, on a GPU run it can be the smaller.
 3. The job: stage start, ranged reads, the pipelined capture, statistics, the searches (``propagation:
    fp``: stages in parallel; ``quantized``, the default: one chain down the pipeline, so every block of
    the model one after another) and the export.
@@ -90,7 +93,7 @@ class Assume:
     efficiency: float = 0.4  # sustained share of the fp16 peak in a unit's forward (matmuls, attention)
     bw_efficiency: float = 0.7  # sustained share of memory bandwidth for weight-proportional work
     fwd_bwd: float = 3.0  # forward + backward = this many forwards (the old CPU measurement: 2.97)
-    column_launch_s: float = 1e-4  # GPTQ: ~15 small kernels per column, launch-bound on a GPU
+    launch_s: float = 1e-5  # one small operator launched from PyTorch on a GPU, when the run measured none
     stats_bytes_per_weight: float = 80.0  # kurtosis in float64 + sensitivity's float32 fake quant: passes over a weight
     stage_start_s: float = 30.0  # a stage actor: process, imports, CUDA context
     iters: int = SearchConfig.iters  # learned rounding steps: the job's default (bench/gpu.py measures 200)
@@ -218,6 +221,28 @@ def evaluations(method: str, iters: int, improved: bool = True, earlier: bool = 
 EARLIER_UNCOUNTED = {"rtn": 0, "clip": 2, "gptq": 2, "learned": 0, "best": 4}
 
 
+# GPTQ's column loop on a GPU is bound by launching its small kernels, not by bytes: its time is the columns it
+# loops over x the operators each column dispatches x the seconds of one launch. The operators per column are the
+# code's own, counted by bench/gptq_columns.py on LLaVA-13B's layer in float16 (each linear alone before
+# 2026-12-05; since then the linears that read one input loop their columns together, SHARED_INPUTS here).
+OPS_PER_COLUMN = 11.1
+EARLIER_OPS_PER_COLUMN = 16.1
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # LLaVA's (the search finds them by a run)
+
+
+def looped_columns(linears: list[tuple[str, int]], earlier: bool = False) -> int:
+    """Columns GPTQ loops over for one unit's ``(name, input width)`` linears."""
+    if earlier:
+        return sum(width for _, width in linears)
+    inputs = {next((g for g in SHARED_INPUTS if name.rsplit(".", 1)[-1] in g), name): width for name, width in linears}
+    return sum(inputs.values())
+
+
+def layer_linears(hidden: int, intermediate: int) -> list[tuple[str, int]]:
+    return [(n, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")] + [
+        ("down_proj", intermediate)]
+
+
 def uncounted(method: str, earlier: bool = False) -> int:
     """Forwards over every batch that ``evaluations`` does not count (``qvlm.search.UNCOUNTED_FORWARDS``, which
     tests/test_search.py checks against the forwards a search runs)."""
@@ -235,7 +260,7 @@ def steps(method: str, iters: int) -> int:
 class Unit:
     segment: str
     params: int  # linear weights
-    columns: int  # input columns over its linears (GPTQ's loop)
+    looped: int  # columns GPTQ loops over (the linears that read one input together)
     tokens: int  # per sample
     width: int  # hidden width of its input
     out_width: int
@@ -252,7 +277,8 @@ def units_of(job: Job13B) -> list[Unit]:
     for u in plan.units:
         shapes = [plan.linear_shapes[u.linear_name(n)] for n in u.linears]
         tokens = plan.image_tokens if u.segment in ("vision", "projector") else job.tokens
-        out.append(Unit(u.segment, sum(o * i for o, i in shapes), sum(i for _, i in shapes), tokens, shapes[0][1],
+        looped = looped_columns([(n, i) for n, (_, i) in zip(u.linears, shapes)])
+        out.append(Unit(u.segment, sum(o * i for o, i in shapes), looped, tokens, shapes[0][1],
                         shapes[-1][0], max(o for o, _ in shapes), u.segment != "projector",
                         sum(scheme.storage_bits(o, i) for o, i in shapes) // 8))
     return out
@@ -273,6 +299,10 @@ class Calibration:
     per_weight: dict  # method -> seconds per linear weight (learned and best: the part that does not scale with iters)
     per_weight_step: float  # learned rounding: seconds per weight per step
     cpu_bandwidth: float  # bytes/s of a large copy on the CPU of the run (measured by bench/gpu.py then)
+    forward: float  # seconds of one forward of the layer over the run's calibration set
+    forward_from: str  # what that figure is
+    launch_s: float  # GPTQ's column loop: seconds per operator launched
+    launch_from: str
 
 
 def cpu_bandwidth() -> float:
@@ -291,7 +321,7 @@ def calibrate(measured: dict, a: Assume) -> Calibration:
     h, i = args["hidden"], args["intermediate"]
     weights = 4 * h * h + 3 * h * i
     batches = args["samples"] // args["batch"]
-    f = measured["capture"]["seconds"]
+    f, forward_from = forward_seconds(measured)
     rows, fixed = [], {}
     earlier = "uncounted_forwards" not in measured
     for m, fig in measured["methods"].items():
@@ -311,7 +341,38 @@ def calibrate(measured: dict, a: Assume) -> Calibration:
     if "best" in fixed:  # best's own weight work besides its learned steps
         per_weight["best"] = max(fixed["best"] - learned_step * args["iters"] * weights, 0.0) / weights
     bandwidth = measured["copy_gbps"] * GB if "copy_gbps" in measured else cpu_bandwidth()
-    return Calibration(rows, per_weight, learned_step, bandwidth)
+    launch_s, launch_from = a.launch_s, "assumed (the run measured no GPTQ on a GPU)"
+    if "gptq" in fixed and measured["device"] != "CPU":
+        before = "forward" not in measured  # runs that time no plain forward predate the joint column loop
+        ops = EARLIER_OPS_PER_COLUMN if before else OPS_PER_COLUMN
+        launches = looped_columns(layer_linears(h, i), before) * ops
+        launch_s = fixed["gptq"] / launches
+        launch_from = (f"GPTQ's measured weight work on {measured['device']} ({fixed['gptq']:.2f} s) / its "
+                       f"{launches:.0f} launches ({ops:g} per column{', each linear alone' if before else ''})")
+    return Calibration(rows, per_weight, learned_step, bandwidth, f, forward_from, launch_s, launch_from)
+
+
+def with_measured_launches(cal: Calibration, columns: dict) -> Calibration:
+    """GPTQ's seconds per launch from bench/gptq_columns.py's timing of today's code (the linears that read one
+    input together) on a GPU."""
+    together = columns.get("ways", {}).get("together", {})
+    if columns.get("device_name", "cpu") == "cpu" or together.get("seconds") is None:
+        raise SystemExit("--gptq-columns: the run must be bench/gptq_columns.py on a GPU with its timed runs "
+                         "(--repeats 1 or more) of today's code")
+    return replace(cal, launch_s=together["seconds"] / together["ops"],
+                   launch_from=f"measured by bench/gptq_columns.py on {columns['device_name']} "
+                               f"({together['seconds']:.2f} s for {together['ops']} operators)")
+
+
+def forward_seconds(measured: dict) -> tuple[float, str]:
+    """One forward of the measured layer over its calibration set: bench/gpu.py times it since 2026-12-05; before
+    that, rtn's search (one forward and the rounding) bounds it from above, and the capture (the first pass, with
+    the device warming up and the inputs copied) from further above."""
+    if "forward" in measured:
+        return measured["forward"]["seconds"], "the run's plain forward"
+    if "rtn" in measured["methods"]:
+        return measured["methods"]["rtn"]["seconds"], "rtn's search: one forward and the rounding (an upper bound)"
+    return measured["capture"]["seconds"], "the capture (an upper bound)"
 
 
 # ---- the cost of a unit's search on a GPU --------------------------------------------------------------------
@@ -334,19 +395,18 @@ def weight_work_s(u: Unit, method: str, cal: Calibration, w: Where, a: Assume, b
     """Weight-proportional work on a GPU, ``calibrated``: its seconds per weight on the measured run times the ratio
     of that device's copy bandwidth to the GPU's (x bw_efficiency), which carries over the measured device's own
     overheads (Python, float16 conversions, kernels far below its bandwidth); ``analytic``: the bytes per weight of
-    ``Assume`` at the GPU's bandwidth. GPTQ's column loop (gptq, and best's GPTQ candidate) takes at least one
-    launch-bound step per column."""
+    ``Assume`` at the GPU's bandwidth. GPTQ's column loop (gptq, and best's GPTQ candidate) is launch-bound in both:
+    its looped columns x operators per column x the seconds of a launch."""
     gpu_bw = w.gpu.hbm * a.bw_efficiency
-    floor = u.columns * a.column_launch_s if method in ("gptq", "best") else 0.0
+    loop = u.looped * OPS_PER_COLUMN * cal.launch_s if method in ("gptq", "best") else 0.0
     if bound == "analytic":
         per = {"rtn": a.analytic_bytes_rtn, "clip": a.analytic_bytes_clip, "gptq": a.analytic_bytes_gptq,
                "learned": a.analytic_bytes_rtn, "best": a.analytic_bytes_best}[method]
-        return (per + steps(method, a.iters) * a.analytic_bytes_step) * u.params / gpu_bw + floor
+        return (per + steps(method, a.iters) * a.analytic_bytes_step) * u.params / gpu_bw + loop
     scale = cal.cpu_bandwidth / gpu_bw
-    gptq = cal.per_weight.get("gptq", 0.0) if method in ("gptq", "best") else 0.0
+    gptq = cal.per_weight.get("gptq", 0.0) if method in ("gptq", "best") else 0.0  # the loop, counted above
     other = max(cal.per_weight.get(method, 0.0) - gptq, 0.0)
-    work = (other + steps(method, a.iters) * cal.per_weight_step) * u.params * scale
-    return work + max(gptq * u.params * scale, floor)
+    return (other + steps(method, a.iters) * cal.per_weight_step) * u.params * scale + loop
 
 
 def search_s(u: Unit, method: str, job: Job13B, cal: Calibration, w: Where, a: Assume,
@@ -608,7 +668,7 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
     if "uncounted_forwards" not in measured:
         print("  The run predates 2026-12-05's search code (it records no uncounted_forwards): its counts are checked "
               "against that code's, and the job below is modelled with today's, two forwards fewer for learned and best.")
-    print(f"  forwards: capture seconds ({measured['capture']['seconds']:.2f} s) x count; steps: {a.fwd_bwd:g} x a "
+    print(f"  forwards: {cal.forward_from} ({cal.forward:.2f} s) x count; steps: {a.fwd_bwd:g} x a "
           f"forward of one batch. At {a.iters} iters: " + ", ".join(
               f"{m} {evaluations(m, a.iters) + uncounted(m)} forwards + {steps(m, a.iters)} steps" for m in METHODS))
     h100 = GPUS["H100"]
@@ -620,7 +680,8 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
           "overheads (Python, float16 conversions, elementwise kernels far below its bandwidth) over to the GPU. Analytic: "
           "Assume's bytes per weight at the GPU's bandwidth. E.g. learned's soft weights, "
           f"{a.iters} steps of one 13B decoder layer on an H100: {fmt_s(calibrated)} calibrated, {fmt_s(analytic)} "
-          f"analytic; GPTQ's column loop is at least columns x {a.column_launch_s * 1e3:g} ms either way.")
+          f"analytic. GPTQ's column loop: looped columns x {OPS_PER_COLUMN:g} operators x {cal.launch_s * 1e6:.1f} us a "
+          f"launch either way, the launch {cal.launch_from}.")
 
 
 def span(one: float, other: float) -> str:
@@ -710,6 +771,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3, help="quantization.qvlm.max_block_depth (the job's default: 3)")
     parser.add_argument("--efficiency", type=float, default=Assume.efficiency)
     parser.add_argument("--iters", type=int, default=Assume.iters)
+    parser.add_argument("--gptq-columns", type=Path, default=None,
+                        help="bench/gptq_columns.py --json output on a GPU: GPTQ's launch time from it")
     args = parser.parse_args()
     a = replace(Assume(), efficiency=args.efficiency, iters=args.iters)
     measured = json.loads(args.measured.read_text())
@@ -717,6 +780,8 @@ def main() -> None:
     try:
         job = plan_13b(folder, args.workers, args.samples, args.tokens, args.batch, args.depth)
         cal = calibrate(measured, a)
+        if args.gptq_columns:
+            cal = with_measured_launches(cal, json.loads(args.gptq_columns.read_text()))
         units = units_of(job)
         print(f"Every time below is modelled, calibrated by bench/gpu.py's run on {measured['device']} (no job ran on "
               "a GPU); every memory figure is cluster/memory.py's model or an estimate named as one.\n")
