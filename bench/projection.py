@@ -439,14 +439,16 @@ def memory_rows(job: Job13B, gpu: Gpu, method: str) -> tuple[list, str]:
     host = gpu.host // gpu.per_node * len(job.plan.stages)
     try:
         fits = check_memory(job.plan, cal, quant, True, gpu.memory, host)
-        verdict = "accepted: " + ", ".join(f"stage {s} captures on {f.keep_captures}" for s, f in enumerate(fits))
+        words = {"device": "captures on device", "host": "captures on host", "split": "the tower's captures on host"}
+        verdict = "accepted: " + ", ".join(f"stage {s} {words[f.keep_captures]}" for s, f in enumerate(fits))
     except QvlmError as exc:
         fits, verdict = None, f"refused (exit 2): {exc}"
     rows = []
     for s in range(len(job.plan.stages)):
         m = stage_memory(job.plan, s, size, quant)
         where = fits[s].keep_captures if fits else "-"
-        on_gpu = m.total if where == "device" else m.weights + max(m.workspace, m.evaluation)
+        on_gpu = {"device": m.total, "split": replace(m, captures=m.captures - m.tower).total}.get(
+            where, m.weights + max(m.workspace, m.evaluation))
         rows.append([s, len(job.plan.stages[s]), f"{m.weights / GIB:.1f}", f"{m.captures / GIB:.1f}",
                      f"{m.workspace / GIB:.1f}", f"{m.total / GIB:.1f}", where, f"{on_gpu / GIB:.1f}",
                      f"{0.9 * gpu.memory / GIB:.1f}"])
@@ -527,10 +529,10 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
     for s, stage in enumerate(job.plan.stages):
         total = extra = 0.0
         for k in stage:
-            f, st, wk = search_s(units[k], method, job, cal, wheres[s], a, bound)
-            wr = block_write_s(units[k], wheres[s])
+            f, st, wk = search_s(units[k], method, job, cal, wheres[k], a, bound)
+            wr = block_write_s(units[k], wheres[k])
             total += f + st + wk + wr
-            extra += forward_s(units[k], job, wheres[s], a) if method in ("learned", "best") else 0.0
+            extra += forward_s(units[k], job, wheres[k], a) if method in ("learned", "best") else 0.0
             for j, v in enumerate((f, st, wk, wr)):
                 parts[j] += v
         fp.append(total)
@@ -539,22 +541,22 @@ def stage_searches(job: Job13B, method: str, units: list[Unit], cal: Calibration
 
 
 def phases(job: Job13B, method: str, units: list[Unit], cal: Calibration, gpu: Gpu, measured: dict, a: Assume,
-           host_captures: list[bool], bound: str) -> Phases:
+           keep: list[str], bound: str) -> Phases:
     plan = job.plan
     n = len(plan.stages)
     batches = -(-job.samples // job.batch)
-    wheres = [Where(gpu, host_captures[s]) for s in range(n)]
+    wheres = {k: Where(gpu, on_host(keep[s], units[k])) for s in range(n) for k in plan.stages[s]}  # by unit
     per_stage_storage = gpu.storage / gpu.per_node
     load = max(plan.stage_bytes(s) for s in range(n)) / per_stage_storage
     per_batch = [sum(forward_s(units[k], job, Where(gpu, False), a) for k in plan.stages[s]) / batches
-                 + (captured_bytes(job, units, plan.stages[s]) / batches / gpu.pcie if host_captures[s] else 0.0)
+                 + captured_bytes(job, units, plan.stages[s], keep[s]) / batches / gpu.pcie
                  for s in range(n)]
     hop = job.batch * job.tokens * 5120 * 2
     store = min(measured["object_store_gbps"].values()) * GB  # put into the store, get in another process
     crossings = -(-n // gpu.per_node) - 1  # boundaries between nodes (stages fill nodes in order)
     hop_s = hop / store + (hop / gpu.network if crossings else 0.0)
     capture = (batches + n - 1) * max(max(per_batch), hop_s)
-    stats = max(sum(forward_s(units[k], job, wheres[s], a) + units[k].params * a.stats_bytes_per_weight /
+    stats = max(sum(forward_s(units[k], job, wheres[k], a) + units[k].params * a.stats_bytes_per_weight /
                     (gpu.hbm * a.bw_efficiency) for k in plan.stages[s]) for s in range(n))
     fp, quantized, parts = stage_searches(job, method, units, cal, wheres, a, bound)
     carried = batches * hop * ((n - 1) / store + crossings / gpu.network)
@@ -564,10 +566,15 @@ def phases(job: Job13B, method: str, units: list[Unit], cal: Calibration, gpu: G
     return Phases(a.stage_start_s, load, capture, stats, search, export, parts)
 
 
-def captured_bytes(job: Job13B, units: list[Unit], stage) -> int:
-    """What a stage keeps of the capture (each unit's input and the last one's output), float16."""
-    return sum(job.samples * units[k].tokens * units[k].width * 2 for k in stage) + \
-        job.samples * units[stage[-1]].tokens * units[stage[-1]].out_width * 2
+def captured_bytes(job: Job13B, units: list[Unit], stage, keep: str) -> int:
+    """What a stage keeps of the capture in host memory (each unit's input and the last one's output), float16."""
+    kept = sum(job.samples * units[k].tokens * units[k].width * 2 for k in stage if on_host(keep, units[k]))
+    return kept + (job.samples * units[stage[-1]].tokens * units[stage[-1]].out_width * 2 if keep == "host" else 0)
+
+
+def on_host(keep: str, u: Unit) -> bool:
+    """Whether a unit's captures live in host memory, by cluster/memory.py's fit of its stage (``keep``)."""
+    return keep == "host" or (keep == "split" and u.segment != "language")
 
 
 def fmt_s(s: float) -> str:
@@ -708,14 +715,15 @@ def print_units(job: Job13B, units: list[Unit], cal: Calibration, a: Assume) -> 
     print(table(["unit", "linear params M", "TFLOP per forward", "GPU", "one forward", *METHODS], rows))
 
 
-def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[bool]:
-    """Which stages keep their captures in host memory: cluster/memory.py's fit for this GPU and method."""
+def host_captures(job: Job13B, gpu: Gpu, method: str) -> list[str]:
+    """Where each stage keeps its captures ("device", "host", "split"): cluster/memory.py's fit for this GPU and
+    method."""
     from cluster.memory import CalibrationSize, fit, stage_memory
 
     quant = quant_for(method, job.depth)
     size = CalibrationSize(job.samples, job.batch, job.tokens, job.plan.image_tokens)
     return [fit(stage_memory(job.plan, s, size, quant), gpu.memory, gpu.host // gpu.per_node,
-                True).keep_captures == "host" for s in range(len(job.plan.stages))]
+                True).keep_captures for s in range(len(job.plan.stages))]
 
 
 def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, a: Assume) -> None:
@@ -738,7 +746,8 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
                          *(span(analytic.search[p], calibrated.search[p]) for p in PROPAGATIONS),
                          fmt_s(calibrated.export),
                          *(span(analytic.total(p), calibrated.total(p)) for p in PROPAGATIONS),
-                         f"{sum(host)}/{len(host)}", " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
+                         f"{sum(k == 'host' for k in host)}/{len(host)}"
+                         + (f" ({sum(k == 'split' for k in host)} split)" if "split" in host else ""), " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
     print(table(["GPUs", "method", "memory check", "start", "load", "capture", "statistics",
                  *(f"search {p}" for p in PROPAGATIONS),
                  "export", *(f"TOTAL {p}" for p in PROPAGATIONS), "host captures",
@@ -749,7 +758,7 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
           "propagation): each block waits for the quantized output of the block before it in its stream, across stages "
           "too, so the whole model's blocks run one after another (learned and best: one more forward each, as for stage), plus the "
           "carried outputs between stages. Host captures: stages whose captures cluster/memory.py "
-          "puts in host memory; each use moves them over PCIe. load: the largest stage's weights at the node's storage "
+          "puts in host memory (split: only the vision tower's and the projector's); each use moves them over PCIe. load: the largest stage's weights at the node's storage "
           "rate / its GPUs; capture: (batches + stages - 1) x the slowest stage's batch or the hop through the object "
           "store (bench/gpu.py's put and get), whichever is slower; export: the unquantized tensors read and written once.")
     if refusals:

@@ -16,9 +16,10 @@ on, runs before the searches beside the captures: each stage keeps one batch's g
 first stage also the tower's trainable quantizers and one batch's logits with their gradient (qvlm/veo.py), and
 in host memory the full-precision logits of every calibration batch (``StageMemory.host``).
 
-With a GPU the captures stay on the GPU when everything fits there, else in the worker's host memory (moved to
-the GPU one batch at a time); the weights and the workspace must fit the GPU. Without a GPU everything is in
-host memory.
+With a GPU the captures stay on the GPU when everything fits there; else, in a stage that holds the vision tower
+and language layers, the tower's (and the projector's) go to the worker's host memory when that is enough; else
+all of them (moved to the GPU one batch at a time). The weights and the workspace must fit the GPU. Without a GPU
+everything is in host memory.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class StageMemory:
     evaluation: int = 0  # after the searches, when the captures are gone
     veo: int = 0  # before the searches, beside the captures
     host: int = 0  # kept in host memory whatever the device: VEO's full-precision logits (first stage)
+    tower: int = 0  # the captures of the stage's vision and projector units when it has language units too
 
     @property
     def total(self) -> int:
@@ -222,16 +224,28 @@ def carried_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     return max(size.samples * unit_tokens(u, size) * _unit_width(plan, u) for u in units) * plan.weight_element_bytes
 
 
+def tower_capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
+    """The inputs captured for the stage's vision and projector units, when the stage also holds language units
+    (what a ``split`` stage keeps in host memory; its last unit, whose output is kept too, is a language one)."""
+    units = [plan.units[i] for i in plan.stages[stage]]
+    tower = [u for u in units if u.segment != "language"]
+    if len(tower) in (0, len(units)):
+        return 0
+    return sum(size.samples * unit_tokens(u, size) * _unit_width(plan, u) for u in tower) * plan.weight_element_bytes
+
+
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     captures = capture_bytes(plan, stage, size) + carried_bytes(plan, stage, size, quant)
     return StageMemory(plan.stage_bytes(stage), captures,
                        workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size),
-                       veo_bytes(plan, stage, size, quant), veo_host_bytes(plan, stage, size, quant))
+                       veo_bytes(plan, stage, size, quant), veo_host_bytes(plan, stage, size, quant),
+                       tower_capture_bytes(plan, stage, size))
 
 
 @dataclass(frozen=True)
 class Fit:
-    """Where a stage keeps its captures ("device" or "host"), or None when the stage does not fit."""
+    """Where a stage keeps its captures ("device", "host", or "split": the vision tower's and the projector's in host
+    memory and the language units' on the device), or None when the stage does not fit."""
 
     keep_captures: str | None
     need_device: int  # bytes the stage needs on its device (GPU, or host memory without a GPU)
@@ -249,6 +263,9 @@ def fit(memory: StageMemory, device_bytes: int | None, host_bytes: int | None, g
         return Fit("device" if room(host_bytes, need) else None, need, need)
     if room(device_bytes, memory.total) and room(host_bytes, memory.host):
         return Fit("device", memory.total, memory.host)
+    split = replace(memory, captures=memory.captures - memory.tower)
+    if memory.tower and room(device_bytes, split.total) and room(host_bytes, memory.tower + memory.host):
+        return Fit("split", split.total, memory.tower + memory.host)
     on_device = memory.weights + max(memory.workspace, memory.veo, memory.evaluation)
     if room(device_bytes, on_device) and room(host_bytes, memory.captures + memory.host):
         return Fit("host", on_device, memory.captures + memory.host)

@@ -5,7 +5,8 @@ its last unit; a later stage calls its units directly on the call handed over by
 one layer list takes the same extra arguments). A stage computes its units' statistics and searches the blocks
 that lie inside it with the weights and captured inputs it already holds; only the hidden states at its
 boundaries leave it. Computation runs on ``device``; captures are kept on ``keep_on`` (the device itself, or
-host memory when they do not fit) and moved one calibration batch at a time.
+host memory when they do not fit; or the vision tower's alone in host memory) and moved one calibration batch at a
+time.
 
 A one-process run is one stage that owns every unit (``qvlm.driver.quantize``); a job has one per worker.
 """
@@ -90,6 +91,7 @@ class Stage:
         self.model, self.units, self.first = model.eval(), list(units), first
         self.device = torch.device(device)
         self.keep_on = torch.device(keep_on) if keep_on is not None else self.device
+        self._on_host: set[int] = set()  # units whose captures stay in host memory though keep_on is the device
         to_device(self.model, self.device)
         self.captures = {u.index: UnitCapture(u) for u in self.units}
         self.results: dict[int, BlockResult] = {}  # searched or loaded blocks, by block index
@@ -101,9 +103,18 @@ class Stage:
         self._veo: StageVeo | None = None  # visual-encoder optimisation's state, while it runs
 
     def keep_captures_on(self, where: str) -> None:
-        """Keep what is captured from now on on the stage's ``device`` or in ``host`` memory (when it does not
-        fit the GPU: each batch then moves to the device when it is used)."""
-        self.keep_on = self.device if where == "device" else torch.device("cpu")
+        """Keep what is captured from now on on the stage's ``device``, in ``host`` memory (when it does not fit
+        the GPU: each batch then moves to the device when it is used), or ``split``: the vision tower's and the
+        projector's in host memory, the language units' on the device (cluster/memory.py's fit)."""
+        self.keep_on = self.device if where in ("device", "split") else torch.device("cpu")
+        self._on_host = {u.index for u in self.units if u.segment != "language"} if where == "split" else set()
+
+    def keeps_on_host(self) -> bool:
+        return self.keep_on.type == "cpu" or bool(self._on_host)
+
+    def _keep_for(self, unit_index: int) -> torch.device:
+        """Where a unit's captures, and a block's input and output starting or ending at it, are kept."""
+        return torch.device("cpu") if unit_index in self._on_host else self.keep_on
 
     def module(self, unit_index: int) -> nn.Module:
         return self.model.get_submodule(self.captures[unit_index].unit.name)
@@ -122,11 +133,12 @@ class Stage:
         else:
             item = item.to(self.device)
             new = self._run_units(item)
-        memo: dict = {}  # one kept copy of a tensor that is both an output and the next unit's input
+        memos: dict = {}  # per place, one kept copy of a tensor that is both an output and the next unit's input
         for cap in new:
-            mine = self.captures[cap.unit.index]
-            mine.calls += [c.to(self.keep_on, memo) for c in cap.calls]
-            mine.outputs += [move(o, self.keep_on, memo) for o in cap.outputs]
+            mine, place = self.captures[cap.unit.index], self._keep_for(cap.unit.index)
+            memo = memos.setdefault(place, {})
+            mine.calls += [c.to(place, memo) for c in cap.calls]
+            mine.outputs += [move(o, place, memo) for o in cap.outputs]
         last = self.captures[self.units[-1].index]
         return item.with_hidden(last.outputs[-1]) if hand_over else None
 
@@ -184,7 +196,7 @@ class Stage:
         With ``needs_out`` the block's quantized output is carried to the next block."""
         inputs = {"captured": None, "carried": self._carried, "upstream": upstream}[source]
         if inputs is not None:
-            inputs = [move(h, self.keep_on) for h in inputs]
+            inputs = [move(h, self._keep_for(job.units[0])) for h in inputs]
         if done:
             if needs_out:
                 self.results[job.index] = self.load_result(job)
@@ -197,7 +209,7 @@ class Stage:
             result, outputs = search_block(data, config.search_config()), None
         self.results[job.index] = result
         self.keep_result(job, result, config)
-        self._carried = None if outputs is None else [move(o, self.keep_on) for o in outputs]
+        self._carried = None if outputs is None else [move(o, self._keep_for(job.units[-1])) for o in outputs]
         return summary_of(job.index, result)
 
     def carried(self) -> list[torch.Tensor] | None:
@@ -217,7 +229,7 @@ class Stage:
     def block_outputs(self, job: BlockJob, config: QuantConfig, inputs: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """The block's quantized output per batch (kept where the captures are)."""
         data = self.block_data(job, config, inputs)
-        return [move(o, self.keep_on) for o in quantized_block_outputs(data, self.results[job.index])]
+        return [move(o, self._keep_for(job.units[-1])) for o in quantized_block_outputs(data, self.results[job.index])]
 
     def apply(self, results: Sequence[BlockResult], act) -> None:
         """Run this stage's model with the given blocks' quantizers from here on (fake-quant linears)."""

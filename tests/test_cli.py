@@ -89,6 +89,32 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused_saying_what_would(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_stage_with_the_tower_and_language_layers_keeps_only_the_towers_captures_in_host_memory(tmp_path,
+                                                                                                    tiny_llava_dir):
+    """The first stage of the bundled plan holds the vision tower, the projector and a language layer. When its
+    captures fit its GPU only without the tower's, the tower's go to host memory and the rest stay ("split");
+    with less GPU memory all go; a stage of language layers alone is never split."""
+    from dataclasses import replace
+
+    from cluster.memory import HEADROOM, calibration_size, fit, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+
+    job = load_job(_job(tmp_path, tiny_llava_dir)).compile()
+    plan = inspect_model(job)[0]
+    size = calibration_size(plan, job.calibration)
+    first, last = stage_memory(plan, 0, size, job.quant), stage_memory(plan, len(plan.stages) - 1, size, job.quant)
+    assert {plan.units[i].segment for i in plan.stages[0]} == {"vision", "projector", "language"}
+    assert 0 < first.tower < first.captures and last.tower == 0
+    split = replace(first, captures=first.captures - first.tower)
+    assert fit(first, int(first.total / HEADROOM) + 1, None, True).keep_captures == "device"
+    between = fit(first, int((split.total + first.total) / 2 / HEADROOM), None, True)
+    assert (between.keep_captures, between.need_device, between.need_host) == ("split", split.total, first.tower)
+    assert fit(first, int(split.total / HEADROOM) - 1, None, True).keep_captures == "host"
+    assert fit(first, None, int(split.total / HEADROOM) + 1, False).keep_captures is None  # no GPU: all on the host
+    assert fit(last, int(last.total / HEADROOM) - 1, None, True).keep_captures == "host"
+
+
 def test_a_search_that_fits_only_with_shallower_blocks_is_refused_naming_the_depth(tmp_path, tiny_llava_dir):
     """Learned rounding's state grows with the weights of a block; when blocks of one unit fit and blocks of three
     do not, the refusal names the depth that would fit, and that depth is accepted."""

@@ -68,6 +68,39 @@ def test_everything_a_stage_touches_is_on_its_device(tiny_llama_dir, device, kee
     assert {t.device for t in stage.carried() or []} <= {stage.keep_on}
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_split_stage_keeps_the_towers_captures_in_host_memory_and_the_rest_where_it_computes(tiny_llava_dir,
+                                                                                              device):
+    """cluster/memory.py's "split": the vision tower's and the projector's captures in host memory, the language
+    layers' on the stage's device (on the CPU both are host memory); each block's result is the one a stage that
+    keeps every capture on its device finds."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = QuantConfig(search="clip", epochs=1)
+    found = {}
+    for keep in ("split", "device"):
+        model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+        layout = layout_of(model, config)
+        stage = Stage(model, layout.units, first=True, device=compute_device([0] if device == "cuda" else []))
+        stage.keep_captures_on(keep)
+        for batch in calibration_batches(tiny_llava_dir, CAL):
+            stage.capture(batch, hand_over=False)
+        for u in layout.units:
+            kept = _tensors(stage.captures[u.index].calls) + _tensors(stage.captures[u.index].outputs)
+            host = keep == "split" and u.segment != "language"
+            assert kept and {t.device for t in kept} == {torch.device("cpu") if host else stage.device}, u.name
+        schemes = {u.linear_name(n): config.weights for u in layout.units for n in u.linears}
+        jobs = block_jobs([Block(i, 0, (u.index,)) for i, u in enumerate(layout.units)], layout, schemes)
+        for job in jobs:
+            stage.search_block(job, config)
+        found[keep] = [(lin.name, lin.weight.qweight.cpu(), r.error_after) for r in stage.results.values()
+                       for lin in r.linears]
+    assert {u.segment for u in layout.units} == {"vision", "projector", "language"}
+    assert len(found["split"]) == len(found["device"])
+    for (name, q, error), (name_d, q_d, error_d) in zip(found["split"], found["device"]):
+        assert name == name_d and torch.equal(q, q_d) and error == error_d
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.timeout(900)

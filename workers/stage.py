@@ -87,7 +87,7 @@ class StageWorker(Stage):
 
     def capture(self, item: int | Any, hand_over: bool = True) -> Any:
         fault_point("capture")  # a test hook; off unless QVLM_TEST_FAULTS is set
-        arrived = self.batches[item] if isinstance(item, int) else unpack(item, owned=self.keep_on.type == "cpu")
+        arrived = self.batches[item] if isinstance(item, int) else unpack(item, owned=self.keeps_on_host())
         return self._send(super().capture(arrived, hand_over))
 
     def carried(self) -> Any:
