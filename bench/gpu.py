@@ -130,7 +130,8 @@ def _job(stage, scheme):
     from qvlm.method import Block, block_jobs
 
     unit = stage.units[0]
-    return block_jobs([Block(0, 0, (unit.index,))], _layout(stage), {unit.linear_name(n): scheme for n in unit.linears})[0]
+    schemes = {unit.linear_name(n): scheme for n in unit.linears}
+    return block_jobs([Block(0, 0, (unit.index,))], _layout(stage), schemes)[0]
 
 
 def _layout(stage):

@@ -687,8 +687,8 @@ def print_counts(cal: Calibration, measured: dict, a: Assume) -> None:
           "overheads (Python, float16 conversions, elementwise kernels far below its bandwidth) over to the GPU. Analytic: "
           "Assume's bytes per weight at the GPU's bandwidth. E.g. learned's soft weights, "
           f"{a.iters} steps of one 13B decoder layer on an H100: {fmt_s(calibrated)} calibrated, {fmt_s(analytic)} "
-          f"analytic. GPTQ's column loop: looped columns x {OPS_PER_COLUMN:g} operators x {cal.launch_s * 1e6:.1f} us a "
-          f"launch either way, the launch {cal.launch_from}.")
+          f"analytic. GPTQ's column loop: looped columns x {OPS_PER_COLUMN:g} operators x {cal.launch_s * 1e6:.1f} "
+          f"us a launch either way, the launch {cal.launch_from}.")
 
 
 def span(one: float, other: float) -> str:
@@ -747,7 +747,8 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
                          fmt_s(calibrated.export),
                          *(span(analytic.total(p), calibrated.total(p)) for p in PROPAGATIONS),
                          f"{sum(k == 'host' for k in host)}/{len(host)}"
-                         + (f" ({sum(k == 'split' for k in host)} split)" if "split" in host else ""), " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
+                         + (f" ({sum(k == 'split' for k in host)} split)" if "split" in host else ""),
+                         " / ".join(f"{v / sum(parts):.0%}" for v in parts)])
     print(table(["GPUs", "method", "memory check", "start", "load", "capture", "statistics",
                  *(f"search {p}" for p in PROPAGATIONS),
                  "export", *(f"TOTAL {p}" for p in PROPAGATIONS), "host captures",
@@ -758,7 +759,8 @@ def print_job(job: Job13B, units: list[Unit], cal: Calibration, measured: dict, 
           "propagation): each block waits for the quantized output of the block before it in its stream, across stages "
           "too, so the whole model's blocks run one after another (learned and best: one more forward each, as for stage), plus the "
           "carried outputs between stages. Host captures: stages whose captures cluster/memory.py "
-          "puts in host memory (split: only the vision tower's and the projector's); each use moves them over PCIe. load: the largest stage's weights at the node's storage "
+          "puts in host memory (split: only the vision tower's and the projector's); each use moves them over PCIe. "
+          "load: the largest stage's weights at the node's storage "
           "rate / its GPUs; capture: (batches + stages - 1) x the slowest stage's batch or the hop through the object "
           "store (bench/gpu.py's put and get), whichever is slower; export: the unquantized tensors read and written once.")
     if refusals:

@@ -237,7 +237,8 @@ def test_a_singular_hessian_with_no_damping_fails_after_the_retries():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, True), WeightScheme(4, 128, False), WeightScheme(3, -1, True)], ids=str)
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64, True), WeightScheme(4, 128, False), WeightScheme(3, -1, True)],
+                         ids=str)
 def test_linears_that_read_one_input_get_in_one_loop_what_each_gets_alone(dtype, act_order, scheme):
     """q/k/v share their Hessian: quantized in one column loop over their rows, each gets the integers and qparams
     it gets alone (every step of GPTQ is per row given the Hessian), and a dead input stays dead in all three."""
