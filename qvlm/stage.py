@@ -110,6 +110,8 @@ class Stage:
         self._on_host = {u.index for u in self.units if u.segment != "language"} if where == "split" else set()
 
     def keeps_on_host(self) -> bool:
+        """Whether any capture lives in host memory (then a hidden state arriving from another stage is copied
+        out of the object store rather than kept as a view of it)."""
         return self.keep_on.type == "cpu" or bool(self._on_host)
 
     def _keep_for(self, unit_index: int) -> torch.device:
@@ -174,7 +176,8 @@ class Stage:
             prev_rows = rows.get(prev)
             if prev_rows is None:
                 prev_rows = unit_rows([k.hidden for k in cap.calls], [k.mask for k in cap.calls], max_rows)
-            deps[i] = pair_dependency(prev_rows, rows[i], bits[prev], bits[i])
+            # a split stage keeps the tower's rows in host memory; a stream is computed where its later unit's are
+            deps[i] = pair_dependency(prev_rows.to(rows[i].device), rows[i], bits[prev], bits[i])
         return entropy, deps
 
     # --- search -----------------------------------------------------------------------------------------
