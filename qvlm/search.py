@@ -307,7 +307,8 @@ def search_best(data: BlockData, cfg: SearchConfig) -> _Found:
     errors = {"rtn": _weights_error(ws, found["rtn"])}
     found["gptq"], errors["gptq"] = gptq_weights(ws, cfg, cfg.shrinks)  # its last forward leaves ws.outputs
     start = min(("rtn", "gptq"), key=lambda k: (errors[k], k != "rtn"))
-    learned = learn_rounding(ws, cfg, starts=found[start], known=Measured(found[start], errors[start], start == "gptq"))
+    known = Measured(found[start], errors[start], start == "gptq")
+    learned = learn_rounding(ws, cfg, starts=found[start], known=known)
     found["learned"], errors["learned"] = learned.weights, learned.error
     chosen = min(found, key=lambda k: errors[k])  # each candidate's error was measured with its weights in place
     outputs = _kept_outputs(ws, found[chosen], learned.fresh and found[chosen] is learned.weights)
@@ -340,11 +341,10 @@ def gptq_weights(ws: _Workspace, cfg: SearchConfig,
             for r in group:
                 by_scheme.setdefault(data.schemes[f"{name}.{r}"], []).append(f"{name}.{r}")
             for scheme, names in by_scheme.items():
-                found = gptq_quantize_shared([ws.fp_weight[n] for n in names], h, scheme, cfg.damp,
-                                             act_order=cfg.act_order, shrinks=shrinks)
-                for n, qw in zip(names, found):
-                    weights[n] = qw
-                    ws.fq[n].weight.data = qw.dequantize().to(ws.fq[n].weight.dtype)
+                found = dict(zip(names, gptq_quantize_shared([ws.fp_weight[n] for n in names], h, scheme, cfg.damp,
+                                                             act_order=cfg.act_order, shrinks=shrinks)))
+                weights.update(found)
+                _set_weights(ws, found)
         with torch.no_grad():
             outputs.append([call_unit(ws.units[u], c) for c in calls])
     ws.evaluations += 1  # the pass run_from would have made
