@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvlm.quant import ActRange, ActScheme, fake_quantize_activation
+from qvlm.quant import ActRange, ActScheme, QuantizedWeight, fake_quantize_activation
 
 
 class FakeQuantLinear(nn.Linear):
-    """Same parameters and state-dict keys as the linear it replaces; ``weight`` holds the dequantized weight.
-
-    ``weight_fn``, when set, supplies the weight at each call (learned rounding trains through it).
+    """Same parameters and state-dict keys as the linear it replaces. The weight it runs with is, first that is
+    set: ``weight_fn()`` (learned rounding trains through it), ``quantized`` dequantized at each call (a search's
+    workspace holds its candidates so, one byte a weight, instead of a dense copy of each), else ``weight``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
@@ -22,18 +22,27 @@ class FakeQuantLinear(nn.Linear):
         self.act_scheme = ActScheme()
         self.act_range: ActRange | None = None
         self.weight_fn: Callable[[], torch.Tensor] | None = None
+        self.quantized: QuantizedWeight | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FakeQuantLinear":
+    def from_linear(cls, linear: nn.Linear, share: bool = False) -> "FakeQuantLinear":
+        """A fake-quant linear with a clone of ``linear``'s weight and bias, or with ``share`` the same storage
+        (for a caller that never writes ``weight``: it runs with ``quantized`` or ``weight_fn``)."""
         fq = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        fq.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        own = (lambda t: t.detach()) if share else (lambda t: t.detach().clone())
+        fq.weight = nn.Parameter(own(linear.weight), requires_grad=False)
         if linear.bias is not None:
-            fq.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            fq.bias = nn.Parameter(own(linear.bias), requires_grad=False)
         return fq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = fake_quantize_activation(x, self.act_scheme, self.act_range)
-        weight = self.weight if self.weight_fn is None else self.weight_fn()
+        if self.weight_fn is not None:
+            weight = self.weight_fn()
+        elif self.quantized is not None:
+            weight = self.quantized.dequantize()
+        else:
+            weight = self.weight
         return F.linear(x, weight, self.bias)
 
 

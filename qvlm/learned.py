@@ -183,12 +183,11 @@ class _Best:
         self.error, self.weights, self.fresh = float("inf"), {}, False
 
     def offer(self, ws, rounding: dict) -> None:
-        # Each soft weight is computed once for the pass over every batch, not once a batch: it goes into the
-        # workspace's dequantized copy (unused while training), its value exactly the exported weight's.
-        with torch.no_grad():
-            for n, r in rounding.items():
-                ws.fq[n].weight.data.copy_(r.soft_weight())
-                ws.fq[n].weight_fn = None
+        # The pass over every batch runs with each linear's integers, made once for it (not a soft weight a
+        # batch): their dequantized value is exactly the soft weight's.
+        weights = {n: r.finalize() for n, r in rounding.items()}
+        for n, qw in weights.items():
+            ws.fq[n].quantized, ws.fq[n].weight_fn = qw, None
         try:
             error = ws.refresh()
         finally:
@@ -196,8 +195,7 @@ class _Best:
                 ws.fq[n].weight_fn = r.soft_weight
         self.fresh = error < self.error  # ws.outputs now hold this offer's outputs, kept or not
         if self.fresh:
-            self.error = error
-            self.weights = {n: r.finalize() for n, r in rounding.items()}
+            self.error, self.weights = error, weights
 
     def take_known(self, known: Measured | None, rounding: dict) -> bool:
         """Take ``known`` as the start's offer if the untrained quantizers give exactly its weights."""

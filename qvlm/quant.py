@@ -179,10 +179,21 @@ class QuantizedWeight:
     scheme: WeightScheme
 
     def dequantize(self) -> torch.Tensor:
-        q = grouped(self.qweight.to(self.scale.dtype), self.scheme.group_size)
+        """The weight in the scale's dtype; one tensor of that size is made (the zero and scale go in place), since
+        a search's fake-quant linears dequantize at every call (``FakeQuantLinear.quantized``)."""
+        w = self.qweight.to(self.scale.dtype)
+        q = grouped(w, self.scheme.group_size)
         if self.zero is not None:
-            q = q - self.zero.to(self.scale.dtype).unsqueeze(-1)
-        return (q * self.scale.unsqueeze(-1)).reshape(self.qweight.shape)
+            q.sub_(self.zero.to(self.scale.dtype).unsqueeze(-1))
+        q.mul_(self.scale.unsqueeze(-1))
+        return w
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with its tensors on ``device`` (itself when they are there already)."""
+        if self.qweight.device == torch.device(device):
+            return self
+        zero = None if self.zero is None else self.zero.to(device)
+        return QuantizedWeight(self.qweight.to(device), self.scale.to(device), zero, self.scheme)
 
 
 def quantize_with_qparams(

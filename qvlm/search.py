@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qvlm.capture import UnitCall, call_unit, capture_linear_inputs, shared_input_groups, valid_rows
-from qvlm.fakequant import FakeQuantLinear, swap_in_fake_quant
+from qvlm.fakequant import FakeQuantLinear, put_modules
 from qvlm.quant import (SHRINK_GRID, ActRange, ActScheme, QuantizedWeight, WeightScheme, calibrate_act_range,
                         quantize_clipped, quantize_weight)
 
@@ -100,8 +100,9 @@ class _Found:
 class _Workspace:
     """Copies of the block's units with fake-quant linears, and the cached outputs of each unit.
 
-    The full-precision weights are the caller's own tensors, read and never written: the workspace adds one
-    copy of the block's target weights (the fake-quant linears' dequantized weights), not three."""
+    The full-precision weights are the caller's own tensors, read and never written. The fake-quant linears run
+    with the integer weights put in them (``FakeQuantLinear.quantized``, dequantized one linear at a time as the
+    forward reaches it), so the workspace holds no dense copy of the block's weights."""
 
     def __init__(self, data: BlockData):
         self.data = data
@@ -145,14 +146,12 @@ class _Workspace:
 
 
 def _fake_quant_copy(module: nn.Module, linears: Sequence[str]) -> tuple[nn.Module, dict[str, FakeQuantLinear]]:
-    """A copy of ``module`` with the named linears swapped for fake-quant ones that own a clone of their weight.
-    The deep copy skips those weights (the swap clones each once), so a wide layer is not copied twice."""
+    """A copy of ``module`` with the named linears swapped for fake-quant ones that read the caller's weights
+    (the deep copy skips them): whatever the search puts in place goes to ``quantized``, never to ``weight``."""
     originals = [module.get_submodule(r).weight for r in linears]
     unit = copy.deepcopy(module, {id(w): w for w in originals})
-    fqs = swap_in_fake_quant(unit, list(linears))
-    for fq in fqs.values():
-        if any(fq.weight is w for w in originals):  # the unit already held fake-quant linears: nothing was cloned
-            fq.weight = nn.Parameter(fq.weight.detach().clone(), requires_grad=False)
+    fqs = {r: FakeQuantLinear.from_linear(unit.get_submodule(r), share=True) for r in linears}
+    put_modules(unit, fqs)
     return unit.requires_grad_(False), fqs
 
 
@@ -204,7 +203,7 @@ class _Candidates:
     def apply(self, name: str, wp: float | None, ap: float | None) -> None:
         fq = self.ws.fq[name]
         if wp is not None:
-            fq.weight.data = self.weight(name, wp).dequantize().to(fq.weight.dtype)
+            fq.quantized = self.weight(name, wp)
         fq.act_scheme = self.data.act
         fq.act_range = self.act_range(name, ap) if ap is not None else None
 
@@ -353,7 +352,7 @@ def gptq_weights(ws: _Workspace, cfg: SearchConfig,
 
 def _set_weights(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> None:
     for n, qw in weights.items():
-        ws.fq[n].weight.data = qw.dequantize().to(ws.fq[n].weight.dtype)
+        ws.fq[n].quantized = qw
 
 
 def _weights_error(ws: _Workspace, weights: dict[str, QuantizedWeight]) -> float:
@@ -525,7 +524,7 @@ def _fallback(data: BlockData, cfg: SearchConfig, failed: _Found | None) -> _Fou
 def quantized_block_outputs(data: BlockData, result: BlockResult) -> list[torch.Tensor]:
     """The block's output per batch with ``result`` applied (the next block's input under Eq. 3 propagation)."""
     ws = _Workspace(data)
-    apply_linear_results(ws.fq, result.linears, data.act)
+    apply_linear_results(ws.fq, result.linears, data.act, dense=False)
     return ws.run_from(0)[-1]
 
 
@@ -542,10 +541,16 @@ def linear_tensors(results: Sequence[LinearResult]) -> dict[str, torch.Tensor]:
     return out
 
 
-def apply_linear_results(fq_by_name: dict[str, FakeQuantLinear], results: Sequence[LinearResult], act: ActScheme) -> None:
+def apply_linear_results(fq_by_name: dict[str, FakeQuantLinear], results: Sequence[LinearResult], act: ActScheme,
+                         dense: bool = True) -> None:
+    """Put ``results`` in their fake-quant linears: the dequantized weight in ``weight`` or, unless ``dense``, the
+    integers in ``quantized`` (a search's workspace, whose ``weight`` is the caller's)."""
     for r in results:  # results read back from storage are on the CPU: each goes to its module's device
         fq = fq_by_name[r.name]
         device = fq.weight.device
-        fq.weight.data = r.weight.dequantize().to(device, fq.weight.dtype)
+        if dense:
+            fq.weight.data = r.weight.dequantize().to(device, fq.weight.dtype)
+        else:
+            fq.quantized = r.weight.to(device)
         fq.act_scheme = act
         fq.act_range = None if r.act_range is None else ActRange(r.act_range.lo.to(device), r.act_range.hi.to(device))

@@ -48,16 +48,23 @@ def test_search_result_reproduces_its_error(llava, llava_batches):
     assert block_error(outs, data.targets, data.calls[-1]) == pytest.approx(result.error_after, rel=1e-9)
 
 
-def test_search_is_deterministic_and_leaves_the_model_alone(llava, llava_batches):
+@pytest.mark.parametrize("method", ["rtn", "clip", "gptq", "learned", "best"])
+def test_search_is_deterministic_and_leaves_the_model_alone(llava, llava_batches, method):
+    """The workspace's fake-quant linears read the model's own weights: no search, nor the output it hands on,
+    writes them (nor their requires_grad)."""
+    from qvlm.search import search_block_with_outputs
+
     model, _ = llava
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
     data = _block(model, llava_batches, "language", A4)
-    a = search_block(data, SearchConfig("learned", iters=30, seed=3))
-    b = search_block(data, SearchConfig("learned", iters=30, seed=3))
+    a, _ = search_block_with_outputs(data, SearchConfig(method, iters=30, seed=3))
+    b = search_block(data, SearchConfig(method, iters=30, seed=3))
     for x, y in zip(a.linears, b.linears):
         assert torch.equal(x.weight.qweight, y.weight.qweight) and torch.equal(x.weight.scale, y.weight.scale)
     assert a.error_after == b.error_after
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert grads == {k: p.requires_grad for k, p in model.named_parameters()}
 
 
 def test_gptq_block_beats_rtn(llava, llava_batches):
