@@ -23,8 +23,9 @@ worked out by hand: per boundary, every batch's hidden state with its extra argu
 process as the stage actor runs it (``qvlm.stage.Stage`` on a ``ModelShard`` of its units, the method's own
 sequence through ``qvlm.method.run_method``), with the process's peak RSS reset (``/proc/self/clear_refs``)
 before and read after each step: load, each capture batch, statistics, dependencies, each block search and
-each block's quantized output. It lacks what only the actor does (packing the hand-over for the object store,
-writing each block's file).
+each block's quantized output. As the actor does once a block's file is written, it lets each block's integers go
+after its search; it lacks the rest of what only the actor does (packing the hand-over for the object store, writing
+the file). Last, the stage's peak over every step, above the runtime baseline, against its weights and captures.
 """
 
 from __future__ import annotations
@@ -228,6 +229,7 @@ def _profiled_stage(meter: PhaseMeter):
 
         def search_block(self, job, config, source="captured", upstream=None, needs_out=False, done=False):
             out = super().search_block(job, config, source, upstream, needs_out, done)
+            self.results.clear()  # as workers/stage.py: the integers are in the block's file
             meter.mark(f"block {job.index}: search" + (" + quantized output" if needs_out else ""))
             return out
 
@@ -280,6 +282,11 @@ def run_profile(model_dir: Path, cal: CalibrationSettings, workers: int, baselin
         out.append([label, f"{peak / MIB:.0f}", f"{(peak - before) / MIB:+.0f}", f"{now / MIB:.0f}"])
         before = now
     print(table(["step", "peak RSS MiB", "peak - RSS before MiB", "RSS after MiB"], out))
+    captures = modelled(model_dir, cal, workers)[1][0].captures
+    peak = max(peak for _, peak, _ in rows)
+    print(f"stage peak {peak / MIB:.0f} MiB; above the baseline {(peak - baseline) / MIB:.0f} MiB = "
+          f"{(peak - baseline) / (weights + captures):.2f} x (weights {weights / MIB:.0f} + captures "
+          f"{captures / MIB:.0f} MiB, cluster/memory.py at {cal.samples} x {cal.max_length}). Target (issue 16): <= 1.3.")
 
 
 # --- the runs ---------------------------------------------------------------------------------------------
