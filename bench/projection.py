@@ -109,6 +109,9 @@ class Assume:
     analytic_bytes_gptq: float = 170.0
     analytic_bytes_best: float = 3300.0
     analytic_bytes_step: float = 128.0
+    # A search's fake-quant linears dequantize their integers at every batch of a forward (since 2026-12-05, instead
+    # of holding a dense copy): int8 read, the weight written, then scaled in place (read + written), in float16.
+    dequant_bytes: float = 7.0
 
 
 # ---- 1. the plan: a header-only LLaVA-1.5-13B through the product's make_plan ------------------------------------
@@ -412,9 +415,10 @@ def weight_work_s(u: Unit, method: str, cal: Calibration, w: Where, a: Assume, b
 def search_s(u: Unit, method: str, job: Job13B, cal: Calibration, w: Where, a: Assume,
              bound: str = "calibrated") -> tuple[float, float, float]:
     """(forwards, learned steps, weight work) of one unit's search, seconds."""
-    f = forward_s(u, job, w, a)
-    fwd = (evaluations(method, a.iters) + uncounted(method)) * f
     batches = -(-job.samples // job.batch)
+    f = forward_s(u, job, w, a)  # a learned step runs with the soft weights, made once a step
+    dequant = batches * u.params * a.dequant_bytes / (w.gpu.hbm * a.bw_efficiency)
+    fwd = (evaluations(method, a.iters) + uncounted(method)) * (f + dequant)
     step = steps(method, a.iters) * (a.fwd_bwd * f / batches + (2 * job.batch * u.tokens * u.width * 2 / w.gpu.pcie
                                                                  if w.host_captures else 0.0))
     return fwd, step, weight_work_s(u, method, cal, w, a, bound)
