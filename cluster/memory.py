@@ -83,12 +83,13 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 # Bytes a block search holds per weight element of the block, besides the stage's own weights: measured on the CPU
 # with bench/gpu.py on one decoder layer of 51M weights in float32 and in bfloat16, the larger of the two
 # (BENCHMARKS.md, "Search workspace per weight"); "plain" was raised to what clip took on an H200 at LLaVA-13B's
-# layer (12, BENCHMARKS.md, "One 13B layer on an H200"), and lowered by the 4 bytes that clip's workspace lost in
-# both dtypes on the CPU when the fake-quant linears stopped holding a dense copy ("No dense copy in the search
-# workspace"). "plain" (rtn, clip, gptq): the int8 candidates, one linear's weight dequantized as the forward
-# reaches it and the quantizer's temporaries; "learned": also its float32 rounding offsets and their gradients,
-# the int8 best-so-far and one linear's soft weight recomputed in the backward.
-SEARCH_BYTES_PER_WEIGHT = {"plain": 8, "learned": 20}
+# layer (12, BENCHMARKS.md, "One 13B layer on an H200"). Both were lowered when the fake-quant linears stopped
+# holding a dense copy (BENCHMARKS.md, "No dense copy in the search workspace") by what the CPU measured them to
+# lose in both dtypes: clip 4.0-4.2 bytes a weight, learned 1.7-3.1 (2 taken). "plain" (rtn, clip, gptq): the
+# int8 candidates, one linear's weight dequantized as the forward reaches it and the quantizer's temporaries;
+# "learned": also its float32 rounding offsets and their gradients, the int8 best-so-far and one linear's soft
+# weight recomputed in the backward.
+SEARCH_BYTES_PER_WEIGHT = {"plain": 8, "learned": 22}
 # `best` runs its candidates one after another (qvlm.search.search_best): clipped RTN, then GPTQ with the RTN
 # candidate kept (its int8 codes), then learned rounding with both kept and its int16 shifts from the GPTQ start.
 # Its peak is the larger of its GPTQ and learned phases plus what each keeps, not their sum.
