@@ -48,6 +48,20 @@ def test_search_result_reproduces_its_error(llava, llava_batches):
     assert block_error(outs, data.targets, data.calls[-1]) == pytest.approx(result.error_after, rel=1e-9)
 
 
+def test_the_search_workspace_reads_the_blocks_own_weights_and_holds_integers(llava, llava_batches):
+    """A block search adds no dense copy of the block's weights (605 MiB for a 13B layer in float16): the
+    workspace's fake-quant linears read the model's own weight tensors and run with int8 weights put in them."""
+    from qvlm.search import _start
+
+    model, _ = llava
+    data = _block(model, llava_batches, "language", ActScheme())
+    ws = _start(data, SearchConfig("rtn"))[0]
+    for name, fq in ws.fq.items():
+        own = model.get_submodule(name).weight
+        assert fq.weight.untyped_storage().data_ptr() == own.untyped_storage().data_ptr(), name
+        assert fq.quantized is not None and fq.quantized.qweight.dtype == torch.int8, name
+
+
 @pytest.mark.parametrize("method", ["rtn", "clip", "gptq", "learned", "best"])
 def test_search_is_deterministic_and_leaves_the_model_alone(llava, llava_batches, method):
     """The workspace's fake-quant linears read the model's own weights: no search, nor the output it hands on,
