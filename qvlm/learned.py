@@ -34,6 +34,8 @@ from qvlm.quant import QuantizedWeight, WeightScheme, grid_integers, grid_qparam
 # From another search's result the offsets only need to flip a few roundings near their boundaries: a fifth of
 # AutoRound's step (1 / iters) keeps them from undoing the start's error compensation (BENCHMARKS.md, issue 18).
 START_LR = 0.2
+# Where a start's integer is the odd neighbour of an exact halfway point, its offset V starts this far off 0.
+HALFWAY_NUDGE = 1.0 / 64
 
 
 @dataclass
@@ -67,10 +69,10 @@ class LearnedWeightQuantizer:
     def _align(self, target: torch.Tensor, rounds: int = 3) -> None:
         """Integer shifts that make the untrained quantizer give ``target`` (a clamped value may need two).
 
-        A weight exactly halfway between two integers (``w / scale`` = k + 0.5, common at a group's extreme) may be
-        left one step from its target: rounding half to even makes every integer shift land on an even integer,
-        so a start that chose the odd one cannot be reproduced. Such a start is evaluated as the quantizer
-        gives it, not as the candidate it came from (``learn_rounding`` checks which)."""
+        A weight exactly halfway between two integers (``w / scale`` = k + 0.5, common at a group's extreme) rounds
+        half to even whatever the integer shift, so a start that chose the odd neighbour is reached by starting its
+        offset V a little off 0 (``HALFWAY_NUDGE``, towards the start's integer). A start still not reproduced is
+        evaluated as the quantizer gives it, not as the candidate it came from (``learn_rounding`` checks which)."""
         shift = torch.zeros(target.shape, dtype=torch.int16, device=target.device)  # 8-bit steps overflow int8
         for _ in range(rounds):
             self.shift = shift if bool(shift.any()) else None
@@ -78,6 +80,8 @@ class LearnedWeightQuantizer:
             if torch.equal(q, target):
                 return
             shift = shift + (target - q).to(torch.int16)
+        off = q != target
+        self.v[off] = HALFWAY_NUDGE * torch.sign(target - q)[off]
 
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta]

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qvlm.capture import capture_units
 from qvlm.export import compressed_tensors, decode_linear, linear_group
 from qvlm.learned import LearnedWeightQuantizer
-from qvlm.quant import ActScheme, WeightScheme, grouped, quantize_clipped, quantize_weight
+from qvlm.quant import ActScheme, QuantizedWeight, WeightScheme, grouped, quantize_clipped, quantize_weight
 from qvlm.search import BlockData, SearchConfig, search_block
 from qvlm.structure import find_units
 
@@ -91,6 +91,19 @@ def test_learned_rounding_starts_exactly_at_its_start(dtype, scheme):
     again = LearnedWeightQuantizer.init(w, scheme, start).finalize()
     assert torch.equal(again.qweight, start.qweight) and torch.equal(again.scale, start.scale)
     assert torch.equal(LearnedWeightQuantizer.init(w, scheme).finalize().qweight, quantize_weight(w, scheme).qweight)
+
+
+def test_learned_rounding_starts_at_a_starts_odd_integer_on_an_exact_halfway_point():
+    """``w / scale`` = 2.5 and -1.5 exactly (scale 0.25): rounding half to even gives 2 and -2 whatever the integer
+    shift, so a start (GPTQ's, say) that chose 3 and -1 is reached only by the offset starting off 0."""
+    scheme = WeightScheme(bits=4, group_size=8, symmetric=True)
+    w = torch.tensor([[1.875, 0.625, -0.375, 0.1, 0.0, -1.0, 0.3, 0.2]])  # scale = 1.875 / 7.5 = 0.25
+    rtn = quantize_weight(w, scheme)
+    assert rtn.scale.item() == 0.25 and rtn.qweight[0, 1:3].tolist() == [2, -2]
+    odd = rtn.qweight.clone()
+    odd[0, 1:3] = torch.tensor([3, -1], dtype=torch.int8)
+    start = QuantizedWeight(odd, rtn.scale, None, scheme)
+    assert torch.equal(LearnedWeightQuantizer.init(w, scheme, start).finalize().qweight, odd)
 
 
 def _float16_block(bits=4, hidden=256, tokens=256, batch=8):
