@@ -227,8 +227,9 @@ def _profiled_stage(meter: PhaseMeter):
             meter.mark("dependencies (entropy, D)")
             return out
 
-        def search_block(self, job, config, source="captured", upstream=None, needs_out=False, done=False):
-            out = super().search_block(job, config, source, upstream, needs_out, done)
+        def search_block(self, job, config, source="captured", upstream=None, needs_out=False, done=False,
+                         release=False):
+            out = super().search_block(job, config, source, upstream, needs_out, done, release)
             self.results.clear()  # as workers/stage.py: the integers are in the block's file
             meter.mark(f"block {job.index}: search" + (" + quantized output" if needs_out else ""))
             return out

@@ -241,7 +241,7 @@ def search_phase(pipe: Pipeline, layout: Layout, jobs: Sequence[BlockJob], confi
         needs_out = k + 1 < len(jobs) and chained(job, jobs[k + 1])
         if job.index in done and not needs_out:
             continue
-        future = pipe.call(s, "search_block", job, config, source, upstream, needs_out, job.index in done)
+        future = pipe.call(s, "search_block", job, config, source, upstream, needs_out, job.index in done, True)
         pending[future] = job.index
     summaries = {}
     total = len([j for j in jobs if j.index not in done])

@@ -192,18 +192,25 @@ class Stage:
 
     def search_block(self, job: BlockJob, config: QuantConfig, source: str = "captured",
                      upstream: list[torch.Tensor] | None = None, needs_out: bool = False,
-                     done: bool = False) -> BlockSummary | None:
+                     done: bool = False, release: bool = False) -> BlockSummary | None:
         """Search one block of this stage (or, when ``done``, take an earlier run's result); returns its summary
         (None when done). The block's input: ``captured`` full-precision inputs, the quantized output this
         stage ``carried`` from the block before, or ``upstream`` from the stage before (Eq. 3 propagation).
-        With ``needs_out`` the block's quantized output is carried to the next block."""
+        With ``needs_out`` the block's quantized output is carried to the next block. With ``release`` (the
+        method's search phase, which sends a stage its blocks in order, each unit in one block) the block's
+        captured hidden states go as soon as nothing reads them: its input before the search when it starts
+        from another, the rest after it."""
         inputs = {"captured": None, "carried": self._carried, "upstream": upstream}[source]
         if inputs is not None:
             inputs = [move(h, self._keep_for(job.units[0])) for h in inputs]
+            if release:
+                self._release_hidden(job.units[:1])
         if done:
             if needs_out:
                 self.results[job.index] = self.load_result(job)
             self._carried = self.block_outputs(job, config, inputs) if needs_out else None
+            if release:
+                self._release_hidden(job.units, outputs=True)
             return None
         data = self.block_data(job, config, inputs)
         if needs_out:  # the search's own last forward pass is the quantized output (no second pass)
@@ -213,7 +220,20 @@ class Stage:
         self.results[job.index] = result
         self.keep_result(job, result, config)
         self._carried = None if outputs is None else [move(o, self._keep_for(job.units[-1])) for o in outputs]
+        if release:
+            self._release_hidden(job.units, outputs=True)
         return summary_of(job.index, result)
+
+    def _release_hidden(self, units: Sequence[int], outputs: bool = False) -> None:
+        """Drop this stage's references to the captured hidden-state inputs (and ``outputs``) of ``units``; the
+        other arguments of each call stay. A block reads only its first unit's captured input and its last unit's
+        output (its target), so once it is searched no later block reads these; the last unit's output lives on
+        as the next unit's input while that unit's block may still start from it."""
+        for i in units:
+            capture = self.captures[i]
+            capture.calls = [c.with_hidden(None) for c in capture.calls]  # a released input is None
+            if outputs:
+                capture.outputs = []
 
     def carried(self) -> list[torch.Tensor] | None:
         """The quantized output of the last block searched with ``needs_out`` (for the next stage)."""

@@ -152,3 +152,58 @@ def test_quantizers_read_back_from_storage_go_to_the_device_of_the_linear_they_f
     fq = FakeQuantLinear.from_linear(linear.to("meta"))
     apply_linear_results({"fc": fq}, [LinearResult("fc", weight, act_range, None, None)], ActScheme(8, "channel"))
     assert fq.weight.is_meta and fq.act_range.lo.is_meta and fq.act_range.hi.is_meta
+
+
+class _HeldAtEachSearch(Stage):
+    """A stage that notes, as each block's search begins, how many captured hidden states it still holds per batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held: list[tuple[int, int]] = []  # (block index, distinct hidden-state tensors held / batches)
+        self.keep_everything = False
+
+    def search_block(self, job, config, source="captured", upstream=None, needs_out=False, done=False, release=False):
+        return super().search_block(job, config, source, upstream, needs_out, done, release and not self.keep_everything)
+
+    def block_data(self, job, config, inputs):
+        self.held.append((job.index, self._held() // len(self.captures[job.units[0]].calls)))
+        return super().block_data(job, config, inputs)
+
+    def _held(self) -> int:
+        tensors = [t for c in self.captures.values() for t in [k.hidden for k in c.calls] + c.outputs if t is not None]
+        return len({id(t) for t in tensors})
+
+
+@pytest.mark.parametrize("propagation", ["quantized", "fp"])
+def test_a_stage_lets_each_captured_hidden_state_go_once_no_block_ahead_reads_it(tiny_llama_dir, propagation):
+    """The search phase sends a stage its blocks in order; a block reads its first unit's captured input (when it
+    starts from it) and its last unit's output, so as block j of a stage of n units begins the stage holds the inputs
+    of the units not yet searched and its last output: n - j + 1 hidden states a batch, one fewer when the block
+    starts from the quantized output of the block before (Eq. 3). The tensors found are the ones found keeping all."""
+    from transformers import LlamaForCausalLM
+
+    from qvlm.driver import LocalPipeline
+    from qvlm.method import linear_shapes, run_method
+
+    config = QuantConfig(method="rtn", propagation=propagation)
+    found, held = {}, {}
+    for keep in (True, False):
+        model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+        cut = [u.index for u in layout_of(model, config).units]
+        layout = layout_of(model, config, [cut[:1], cut[1:]])
+        units = {u.index: u for u in layout.units}
+        stages = [_HeldAtEachSearch(model, [units[i] for i in s], first=k == 0) for k, s in enumerate(layout.stages)]
+        for stage in stages:
+            stage.keep_everything = keep
+        shapes = linear_shapes(model, layout.units)
+        result = run_method(LocalPipeline(stages), layout, shapes, calibration_batches(tiny_llama_dir, CAL), config)
+        found[keep] = [(lin.name, lin.weight.qweight) for s in stages for r in s.results.values() for lin in r.linears]
+        held[keep] = [s.held for s in stages]
+        assert len(result.blocks) == len(cut) == 4
+        if not keep:
+            assert [s._held() for s in stages] == [0, 0]
+    chained = propagation == "quantized"
+    assert held[True] == [[(0, 2)], [(1, 4), (2, 4), (3, 4)]]  # kept: every input and the stage's last output
+    assert held[False] == [[(0, 2)], [(1, 4 - chained), (2, 3 - chained), (3, 2 - chained)]]
+    assert [name for name, _ in found[True]] == [name for name, _ in found[False]] and len(found[True]) == 4 * 7
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(found[True], found[False]))

@@ -97,8 +97,8 @@ class StageWorker(Stage):
         self.n_files = n_files
 
     def search_block(self, job: BlockJob, config: QuantConfig, source: str = "captured", upstream: Any = None,
-                     needs_out: bool = False, done: bool = False) -> BlockSummary | None:
-        summary = super().search_block(job, config, source, unpack(upstream), needs_out, done)
+                     needs_out: bool = False, done: bool = False, release: bool = False) -> BlockSummary | None:
+        summary = super().search_block(job, config, source, unpack(upstream), needs_out, done, release)
         self.results.clear()  # the block's integers are in its file now (its carried output is kept apart)
         return summary
 
