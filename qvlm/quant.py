@@ -218,11 +218,27 @@ def row_slices(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _by_row_slices(w: torch.Tensor, scheme: WeightScheme, quantize: Callable[[torch.Tensor], QuantizedWeight]
                    ) -> QuantizedWeight:
     scheme.groups(w.shape[1])
-    parts = [quantize(s) for s in row_slices(w)]
-    if len(parts) == 1:
-        return parts[0]
-    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
-    return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]), zero, scheme)
+    slices = row_slices(w)
+    if len(slices) == 1:
+        return quantize(slices[0])
+    whole, start = None, 0
+    for rows in slices:  # each slice's integers go straight into the whole weight's (a list joined would hold twice)
+        part = quantize(rows)
+        if whole is None:
+            whole = _empty_rows(part, w.shape[0])
+        for mine, theirs in ((whole.qweight, part.qweight), (whole.scale, part.scale), (whole.zero, part.zero)):
+            if theirs is not None:
+                mine[start:start + rows.shape[0]] = theirs
+        start += rows.shape[0]
+    return whole
+
+
+def _empty_rows(like: QuantizedWeight, rows: int) -> QuantizedWeight:
+    """An uninitialised weight of ``rows`` rows with ``like``'s dtypes, device and scheme."""
+    def empty(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.new_empty((rows, *t.shape[1:]))
+
+    return QuantizedWeight(empty(like.qweight), empty(like.scale), empty(like.zero), like.scheme)
 
 
 def quantize_weight(w: torch.Tensor, scheme: WeightScheme, percentile: float = 1.0) -> QuantizedWeight:
