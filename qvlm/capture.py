@@ -7,6 +7,7 @@ them once per call so that a unit, or a block of consecutive units, can later ru
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -381,10 +382,15 @@ def capture_linear_inputs(
     per_batch_cap = None if max_rows is None else -(-max_rows // max(len(calls), 1))
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     current: list = [None, None, 0]  # mask, rows to keep, expected row count of this batch
+    seen: list[tuple[weakref.ref, list[torch.Tensor]]] = []  # this call's inputs (q/k/v share one): rows kept once
     handles = []
     for name in linears:
 
         def hook(_m, args, name=name):
+            shared = next((kept for ref, kept in seen if ref() is args[0]), None)
+            if shared is not None:  # a weak reference: an input freed during the call cannot pass for a later one
+                rows[name] = shared
+                return
             mask, keep, expected = current
             flat = valid_rows(args[0], mask)
             if flat.shape[0] == expected:
@@ -392,18 +398,25 @@ def capture_linear_inputs(
             else:
                 flat = _strided(flat, per_batch_cap)
             rows[name].append(flat.detach())
+            seen.append((weakref.ref(args[0]), rows[name]))
 
         handles.append(unit_module.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for call, keep, count in zip(calls, picks, counts):
             current[:] = [call.mask, keep, count]
+            seen.clear()
             output = call_unit(unit_module, call)
             if outputs is not None:
                 outputs.append(output)
     finally:
         for h in handles:
             h.remove()
-    return {n: _strided(torch.cat(v), max_rows) for n, v in rows.items()}
+    joined: dict[int, torch.Tensor] = {}  # linears that share an input share its rows
+    for kept in rows.values():
+        if id(kept) not in joined:
+            joined[id(kept)] = _strided(torch.cat(kept), max_rows)
+            kept.clear()  # each list goes as it is joined: never every linear's rows twice
+    return {n: joined[id(kept)] for n, kept in rows.items()}
 
 
 def _strided(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ LADDER: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 _REF_SHAPE = (4096, 4096)  # representative layer used only to order the ladder by cost
-_TOKEN_CHUNK = 4096
+_CHUNK_ELEMENTS = 1 << 22  # input elements multiplied at a time (16 MiB in float32)
 _REL_SD_FLOOR = 1e-9
 
 
@@ -65,10 +65,10 @@ def sensitivity_terms(weight: torch.Tensor, inputs: torch.Tensor, scheme: Weight
     for w_rows in row_slices(w):
         wt = w_rows.float().t()
         delta = wt - fake_quantize_weight(w_rows, scheme).float().t()
-        for chunk in x.split(_TOKEN_CHUNK):  # bounds the [tokens, out] temporaries on wide layers
+        for chunk in x.split(max(1, _CHUNK_ELEMENTS // x.shape[1])):  # bounds the float32 copies and [tokens, out]
             c = chunk.float()
-            err += float((c @ delta).double().square().sum())
-            out += float((c @ wt).double().square().sum())
+            err += float((c @ delta).double().square_().sum())
+            out += float((c @ wt).double().square_().sum())
     return err, out
 
 

@@ -32,6 +32,7 @@ from qvlm.quant import (SHRINK_GRID, ActRange, ActScheme, QuantizedWeight, Weigh
                         quantize_clipped, quantize_weight)
 
 SearchMethod = Literal["rtn", "clip", "learned", "gptq", "best"]
+ERROR_ELEMENTS = 1 << 22  # elements of a batch's output compared at a time (32 MiB in float64)
 
 
 @dataclass(frozen=True)
@@ -156,12 +157,23 @@ def _fake_quant_copy(module: nn.Module, linears: Sequence[str]) -> tuple[nn.Modu
 
 
 def block_error(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], calls: Sequence[UnitCall]) -> float:
-    """Mean squared error over the valid tokens of every batch, accumulated in float64."""
+    """Mean squared error over the valid tokens of every batch, accumulated in float64 a slice of rows at a time
+    (``ERROR_ELEMENTS``): a whole batch's float64 difference would be four times its output."""
     total, count = 0.0, 0
     for out, tgt, call in zip(outputs, targets, calls):  # targets may be kept in host memory, outputs on the GPU
-        sq = valid_rows((out.double() - tgt.to(out.device, non_blocking=True).double()) ** 2, call.mask)
-        total += float(sq.sum())
-        count += sq.numel()
+        masked = call.mask is not None and tuple(call.mask.shape) == tuple(out.shape[:-1])  # as valid_rows
+        mask = call.mask.reshape(-1) if masked else None
+        width = out.shape[-1]
+        out, tgt = out.reshape(-1, width), tgt.reshape(-1, width)
+        step = max(1, ERROR_ELEMENTS // width)
+        batch = torch.zeros((), dtype=torch.float64, device=out.device)
+        for start in range(0, out.shape[0], step):
+            rows = slice(start, start + step)
+            diff = out[rows].double() - tgt[rows].to(out.device, non_blocking=True).double()
+            diff = valid_rows(diff, None if mask is None else mask[rows])
+            batch += diff.square_().sum()
+            count += diff.numel()
+        total += float(batch)  # one device sync a batch
     return total / max(count, 1)
 
 
