@@ -239,7 +239,8 @@ def search_phase(pipe: Pipeline, layout: Layout, jobs: Sequence[BlockJob], confi
             if prev_stage != s:
                 upstream = pipe.call(prev_stage, "carried")
         needs_out = k + 1 < len(jobs) and chained(job, jobs[k + 1])
-        if job.index in done and not needs_out:
+        if job.index in done and not needs_out:  # nothing to search: its captures go (a VEO-tuned tower's)
+            pending[pipe.call(s, "release_captures", job)] = job.index
             continue
         future = pipe.call(s, "search_block", job, config, source, upstream, needs_out, job.index in done, True)
         pending[future] = job.index

@@ -188,6 +188,11 @@ class QuantizedWeight:
         q.mul_(self.scale.unsqueeze(-1))
         return w
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows ``start:stop`` (views), with their qparams."""
+        zero = None if self.zero is None else self.zero[start:stop]
+        return QuantizedWeight(self.qweight[start:stop], self.scale[start:stop], zero, self.scheme)
+
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         """The same weight with its tensors on ``device`` (itself when they are there already)."""
         if self.qweight.device == torch.device(device):

@@ -224,6 +224,10 @@ class Stage:
             self._release_hidden(job.units, outputs=True)
         return summary_of(job.index, result)
 
+    def release_captures(self, job: BlockJob) -> None:
+        """Let a finished block's captured hidden states go when it is not searched again (see ``search_block``)."""
+        self._release_hidden(job.units, outputs=True)
+
     def _release_hidden(self, units: Sequence[int], outputs: bool = False) -> None:
         """Drop this stage's references to the captured hidden-state inputs (and ``outputs``) of ``units``; the
         other arguments of each call stay. A block reads only its first unit's captured input and its last unit's

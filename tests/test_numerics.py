@@ -106,6 +106,20 @@ def test_learned_rounding_starts_at_a_starts_odd_integer_on_an_exact_halfway_poi
     assert torch.equal(LearnedWeightQuantizer.init(w, scheme, start).finalize().qweight, odd)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 32, True), WeightScheme(4, -1, False), WeightScheme(8, 32, True),
+                                    WeightScheme(8, -1, False), WeightScheme(3, 32, False)], ids=str)
+@pytest.mark.parametrize("act", [ActScheme(), ActScheme(8, "token")], ids=["W-only", "A8"])
+def test_a_linear_written_a_slice_of_rows_at_a_time_is_the_whole_linear_written(dtype, scheme, act):
+    """The compressor is given 32 rows at a time (100 rows: the last slice is short, and a packed zero point holds 8
+    or 4 rows an int32): every tensor joined is the one made from the whole weight, ``weight_shape`` too."""
+    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    q, group = quantize_weight(w, scheme), linear_group(scheme, act)
+    whole, sliced = compressed_tensors(q, group), compressed_tensors(q, group, max_elements=64 * 32)
+    assert list(sliced) == list(whole) and "weight_scale" in whole
+    assert all(sliced[k].dtype == whole[k].dtype and torch.equal(sliced[k], whole[k]) for k in whole)
+
+
 def _float16_block(bits=4, hidden=256, tokens=256, batch=8):
     """One Llama decoder layer in float16 with small weights: its output (5e5 elements per batch, errors
     ~2e-5) makes every gradient of a mean loss underflow to zero in float16 (learned rounding then

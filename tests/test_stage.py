@@ -180,26 +180,12 @@ def test_a_stage_lets_each_captured_hidden_state_go_once_no_block_ahead_reads_it
     starts from it) and its last unit's output, so as block j of a stage of n units begins the stage holds the inputs
     of the units not yet searched and its last output: n - j + 1 hidden states a batch, one fewer when the block
     starts from the quantized output of the block before (Eq. 3). The tensors found are the ones found keeping all."""
-    from transformers import LlamaForCausalLM
-
-    from qvlm.driver import LocalPipeline
-    from qvlm.method import linear_shapes, run_method
-
-    config = QuantConfig(method="rtn", propagation=propagation)
     found, held = {}, {}
     for keep in (True, False):
-        model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
-        cut = [u.index for u in layout_of(model, config).units]
-        layout = layout_of(model, config, [cut[:1], cut[1:]])
-        units = {u.index: u for u in layout.units}
-        stages = [_HeldAtEachSearch(model, [units[i] for i in s], first=k == 0) for k, s in enumerate(layout.stages)]
-        for stage in stages:
-            stage.keep_everything = keep
-        shapes = linear_shapes(model, layout.units)
-        result = run_method(LocalPipeline(stages), layout, shapes, calibration_batches(tiny_llama_dir, CAL), config)
+        stages, result = _run_watched(tiny_llama_dir, QuantConfig(method="rtn", propagation=propagation), keep)
         found[keep] = [(lin.name, lin.weight.qweight) for s in stages for r in s.results.values() for lin in r.linears]
         held[keep] = [s.held for s in stages]
-        assert len(result.blocks) == len(cut) == 4
+        assert len(result.blocks) == 4
         if not keep:
             assert [s._held() for s in stages] == [0, 0]
     chained = propagation == "quantized"
@@ -207,3 +193,33 @@ def test_a_stage_lets_each_captured_hidden_state_go_once_no_block_ahead_reads_it
     assert held[False] == [[(0, 2)], [(1, 4 - chained), (2, 3 - chained), (3, 2 - chained)]]
     assert [name for name, _ in found[True]] == [name for name, _ in found[False]] and len(found[True]) == 4 * 7
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(found[True], found[False]))
+
+
+def test_a_block_finished_before_the_search_lets_its_captures_go(tiny_llama_dir):
+    """A block the search phase skips (the VEO-tuned tower, a block an earlier run finished) is never searched, and
+    its captured hidden states go all the same."""
+    from qvlm.method import Hooks
+
+    stages, result = _run_watched(tiny_llama_dir, QuantConfig(method="rtn", propagation="fp"), False,
+                                  Hooks(finished=lambda blocks: {0}))
+    assert result.done == {0} and set(result.summaries) == {1, 2, 3}
+    assert [s.held for s in stages] == [[], [(1, 4), (2, 3), (3, 2)]] and [s._held() for s in stages] == [0, 0]
+
+
+def _run_watched(model_dir, config: QuantConfig, keep: bool, hooks=None):
+    """The method on the tiny Llama cut in two stages (layer 0, layers 1-3) that note what they hold."""
+    from transformers import LlamaForCausalLM
+
+    from qvlm.driver import LocalPipeline
+    from qvlm.method import linear_shapes, run_method
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    cut = [u.index for u in layout_of(model, config).units]
+    layout = layout_of(model, config, [cut[:1], cut[1:]])
+    units = {u.index: u for u in layout.units}
+    stages = [_HeldAtEachSearch(model, [units[i] for i in s], first=k == 0) for k, s in enumerate(layout.stages)]
+    for stage in stages:
+        stage.keep_everything = keep
+    result = run_method(LocalPipeline(stages), layout, linear_shapes(model, layout.units),
+                        calibration_batches(model_dir, CAL), config, hooks)
+    return stages, result
