@@ -25,9 +25,9 @@ worked out by hand: per boundary, every batch's hidden state with its extra argu
 process as the stage actor runs it (``qvlm.stage.Stage`` on a ``ModelShard`` of its units, the method's own
 sequence through ``qvlm.method.run_method``), with the process's peak RSS reset (``/proc/self/clear_refs``)
 before and read after each step: load, each capture batch, statistics, dependencies, each block search and
-each block's quantized output. As the actor does once a block's file is written, it lets each block's integers go
-after its search; it lacks the rest of what only the actor does (packing the hand-over for the object store, writing
-the file). Last, the stage's peak over every step, above the runtime baseline, against its weights and captures.
+each block's quantized output. As the actor does, it encodes each block's file after its search (without storing
+it) and then lets the block's integers go; it lacks the rest of what only the actor does (packing the hand-over for
+the object store). Last, the stage's peak over every step, above the runtime baseline, against its weights and captures.
 """
 
 from __future__ import annotations
@@ -246,9 +246,11 @@ class PhaseMeter:
         self.reset()
 
 
-def _profiled_stage(meter: PhaseMeter):
-    """qvlm.stage.Stage whose steps each end with a mark of the meter."""
+def _profiled_stage(meter: PhaseMeter, shard):
+    """qvlm.stage.Stage whose steps each end with a mark of the meter; each block's file is encoded as a stage
+    actor writes it (not stored)."""
     from qvlm.stage import Stage
+    from workers.shard import encode_block
 
     class Profiled(Stage):
         def capture(self, item, hand_over=True):
@@ -265,6 +267,10 @@ def _profiled_stage(meter: PhaseMeter):
             out = super().dependencies(bits, previous, max_rows)
             meter.mark("dependencies (entropy, D)")
             return out
+
+        def keep_result(self, job, result, config):
+            encode_block(result, {r.name: shard.prefix(r.name) for r in result.linears}, config.activations,
+                         shard.dense_linears())
 
         def search_block(self, job, config, source="captured", upstream=None, needs_out=False, done=False,
                          release=False):
@@ -296,7 +302,7 @@ def profile_stage(model_dir: str, cal: CalibrationSettings, workers: int, queue)
     meter.mark(f"calibration batches ({len(batches)})")
     shard = ModelShard(LocalStorage(model_dir), [u.name for u in units], True, [u.name for u in plan.units])
     meter.mark(f"load: ModelShard of units {plan.stages[0]} + glue")
-    stage = _profiled_stage(meter)(shard.model, units, first=True)
+    stage = _profiled_stage(meter, shard)(shard.model, units, first=True)
     meter.mark("Stage")
     indices = tuple(u.index for u in units)
     layout = Layout(tuple(units), (indices,), (indices,))
