@@ -210,7 +210,7 @@ class Stage:
                 self.results[job.index] = self.load_result(job)
             self._carried = self.block_outputs(job, config, inputs) if needs_out else None
             if release:
-                self._release_hidden(job.units, outputs=True)
+                self.release_captures(job)
             return None
         data = self.block_data(job, config, inputs)
         if needs_out:  # the search's own last forward pass is the quantized output (no second pass)
@@ -221,11 +221,12 @@ class Stage:
         self.keep_result(job, result, config)
         self._carried = None if outputs is None else [move(o, self._keep_for(job.units[-1])) for o in outputs]
         if release:
-            self._release_hidden(job.units, outputs=True)
+            self.release_captures(job)
         return summary_of(job.index, result)
 
     def release_captures(self, job: BlockJob) -> None:
-        """Let a finished block's captured hidden states go when it is not searched again (see ``search_block``)."""
+        """Let a finished block's captured hidden states go (see ``search_block``; the search phase also calls it for
+        a block it skips)."""
         self._release_hidden(job.units, outputs=True)
 
     def _release_hidden(self, units: Sequence[int], outputs: bool = False) -> None:
