@@ -43,7 +43,7 @@ def main() -> None:
     meter = PhaseMeter()
     meter.mark("before")  # resets the high-water mark
     start = time.perf_counter()
-    blob, _, _ = encode_block(result, {r.name: r.name for r in linears}, ActScheme())
+    blob = encode_block(result, {r.name: r.name for r in linears}, ActScheme()).file
     meter.mark("encode_block")
     before, peak = meter.rows[0][2], meter.rows[1][1]
     print(f"one 13B layer ({ints / 2**20:.0f} M weights, {args.dtype}, W{args.bits} g{args.group}, int8 result "

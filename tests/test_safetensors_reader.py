@@ -216,3 +216,26 @@ def test_non_finite_weights_are_refused_naming_tensor_and_file(tmp_path, dtype, 
     with pytest.raises(CheckpointError, match=f"non-finite weights in {tmp_path}/model.safetensors: tensor "
                                               f"'bad.weight' holds {counts} values of 12"):
         index.read(["ok.weight", "bad.weight"])
+
+
+@pytest.mark.parametrize("metadata", [{"format": "pt"}, None])
+def test_the_writer_makes_the_librarys_bytes_and_lets_each_tensor_go(metadata):
+    from safetensors.torch import save
+
+    from workers.safetensors_reader import DTYPES
+    from workers.safetensors_writer import safetensors_bytes
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"{name.lower()}.w": torch.randint(0, 2, (3, k + 1), generator=generator).to(dtype)
+               for k, (name, dtype) in enumerate(DTYPES.items())}  # every dtype, in an order that is not the file's
+    tensors.update(ALL)
+    given = dict(tensors)
+    assert bytes(safetensors_bytes(given, metadata)) == save(tensors, metadata)
+    assert given == {}
+
+
+def test_the_writer_refuses_a_dtype_safetensors_does_not_store():
+    from workers.safetensors_writer import safetensors_bytes
+
+    with pytest.raises(ValueError, match="'z'.*complex64"):
+        safetensors_bytes({"a": torch.zeros(2), "z": torch.zeros(2, dtype=torch.complex64)})

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from qvlm.export import (ACTIVATIONS_FILE, encode_activation_ranges, image_encoder_linears, quantization_config,
@@ -23,6 +22,7 @@ from qvlm.quant import ActScheme
 from workers.locations import Locations
 from workers.model_shard import fetch_small_files
 from workers.safetensors_reader import CheckpointIndex
+from workers.safetensors_writer import safetensors_bytes
 from workers.shard import FILE_METADATA, BlockRecord, activation_ranges, file_name
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,7 +51,7 @@ def checkpoint_files(req: ExportRequest) -> Iterator[tuple[dict[str, dict], int]
     weight_map = {key: r.shard_key for r in req.blocks for key in r.tensor_keys}
     for j, chunk in enumerate(req.rest_chunks):
         name = file_name(len(req.blocks) + j, n_files)
-        blob = save_safetensors(index.read(chunk), FILE_METADATA)
+        blob = safetensors_bytes(index.read(chunk), FILE_METADATA)
         weight_map.update({key: name for key in chunk})
         yield {**written, name: {"sha256": out.put_bytes(name, blob), "size": len(blob)}}, steps
         written = {}

@@ -21,6 +21,7 @@ from qvlm.errors import InputError
 from qvlm.export import compressed_tensors, decode_linear, encode_activation_ranges, linear_group
 from qvlm.quant import ActRange, ActScheme, WeightScheme, quantize_with_qparams
 from qvlm.search import BlockResult, LinearResult
+from workers.safetensors_writer import safetensors_bytes
 
 BLOCKS_PREFIX = "_qvlm/blocks"
 FILE_METADATA = {"format": "pt"}
@@ -103,10 +104,20 @@ def file_name(position: int, n_files: int) -> str:
     return f"model-{position + 1:05d}-of-{n_files:05d}.safetensors"
 
 
+@dataclass(frozen=True)
+class EncodedBlock:
+    """A searched block as it is written: its checkpoint file, its sidecar (or None), what the record says."""
+
+    file: bytearray
+    sidecar: bytes | None
+    entries: tuple[LinearEntry, ...]
+    tensor_keys: tuple[str, ...]  # the file's tensors, sorted
+
+
 def encode_block(result: BlockResult, prefixes: Mapping[str, str], act: ActScheme,
-                 dense: Collection[str] = ()) -> tuple[bytes, bytes | None, tuple]:
-    """(checkpoint file bytes, sidecar bytes or None, linear entries) of a searched block. ``prefixes`` maps each
-    linear's module name to its checkpoint key prefix; the linears in ``dense`` are written dequantized."""
+                 dense: Collection[str] = ()) -> EncodedBlock:
+    """A searched block's files. ``prefixes`` maps each linear's module name to its checkpoint key prefix; the
+    linears in ``dense`` are written dequantized."""
     tensors, extra, ranges, entries = {}, {}, {}, []
     for r in result.linears:
         is_dense = r.name in dense
@@ -125,21 +136,22 @@ def encode_block(result: BlockResult, prefixes: Mapping[str, str], act: ActSchem
     if ranges:
         extra.update(load_safetensors(encode_activation_ranges(ranges, act)))
     sidecar = save_safetensors(extra, {"qvlm.act_scheme": json.dumps(asdict(act))}) if extra else None
-    return save_safetensors(tensors, FILE_METADATA), sidecar, tuple(entries)
+    keys = tuple(sorted(tensors))
+    return EncodedBlock(safetensors_bytes(tensors, FILE_METADATA), sidecar, tuple(entries), keys)
 
 
 def write_block_files(storage, index: int, key: str, result: BlockResult, prefixes: Mapping[str, str],
                       act: ActScheme, dense: Collection[str] = (), extra_key: str | None = None) -> BlockRecord:
     """Write the block's file (at ``key``) and its sidecar (at ``extra_key``, by default the block's own);
     returns the record that vouches for them, not yet written."""
-    blob, sidecar, entries = encode_block(result, prefixes, act, dense)
-    sha = storage.put_bytes(key, blob)
+    encoded = encode_block(result, prefixes, act, dense)
+    sha = storage.put_bytes(key, encoded.file)
     side_key, side_sha = None, None
-    if sidecar is not None:
+    if encoded.sidecar is not None:
         side_key = extra_key or sidecar_key(index)
-        side_sha = storage.put_bytes(side_key, sidecar)
-    return BlockRecord(index, key, sha, len(blob), tuple(result.unit_names), entries,
-                       tuple(sorted(load_safetensors(blob))), result.error_before, result.error_after,
+        side_sha = storage.put_bytes(side_key, encoded.sidecar)
+    return BlockRecord(index, key, sha, len(encoded.file), tuple(result.unit_names), encoded.entries,
+                       encoded.tensor_keys, result.error_before, result.error_after,
                        result.evaluations, result.seconds, side_key, side_sha, dict(result.candidates),
                        result.chosen, result.quarantine)
 
