@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from qvlm.quant import ROW_SLICE_ELEMENTS, ActRange, ActScheme, QuantizedWeight, WeightScheme, grouped
+from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, grouped
 from qvlm.structure import find_units
 
 ACTIVATIONS_FILE = "qvlm_activations.safetensors"
@@ -135,10 +135,14 @@ def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ign
 # Rows of a weight handed to the compressor at once are a multiple of this: a packed zero point holds 32 / bits rows
 # in one int32, so slices of whole int32s pack to the whole weight's tensors, joined.
 PACKED_ROWS = 32
+# Weights handed to the compressor at once: it makes about five float32 copies of what it is given. Writing one 13B
+# layer's block took +227 MiB at this size, +455 at the quantizer's 2^24 (the file itself 156; bench/export_memory.py
+# in a process that returns freed pages, as a stage actor does: workers/host_memory.py).
+COMPRESS_ELEMENTS = 1 << 22
 
 
 def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme,
-                       max_elements: int = ROW_SLICE_ELEMENTS) -> dict[str, torch.Tensor]:
+                       max_elements: int = COMPRESS_ELEMENTS) -> dict[str, torch.Tensor]:
     """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...).
 
     The compressor is given a slice of whole rows at a time (about ``max_elements`` weights): it makes several
