@@ -289,9 +289,11 @@ def profile_stage(model_dir: str, cal: CalibrationSettings, workers: int, queue)
     from qvlm.batches import calibration_batches
     from qvlm.driver import LocalPipeline
     from qvlm.method import Hooks, Layout, run_method
+    from workers.host_memory import return_freed_memory
     from workers.model_shard import ModelShard
 
     torch.set_num_threads(1)  # as a stage actor with cpus_per_worker 1
+    return_freed_memory()  # as a stage actor
     meter = PhaseMeter()
     meter.reset()
     quant = QuantConfig(method="rtn")

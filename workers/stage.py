@@ -24,6 +24,7 @@ from qvlm.structure import Unit
 from qvlm.veo import tower_part
 from workers.export_task import ExportRequest, checkpoint_files
 from workers.fault_hooks import fault_point
+from workers.host_memory import return_freed_memory
 from workers.locations import Locations
 from workers.model_shard import ModelShard
 from workers.safetensors_reader import CheckpointError
@@ -38,6 +39,7 @@ class StageWorker(Stage):
         import ray
 
         torch.set_num_threads(max(1, threads))  # the arithmetic must not depend on how many cores the node has
+        return_freed_memory()
         self.where, self._output = where, None
         # A bad checkpoint (corrupt header, non-finite weights) is the job's input, not a crash: ready() raises
         # it, so the driver stops with its message instead of restarting stages that would fail the same way.
