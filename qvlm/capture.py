@@ -349,12 +349,17 @@ def row_selection(counts: Sequence[int], max_rows: int | None) -> list[torch.Ten
     return selection
 
 
+def row_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` as one flag per row of ``x`` [..., C] flattened to [rows, C], when it masks x's tokens; None when
+    there is none or it is of another shape (the tokens of a vision tower's input are all valid)."""
+    return mask.reshape(-1) if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else None
+
+
 def valid_rows(x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The [rows, C] valid rows of one batch's [..., C] tensor, only the ``keep`` ones when given."""
-    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-        rows = x[mask.to(x.device)]
-    else:
-        rows = x.reshape(-1, x.shape[-1])
+    rows, flags = x.reshape(-1, x.shape[-1]), row_mask(x, mask)
+    if flags is not None:
+        rows = rows[flags.to(x.device)]
     return rows if keep is None else rows[keep.to(rows.device)]
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from qvlm.capture import UnitCall, call_unit, capture_linear_inputs, shared_input_groups, valid_rows
+from qvlm.capture import UnitCall, call_unit, capture_linear_inputs, row_mask, shared_input_groups, valid_rows
 from qvlm.fakequant import FakeQuantLinear, put_modules
 from qvlm.quant import (SHRINK_GRID, ActRange, ActScheme, QuantizedWeight, WeightScheme, calibrate_act_range,
                         quantize_clipped, quantize_weight)
@@ -161,16 +161,14 @@ def block_error(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
     (``ERROR_ELEMENTS``): a whole batch's float64 difference would be four times its output."""
     total, count = 0.0, 0
     for out, tgt, call in zip(outputs, targets, calls):  # targets may be kept in host memory, outputs on the GPU
-        masked = call.mask is not None and tuple(call.mask.shape) == tuple(out.shape[:-1])  # as valid_rows
-        mask = call.mask.reshape(-1) if masked else None
-        width = out.shape[-1]
+        flags, width = row_mask(out, call.mask), out.shape[-1]
         out, tgt = out.reshape(-1, width), tgt.reshape(-1, width)
         step = max(1, ERROR_ELEMENTS // width)
         batch = torch.zeros((), dtype=torch.float64, device=out.device)
         for start in range(0, out.shape[0], step):
             rows = slice(start, start + step)
             diff = out[rows].double() - tgt[rows].to(out.device, non_blocking=True).double()
-            diff = valid_rows(diff, None if mask is None else mask[rows])
+            diff = valid_rows(diff, None if flags is None else flags[rows])
             batch += diff.square_().sum()
             count += diff.numel()
         total += float(batch)  # one device sync a batch
