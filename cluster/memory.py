@@ -88,7 +88,8 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 # lose in both dtypes: clip 4.0-4.2 bytes a weight, learned 1.7-3.1 (2 taken). "plain" (rtn, clip, gptq): the
 # int8 candidates, one linear's weight dequantized as the forward reaches it and the quantizer's temporaries;
 # "learned": also its float32 rounding offsets and their gradients, the int8 best-so-far and one linear's soft
-# weight recomputed in the backward.
+# weight recomputed in the backward. Since then integers of 4 bits and fewer are held two a byte
+# (qvlm.quant.QuantizedWeight), which these figures do not take off: there they are an upper bound.
 SEARCH_BYTES_PER_WEIGHT = {"plain": 8, "learned": 22}
 # `best` runs its candidates one after another (qvlm.search.search_best): clipped RTN, then GPTQ with the RTN
 # candidate kept (its int8 codes), then learned rounding with both kept and its int16 shifts from the GPTQ start.

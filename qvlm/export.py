@@ -148,12 +148,12 @@ def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme,
     The compressor is given a slice of whole rows at a time (about ``max_elements`` weights): it makes several
     float32 copies of what it is given, which for a whole 13B ``down_proj`` is about 1 GiB beside the block's
     search results. Every tensor it returns is by rows except ``weight_shape``, which is the whole weight's."""
-    out_features, in_features = weight.qweight.shape
+    out_features, in_features = weight.shape
     step = max(PACKED_ROWS, max_elements // max(1, in_features) // PACKED_ROWS * PACKED_ROWS)
     parts = [_compress(weight.rows(start, start + step), group) for start in range(0, out_features, step)]
     if len(parts) == 1:
         return parts[0]
-    return {k: (torch.tensor(weight.qweight.shape, dtype=v.dtype) if k == "weight_shape" else
+    return {k: (torch.tensor(weight.shape, dtype=v.dtype) if k == "weight_shape" else
                 torch.cat([p[k] for p in parts]))
             for k, v in parts[0].items()}
 
@@ -164,10 +164,10 @@ def _compress(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, t
     (``(q - z) * scale`` is exact in float32 for a 16-bit scale, so the division gives the integer back)
     with the float32 scale, and the stored scale is put back in the checkpoint's dtype."""
     scale32 = weight.scale.float()
-    ints = grouped(weight.qweight.float(), weight.scheme.group_size)
+    ints = grouped(weight.integers(torch.float32), weight.scheme.group_size)
     if weight.zero is not None:
         ints = ints - weight.zero.float().unsqueeze(-1)
-    state = {"weight": (ints * scale32.unsqueeze(-1)).reshape(weight.qweight.shape), "weight_scale": scale32}
+    state = {"weight": (ints * scale32.unsqueeze(-1)).reshape(weight.shape), "weight_scale": scale32}
     if weight.zero is not None:
         state["weight_zero_point"] = weight.zero
     compressor = BaseCompressor.get_value_from_registry(group.format)
@@ -196,9 +196,9 @@ def decode_linear(tensors: Mapping[str, torch.Tensor], scheme: WeightScheme) -> 
         zero = tensors.get("weight_zero_point")
         if zero is not None:
             zero = unpack_from_int32(zero, scheme.bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
-        return QuantizedWeight(qweight, scale, zero, scheme)
+        return QuantizedWeight.of(qweight, scale, zero, scheme)
     zero = tensors.get("weight_zero_point")  # int-quantized: int8 weight as stored
-    return QuantizedWeight(tensors["weight"], scale, None if zero is None else zero.to(torch.int8), scheme)
+    return QuantizedWeight.of(tensors["weight"], scale, None if zero is None else zero.to(torch.int8), scheme)
 
 
 def encode_activation_ranges(ranges: Mapping[str, ActRange], act: ActScheme) -> bytes:

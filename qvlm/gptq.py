@@ -243,7 +243,7 @@ def _gptq(
         cols.store(p.order[b1:b2] if act_order else slice(b1, b2), q_blk, used_blk)
         if b2 < in_features:
             w[:, b2:] -= err_blk @ u[b1:b2, b2:]
-    return QuantizedWeight(cols.qweight, cols.scale, cols.zero, scheme), cols.used
+    return QuantizedWeight.of(cols.qweight, cols.scale, cols.zero, scheme), cols.used
 
 
 def _dynamic_group(cols: _Columns, w, u, w_blk, err_blk, importance, b1: int, b2: int, i: int, gs: int) -> None:
@@ -307,6 +307,7 @@ def gptq_quantize_shared(
         return [gptq_quantize(weights[0], hessian, scheme, damp, block_size, retries, act_order, shrinks)]
     rows = [w.shape[0] for w in weights]
     joint = gptq_quantize(torch.cat(list(weights)), hessian, scheme, damp, block_size, retries, act_order, shrinks)
-    zeros = joint.zero.split(rows) if joint.zero is not None else [None] * len(rows)
-    return [QuantizedWeight(q.clone(), s.clone(), None if z is None else z.clone(), scheme)
-            for q, s, z in zip(joint.qweight.split(rows), joint.scale.split(rows), zeros)]
+    bounds = [sum(rows[:k]) for k in range(len(rows) + 1)]
+    parts = [joint.rows(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    return [QuantizedWeight(p.codes.clone(), p.scale.clone(), None if p.zero is None else p.zero.clone(), scheme)
+            for p in parts]  # each its own storage, not a view that keeps the joint one alive

@@ -62,7 +62,7 @@ class LearnedWeightQuantizer:
             return cls(weight, scheme, v, ones.clone().requires_grad_(), ones.requires_grad_(), lo0, hi0)
         lo0, hi0 = _start_bounds(start)
         quantizer = cls(weight, scheme, v, ones.clone().requires_grad_(), ones.requires_grad_(), lo0, hi0, None, True)
-        quantizer._align(grouped(start.qweight.float(), scheme.group_size))
+        quantizer._align(grouped(start.integers(torch.float32), scheme.group_size))
         return quantizer
 
     @torch.no_grad()
@@ -114,8 +114,8 @@ class LearnedWeightQuantizer:
     def finalize(self) -> QuantizedWeight:
         """Integers and the checkpoint-dtype qparams, exactly as training last saw them."""
         q, scale, zero = self._grid(self.v, self.alpha, self.beta)
-        return QuantizedWeight(q.to(torch.int8).reshape(self.weight.shape), scale.squeeze(-1).to(self.weight.dtype),
-                               None if zero is None else zero.squeeze(-1).to(torch.int8), self.scheme)
+        return QuantizedWeight.of(q.to(torch.int8).reshape(self.weight.shape), scale.squeeze(-1).to(self.weight.dtype),
+                                  None if zero is None else zero.squeeze(-1).to(torch.int8), self.scheme)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -214,7 +214,7 @@ class _Best:
 
 
 def _same(a: QuantizedWeight, b: QuantizedWeight) -> bool:
-    return (torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+    return (torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
             and (a.zero is None) == (b.zero is None) and (a.zero is None or torch.equal(a.zero, b.zero)))
 
 

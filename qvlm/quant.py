@@ -171,17 +171,56 @@ def percentile_bounds(x: torch.Tensor, percentile: float, symmetric: bool) -> tu
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """Integer weight with its quantization parameters; ``dequantize()`` gives the served weight."""
+    """Integer weight with its quantization parameters; ``dequantize()`` gives the served weight. Build one from its
+    integers with :meth:`of`.
 
-    qweight: torch.Tensor  # int8 [out, in], values in [qmin, qmax]
+    At 4 bits and fewer the integers are held two a byte: a search keeps several candidates of a block, and a stage
+    keeps a block's result until its file is written, so at 1 byte a weight these were half a layer's weights each.
+    """
+
+    # int8 [out, in] in [qmin, qmax]; at 4 bits and fewer with an even ``in``, uint8 [out, in / 2]: each integer
+    # minus qmin, an even column's in the low four bits and the next column's in the high four
+    codes: torch.Tensor
     scale: torch.Tensor  # [out, groups], checkpoint dtype
     zero: torch.Tensor | None  # int8 [out, groups], None when symmetric
     scheme: WeightScheme
 
+    @classmethod
+    def of(cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+           scheme: WeightScheme) -> "QuantizedWeight":
+        """From int8 integers ``qweight`` [out, in] (held as they are, or packed two a byte)."""
+        if scheme.bits > 4 or qweight.shape[1] % 2:
+            return cls(qweight, scale, zero, scheme)
+        low = (qweight - scheme.qmin).to(torch.uint8)
+        return cls(low[:, 0::2] | (low[:, 1::2] << 4), scale, zero, scheme)
+
+    @property
+    def packed(self) -> bool:
+        return self.codes.dtype == torch.uint8
+
+    @property
+    def shape(self) -> torch.Size:
+        rows, columns = self.codes.shape
+        return torch.Size((rows, 2 * columns if self.packed else columns))
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The integers as int8 [out, in] (a new tensor when they are packed)."""
+        return self.integers(torch.int8)
+
+    def integers(self, dtype: torch.dtype) -> torch.Tensor:
+        """The integers [out, in] as ``dtype`` (a new tensor, except the held int8 ones asked for as int8)."""
+        if not self.packed:
+            return self.codes.to(dtype)
+        out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        out[:, 0::2] = self.codes & 0xF
+        out[:, 1::2] = self.codes >> 4
+        return out.add_(self.scheme.qmin)
+
     def dequantize(self) -> torch.Tensor:
         """The weight in the scale's dtype; one tensor of that size is made (the zero and scale go in place), since
         a search's fake-quant linears dequantize at every call (``FakeQuantLinear.quantized``)."""
-        w = self.qweight.to(self.scale.dtype)
+        w = self.integers(self.scale.dtype)
         q = grouped(w, self.scheme.group_size)
         if self.zero is not None:
             q.sub_(self.zero.to(self.scale.dtype).unsqueeze(-1))
@@ -191,14 +230,14 @@ class QuantizedWeight:
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """Output rows ``start:stop`` (views), with their qparams."""
         zero = None if self.zero is None else self.zero[start:stop]
-        return QuantizedWeight(self.qweight[start:stop], self.scale[start:stop], zero, self.scheme)
+        return QuantizedWeight(self.codes[start:stop], self.scale[start:stop], zero, self.scheme)
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         """The same weight with its tensors on ``device`` (itself when they are there already)."""
-        if self.qweight.device == torch.device(device):
+        if self.codes.device == torch.device(device):
             return self
         zero = None if self.zero is None else self.zero.to(device)
-        return QuantizedWeight(self.qweight.to(device), self.scale.to(device), zero, self.scheme)
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), zero, self.scheme)
 
 
 def quantize_with_qparams(
@@ -208,7 +247,7 @@ def quantize_with_qparams(
     scheme.groups(w.shape[1])
     z = None if zero is None else zero.unsqueeze(-1)
     q = grid_integers(grouped(w, scheme.group_size), scale.unsqueeze(-1), z, scheme.qmin, scheme.qmax)
-    return QuantizedWeight(q.to(torch.int8).reshape(w.shape), scale, zero, scheme)
+    return QuantizedWeight.of(q.to(torch.int8).reshape(w.shape), scale, zero, scheme)
 
 
 ROW_SLICE_ELEMENTS = 1 << 24  # a weight's float32 temporaries are made this many elements (64 MiB) at a time
@@ -231,7 +270,7 @@ def _by_row_slices(w: torch.Tensor, scheme: WeightScheme, quantize: Callable[[to
         part = quantize(rows)
         if whole is None:
             whole = _empty_rows(part, w.shape[0])
-        for mine, theirs in ((whole.qweight, part.qweight), (whole.scale, part.scale), (whole.zero, part.zero)):
+        for mine, theirs in ((whole.codes, part.codes), (whole.scale, part.scale), (whole.zero, part.zero)):
             if theirs is not None:
                 mine[start:start + rows.shape[0]] = theirs
         start += rows.shape[0]
@@ -243,7 +282,7 @@ def _empty_rows(like: QuantizedWeight, rows: int) -> QuantizedWeight:
     def empty(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.new_empty((rows, *t.shape[1:]))
 
-    return QuantizedWeight(empty(like.qweight), empty(like.scale), empty(like.zero), like.scheme)
+    return QuantizedWeight(empty(like.codes), empty(like.scale), empty(like.zero), like.scheme)
 
 
 def quantize_weight(w: torch.Tensor, scheme: WeightScheme, percentile: float = 1.0) -> QuantizedWeight:

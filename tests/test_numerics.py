@@ -102,7 +102,7 @@ def test_learned_rounding_starts_at_a_starts_odd_integer_on_an_exact_halfway_poi
     assert rtn.scale.item() == 0.25 and rtn.qweight[0, 1:3].tolist() == [2, -2]
     odd = rtn.qweight.clone()
     odd[0, 1:3] = torch.tensor([3, -1], dtype=torch.int8)
-    start = QuantizedWeight(odd, rtn.scale, None, scheme)
+    start = QuantizedWeight.of(odd, rtn.scale, None, scheme)
     assert torch.equal(LearnedWeightQuantizer.init(w, scheme, start).finalize().qweight, odd)
 
 

@@ -6,6 +6,7 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from qvlm.export import compressed_tensors, decode_linear, linear_group
 from qvlm.quant import (
     ActScheme,
+    QuantizedWeight,
     WeightScheme,
     calibrate_act_range,
     fake_quantize_activation,
@@ -159,3 +160,22 @@ def test_a_weight_quantized_a_slice_of_rows_at_a_time_is_the_whole_weight_quanti
     for a, b in zip(whole, sliced):
         assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
         assert (a.zero is None) == symmetric and (symmetric or torch.equal(a.zero, b.zero))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("columns", [64, 63])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weights_of_four_bits_or_fewer_are_held_two_a_byte_and_give_back_their_integers(bits, columns, dtype):
+    torch.manual_seed(bits)
+    scheme = WeightScheme(bits, -1, symmetric=bits % 2 == 0)
+    weight = (torch.randn(6, columns) * 0.05).to(dtype)
+    integers = torch.randint(scheme.qmin, scheme.qmax + 1, (6, columns), dtype=torch.int8)
+    integers[0, :2] = torch.tensor([scheme.qmin, scheme.qmax])  # both ends of the range
+    held = QuantizedWeight.of(integers, quantize_weight(weight, scheme).scale, None, scheme)
+    packs = bits <= 4 and columns % 2 == 0
+    assert held.packed == packs
+    assert held.codes.element_size() * held.codes.numel() == (6 * columns // 2 if packs else 6 * columns)
+    assert held.shape == (6, columns) and torch.equal(held.qweight, integers)
+    assert torch.equal(held.integers(torch.float32), integers.float())
+    assert torch.equal(held.dequantize(), (integers.to(dtype) * held.scale).to(dtype))
+    assert torch.equal(held.rows(2, 5).qweight, integers[2:5])
