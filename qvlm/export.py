@@ -1,12 +1,12 @@
 """Write quantized linears as a compressed-tensors checkpoint (what vLLM and transformers load as is).
 
 The library decides the format of each scheme (``infer_module_format``: int8 weights with dynamic int8
-per-token activations -> ``int-quantized``, weight-only -> ``pack-quantized``) and its registered
-compressor produces the tensors, from our integers' dequantized weights and qparams (in float32, where
-requantizing a dequantized weight with the same qparams gives back the same integers exactly, whatever the
-checkpoint's dtype). Config groups are one
-per distinct scheme, targeting layers by module name as the loaded model names them; tensors keep the
-source checkpoint's key layout (transformers renames both on load).
+per-token activations -> ``int-quantized``, weight-only -> ``pack-quantized``). The tensors are made from our
+integers directly, packed by the library's own packer: the integers are the ones the checkpoint holds, so the
+registered compressor's way (requantizing the dequantized weight in float32) would give the same tensors at the
+cost of several float32 copies of each weight; tests hold the two equal. Config groups are one per distinct
+scheme, targeting layers by module name as the loaded model names them; tensors keep the source checkpoint's
+key layout (transformers renames both on load).
 
 A multimodal model's image encoder (vision tower and projector) is written dense: its quantized weights
 dequantized in the checkpoint dtype, listed in ``ignore``. transformers' ``generate()`` runs the image
@@ -21,19 +21,19 @@ serves as weight-only.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
 import torch
-from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import infer_module_format
-from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, grouped
+from qvlm.quant import ActRange, ActScheme, QuantizedWeight, WeightScheme, held_codes
 from qvlm.structure import find_units
 
 ACTIVATIONS_FILE = "qvlm_activations.safetensors"
@@ -132,48 +132,62 @@ def quantization_config(schemes: Mapping[str, WeightScheme], act: ActScheme, ign
     return config.model_dump(exclude_none=True)
 
 
-# Rows of a weight handed to the compressor at once are a multiple of this: a packed zero point holds 32 / bits rows
-# in one int32, so slices of whole int32s pack to the whole weight's tensors, joined.
-PACKED_ROWS = 32
-# Weights handed to the compressor at once: it makes about five float32 copies of what it is given. Writing one 13B
-# layer's block took +227 MiB at this size, +455 at the quantizer's 2^24 (the file itself 156; bench/export_memory.py
-# in a process that returns freed pages, as a stage actor does: workers/host_memory.py).
-COMPRESS_ELEMENTS = 1 << 22
+# Weights packed at once where the integers are not the packed words' bytes already (3, 5, 6, 7 bits): the library's
+# packer makes int32 copies of what it is given (4 bytes a weight, 270 MiB each for a whole 13B down_proj).
+PACK_ELEMENTS = 1 << 22
 
 
-def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme,
-                       max_elements: int = COMPRESS_ELEMENTS) -> dict[str, torch.Tensor]:
-    """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...).
-
-    The compressor is given a slice of whole rows at a time (about ``max_elements`` weights): it makes several
-    float32 copies of what it is given, which for a whole 13B ``down_proj`` is about 1 GiB beside the block's
-    search results. Every tensor it returns is by rows except ``weight_shape``, which is the whole weight's."""
-    out_features, in_features = weight.shape
-    step = max(PACKED_ROWS, max_elements // max(1, in_features) // PACKED_ROWS * PACKED_ROWS)
-    parts = [_compress(weight.rows(start, start + step), group) for start in range(0, out_features, step)]
-    if len(parts) == 1:
-        return parts[0]
-    return {k: (torch.tensor(weight.shape, dtype=v.dtype) if k == "weight_shape" else
-                torch.cat([p[k] for p in parts]))
-            for k, v in parts[0].items()}
-
-
-def _compress(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
-    """The compressor requantizes the weight it is given in that weight's dtype. Given the bfloat16 dequantized
-    weight, ``round(w / scale)`` lands off our integer for some 8-bit weights, so it gets the float32 one
-    (``(q - z) * scale`` is exact in float32 for a 16-bit scale, so the division gives the integer back)
-    with the float32 scale, and the stored scale is put back in the checkpoint's dtype."""
-    scale32 = weight.scale.float()
-    ints = grouped(weight.integers(torch.float32), weight.scheme.group_size)
-    if weight.zero is not None:
-        ints = ints - weight.zero.float().unsqueeze(-1)
-    state = {"weight": (ints * scale32.unsqueeze(-1)).reshape(weight.shape), "weight_scale": scale32}
-    if weight.zero is not None:
-        state["weight_zero_point"] = weight.zero
-    compressor = BaseCompressor.get_value_from_registry(group.format)
-    out = {k: v.contiguous() for k, v in compressor.compress(state, group).items()}
-    out["weight_scale"] = weight.scale.contiguous()
+def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> dict[str, torch.Tensor]:
+    """The tensors of one linear in its group's format, under compressed-tensors' names (``weight_packed``, ...),
+    made from our integers as the format stores them: what the library's registered compressor makes from the
+    dequantized weight and qparams (tests/test_numerics.py holds the two equal for every scheme), without the
+    float32 copies of the weight it takes to requantize it. At 4 bits the integers as held are the packed words'
+    bytes, so ``weight_packed`` is a view of them."""
+    scale = weight.scale.contiguous()
+    if group.format == "int-quantized":
+        out = {"weight": weight.qweight.contiguous(), "weight_scale": scale}
+        if weight.zero is not None:
+            out["weight_zero_point"] = weight.zero.contiguous()
+        return out
+    if group.format != "pack-quantized":
+        raise NotImplementedError(f"qvlm writes the pack-quantized and int-quantized formats, not {group.format!r}")
+    out = {"weight_packed": _packed_words(weight), "weight_scale": scale,
+           "weight_shape": torch.tensor(tuple(weight.shape))}
+    if weight.zero is not None:  # zero points are packed along the output dimension
+        out["weight_zero_point"] = pack_to_int32(weight.zero.contiguous(), weight.scheme.bits, packed_dim=0)
     return out
+
+
+def _bytewise(bits: int, in_features: int) -> bool:
+    """Whether the packed int32 words of a weight are its integers byte for byte, offset to unsigned: at 4 bits two
+    a byte with the even column low (as ``QuantizedWeight`` holds them), at 8 bits one a byte; whole words to a
+    row, and a word's bytes in the host's order, which must then be little endian."""
+    return bits in (4, 8) and in_features * bits % 32 == 0 and sys.byteorder == "little"
+
+
+def _packed_words(weight: QuantizedWeight) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    bytewise = _bytewise(weight.scheme.bits, in_features)
+    if bytewise and weight.packed:  # 4 bits: the held bytes themselves
+        return weight.codes.contiguous().view(torch.int32)
+    if bytewise and weight.scheme.bits == 8:
+        return (weight.codes.contiguous().view(torch.uint8) ^ 0x80).view(torch.int32)  # int8 q -> q + 128
+    step = max(1, PACK_ELEMENTS // max(1, in_features))
+    words = None
+    for start in range(0, out_features, step):
+        part = pack_to_int32(weight.rows(start, start + step).qweight.contiguous(), weight.scheme.bits)
+        if words is None:
+            words = part.new_empty((out_features, part.shape[1]))
+        words[start:start + part.shape[0]] = part
+    return words
+
+
+def _unpacked_codes(words: torch.Tensor, scheme: WeightScheme, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_packed_words`: integers as ``QuantizedWeight.codes`` holds them."""
+    if not _bytewise(scheme.bits, shape[1]):
+        return held_codes(unpack_from_int32(words, scheme.bits, shape), scheme)
+    data = words.contiguous().view(torch.uint8)
+    return data if scheme.bits == 4 else (data ^ 0x80).view(torch.int8)
 
 
 def group_of(groups: Mapping[str, QuantizationScheme], name: str) -> QuantizationScheme | None:
@@ -192,11 +206,10 @@ def decode_linear(tensors: Mapping[str, torch.Tensor], scheme: WeightScheme) -> 
     scale = tensors["weight_scale"]
     if "weight_packed" in tensors:  # pack-quantized: int32 words, zero points packed along the output dim
         shape = torch.Size(tensors["weight_shape"].tolist())
-        qweight = unpack_from_int32(tensors["weight_packed"], scheme.bits, shape)
         zero = tensors.get("weight_zero_point")
         if zero is not None:
             zero = unpack_from_int32(zero, scheme.bits, torch.Size([shape[0], scale.shape[-1]]), packed_dim=0)
-        return QuantizedWeight.of(qweight, scale, zero, scheme)
+        return QuantizedWeight(_unpacked_codes(tensors["weight_packed"], scheme, shape), scale, zero, scheme)
     zero = tensors.get("weight_zero_point")  # int-quantized: int8 weight as stored
     return QuantizedWeight.of(tensors["weight"], scale, None if zero is None else zero.to(torch.int8), scheme)
 

@@ -169,6 +169,15 @@ def percentile_bounds(x: torch.Tensor, percentile: float, symmetric: bool) -> tu
     return s[..., round((n - 1) * (1 - percentile))], s[..., round((n - 1) * percentile)]
 
 
+def held_codes(qweight: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """int8 integers [out, in] as :class:`QuantizedWeight` holds them: themselves, or two a byte at 4 bits and fewer
+    with an even ``in``."""
+    if scheme.bits > 4 or qweight.shape[1] % 2:
+        return qweight
+    low = (qweight - scheme.qmin).to(torch.uint8)
+    return low[:, 0::2] | (low[:, 1::2] << 4)
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """Integer weight with its quantization parameters; ``dequantize()`` gives the served weight. Build one from its
@@ -189,10 +198,7 @@ class QuantizedWeight:
     def of(cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            scheme: WeightScheme) -> "QuantizedWeight":
         """From int8 integers ``qweight`` [out, in] (held as they are, or packed two a byte)."""
-        if scheme.bits > 4 or qweight.shape[1] % 2:
-            return cls(qweight, scale, zero, scheme)
-        low = (qweight - scheme.qmin).to(torch.uint8)
-        return cls(low[:, 0::2] | (low[:, 1::2] << 4), scale, zero, scheme)
+        return cls(held_codes(qweight, scheme), scale, zero, scheme)
 
     @property
     def packed(self) -> bool:

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import qvlm.export
 from compressed_tensors.compressors import BaseCompressor
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -106,18 +108,56 @@ def test_learned_rounding_starts_at_a_starts_odd_integer_on_an_exact_halfway_poi
     assert torch.equal(LearnedWeightQuantizer.init(w, scheme, start).finalize().qweight, odd)
 
 
+def _their_tensors(weight: QuantizedWeight, group) -> dict[str, torch.Tensor]:
+    """What compressed-tensors' registered compressor makes of the weight: given the float32 dequantized weight and
+    qparams, it requantizes and packs it (the stored scale is the checkpoint dtype's)."""
+    scale = weight.scale.float()
+    ints = grouped(weight.integers(torch.float32), weight.scheme.group_size)
+    if weight.zero is not None:
+        ints = ints - weight.zero.float().unsqueeze(-1)
+    state = {"weight": (ints * scale.unsqueeze(-1)).reshape(weight.shape), "weight_scale": scale}
+    if weight.zero is not None:
+        state["weight_zero_point"] = weight.zero
+    out = BaseCompressor.get_value_from_registry(group.format).compress(state, group)
+    return {**out, "weight_scale": weight.scale}
+
+
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("scheme", [WeightScheme(4, 32, True), WeightScheme(4, -1, False), WeightScheme(8, 32, True),
-                                    WeightScheme(8, -1, False), WeightScheme(3, 32, False)], ids=str)
-@pytest.mark.parametrize("act", [ActScheme(), ActScheme(8, "token")], ids=["W-only", "A8"])
-def test_a_linear_written_a_slice_of_rows_at_a_time_is_the_whole_linear_written(dtype, scheme, act):
-    """The compressor is given 32 rows at a time (100 rows: the last slice is short, and a packed zero point holds 8
-    or 4 rows an int32): every tensor joined is the one made from the whole weight, ``weight_shape`` too."""
-    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
-    q, group = quantize_weight(w, scheme), linear_group(scheme, act)
-    whole, sliced = compressed_tensors(q, group), compressed_tensors(q, group, max_elements=64 * 32)
-    assert list(sliced) == list(whole) and "weight_scale" in whole
-    assert all(sliced[k].dtype == whole[k].dtype and torch.equal(sliced[k], whole[k]) for k in whole)
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("in_features,group_size,symmetric", [(64, 32, True), (64, 16, False), (64, -1, False),
+                                                               (100, -1, True), (100, 20, False), (36, -1, False)])
+def test_the_tensors_written_are_what_compressed_tensors_compressor_makes(dtype, bits, in_features, group_size,
+                                                                          symmetric, monkeypatch):
+    """Our integers packed directly give the library compressor's tensors, to the bit, for every width (whole
+    int32 words to a row at 64; 100 and 36 leave a word part-filled) and when the packer is given 7 rows at a time
+    (100 rows: the last slice short). At 4 bits and 64 wide ``weight_packed`` is the held integers' own bytes, and
+    what is read back holds the bytes that were read."""
+    monkeypatch.setattr(qvlm.export, "PACK_ELEMENTS", 7 * in_features)
+    w = torch.randn(100, in_features, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    scheme = WeightScheme(bits, group_size, symmetric)
+    q = quantize_weight(w, scheme)
+    for act in [ActScheme()] + ([ActScheme(8, "token")] if bits == 8 else []):
+        group = linear_group(scheme, act)
+        ours, theirs = compressed_tensors(q, group), _their_tensors(q, group)
+        assert sorted(ours) == sorted(theirs), group.format
+        for k in theirs:
+            assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), (group.format, k)
+            assert ours[k].is_contiguous()
+        if bits == 4 and in_features == 64:
+            assert ours["weight_packed"].data_ptr() == q.codes.data_ptr()
+        back = decode_linear(ours, scheme)
+        if bits == 4 and in_features % 8 == 0 and group.format == "pack-quantized":
+            assert back.codes.data_ptr() == ours["weight_packed"].data_ptr()
+        assert back.codes.dtype == q.codes.dtype and torch.equal(back.codes, q.codes) and torch.equal(back.scale, q.scale)
+        assert (back.zero is None) == symmetric and (symmetric or torch.equal(back.zero, q.zero))
+
+
+def test_a_format_qvlm_does_not_write_is_refused_by_name():
+    group = linear_group(WeightScheme(4, 32, True), ActScheme())
+    group.format = "float-quantized"
+    with pytest.raises(NotImplementedError, match="not 'float-quantized'"):
+        compressed_tensors(quantize_weight(_weight(torch.float16), WeightScheme(4, 32, True)), group)
 
 
 def _float16_block(bits=4, hidden=256, tokens=256, batch=8):
