@@ -256,7 +256,7 @@ def quantize_with_qparams(
     return QuantizedWeight.of(q.to(torch.int8).reshape(w.shape), scale, zero, scheme)
 
 
-ROW_SLICE_ELEMENTS = 1 << 24  # a weight's float32 temporaries are made this many elements (64 MiB) at a time
+ROW_SLICE_ELEMENTS = 1 << 22  # a weight's float32 temporaries are made this many elements (16 MiB) at a time
 
 
 def row_slices(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
