@@ -153,8 +153,8 @@ def compressed_tensors(weight: QuantizedWeight, group: QuantizationScheme) -> di
         raise NotImplementedError(f"qvlm writes the pack-quantized and int-quantized formats, not {group.format!r}")
     out = {"weight_packed": _packed_words(weight), "weight_scale": scale,
            "weight_shape": torch.tensor(tuple(weight.shape))}
-    if weight.zero is not None:  # zero points are packed along the output dimension
-        out["weight_zero_point"] = pack_to_int32(weight.zero.contiguous(), weight.scheme.bits, packed_dim=0)
+    if weight.zero is not None:  # packed along the output dimension (compressed-tensors 0.17 returns a transposed view)
+        out["weight_zero_point"] = pack_to_int32(weight.zero.contiguous(), weight.scheme.bits, packed_dim=0).contiguous()
     return out
 
 
