@@ -3,10 +3,11 @@
 The library decides the format of each scheme (``infer_module_format``: int8 weights with dynamic int8
 per-token activations -> ``int-quantized``, weight-only -> ``pack-quantized``). The tensors are made from our
 integers directly (at 4 and 8 bits the packed words are their bytes; other widths and the zero points go through
-the library's own packer): the integers are the ones the checkpoint holds, so the registered compressor's way (requantizing the dequantized weight in float32) would give the same tensors at the
-cost of several float32 copies of each weight; tests hold the two equal. Config groups are one per distinct
-scheme, targeting layers by module name as the loaded model names them; tensors keep the source checkpoint's
-key layout (transformers renames both on load).
+the library's own packer): the integers are the ones the checkpoint holds, so the registered compressor's way
+(requantizing the dequantized weight in float32) would give the same tensors at the cost of several float32
+copies of each weight; tests hold the two equal. Config groups are one per distinct scheme, targeting layers by
+module name as the loaded model names them; tensors keep the source checkpoint's key layout (transformers renames
+both on load).
 
 A multimodal model's image encoder (vision tower and projector) is written dense: its quantized weights
 dequantized in the checkpoint dtype, listed in ``ignore``. transformers' ``generate()`` runs the image
