@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
-import qvlm.export
 from compressed_tensors.compressors import BaseCompressor
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import qvlm.export
 from qvlm.capture import capture_units
 from qvlm.export import compressed_tensors, decode_linear, linear_group
 from qvlm.learned import LearnedWeightQuantizer
