@@ -36,12 +36,13 @@ def settings(model_dir: Path, out: Path, cal: CalibrationSettings, quant: QuantC
 
 
 def timed_job(model_dir: Path, cal: CalibrationSettings, quant: QuantConfig, workers: int,
-              cpus_per_worker: float = 1) -> dict:
-    """Run one job into a fresh temp folder; its phase seconds, wall time and plan document."""
+              cpus_per_worker: float = 1, echo=quiet) -> dict:
+    """Run one job into a fresh temp folder; its phase seconds, wall time and plan document. ``echo`` gets the
+    job's progress lines (dropped by default)."""
     tmp = Path(tempfile.mkdtemp(prefix="qvlm-bench-"))
     out = tmp / "out"
     t = time.perf_counter()
-    outcome = run_job(settings(model_dir, out, cal, quant, workers, cpus_per_worker), echo=quiet)
+    outcome = run_job(settings(model_dir, out, cal, quant, workers, cpus_per_worker), echo=echo)
     wall = time.perf_counter() - t
     plan = json.loads((out / "qvlm_plan.json").read_text())
     shutil.rmtree(tmp, ignore_errors=True)  # after timing; the 1 GB model's shards would pile up in /tmp

@@ -103,15 +103,16 @@ def write_calibration(folder: Path, samples: int, tokens: int) -> Path:
 
 class StageProcesses:
     """The stage actors' memory read from /proc at each poll, by pid: the kernel's peak (VmHWM, what the plan
-    document reports), and the largest private (anonymous + file) and shared-memory parts seen. A process's RSS
+    document reports), and the largest private (anonymous + file) and shared-memory parts seen, each with the job's
+    phase when it was seen (its progress line then: the peak came within one poll of it). A process's RSS
     counts the object store's pages it wrote or read (``ray.put`` of a hidden state leaves them resident in the
     writer), which the object store's own figure counts too; the private part is the stage's own memory, as
     sampled (a peak shorter than the poll can be missed: a lower bound, where VmHWM is an upper one)."""
 
     def __init__(self):
-        self.seen: dict[int, dict[str, int]] = {}
+        self.seen: dict[int, dict] = {}
 
-    def sample(self) -> None:
+    def sample(self, phase: str = "") -> None:
         for proc in Path("/proc").iterdir():
             try:
                 if not proc.name.isdigit() or not (proc / "cmdline").read_bytes().startswith(b"ray::StageWorker"):
@@ -121,11 +122,12 @@ class StageProcesses:
             except (OSError, ValueError, IndexError):  # the process ended between the listing and the read
                 continue
             mine = self.seen.setdefault(int(proc.name), {"hwm": 0, "private": 0, "shared": 0})
-            mine["hwm"] = max(mine["hwm"], kib["VmHWM"] * 1024)
-            mine["private"] = max(mine["private"], (kib["RssAnon"] + kib["RssFile"]) * 1024)
-            mine["shared"] = max(mine["shared"], kib["RssShmem"] * 1024)
+            for key, value in (("hwm", kib["VmHWM"]), ("private", kib["RssAnon"] + kib["RssFile"]),
+                               ("shared", kib["RssShmem"])):
+                if value * 1024 > mine[key]:
+                    mine[key], mine[f"{key}_phase"] = value * 1024, phase
 
-    def of(self, peak_rss: int) -> dict[str, int] | None:
+    def of(self, peak_rss: int) -> dict | None:
         """The process whose last peak seen is nearest ``peak_rss`` (a stage's, from the plan document)."""
         if not self.seen:
             return None
@@ -140,6 +142,7 @@ class ObjectStoreWatch:
 
         self.every_s, self.peak, self.spilled, self.samples = every_s, 0, 0, 0
         self.actors = StageProcesses()
+        self.phase = ""  # the job's last progress line, without its name and ETA
         self.state = get_state_from_address(ray._private.worker._global_node.gcs_address)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -155,8 +158,12 @@ class ObjectStoreWatch:
             self.peak = max(self.peak, stats.object_store_bytes_used)
             self.spilled = max(self.spilled, stats.spilled_bytes_total)
             self.samples += 1
-            self.actors.sample()
+            self.actors.sample(self.phase)
             self._stop.wait(self.every_s)
+
+    def progress(self, line: str = "", *args, **kwargs) -> None:
+        """The job's ``echo``: keeps its phase (``[name] searching: blocks 2/4, ETA 3s`` -> ``searching: blocks 2/4``)."""
+        self.phase = line.split("] ", 1)[-1].split(", ETA")[0]
 
     def __enter__(self) -> "ObjectStoreWatch":
         self._thread.start()
@@ -171,7 +178,7 @@ def one_run(model_dir: Path, cal: CalibrationSettings, workers: int, cpus: int, 
     init_ray(cpus)
     try:
         with ObjectStoreWatch() as watch:
-            run = timed_job(model_dir, cal, QuantConfig(method="rtn"), workers, cpus_per_worker)
+            run = timed_job(model_dir, cal, QuantConfig(method="rtn"), workers, cpus_per_worker, watch.progress)
         return {**run, "store_peak": watch.peak, "store_spilled": watch.spilled, "store_polls": watch.samples,
                 "actors": watch.actors}
     finally:
@@ -203,12 +210,12 @@ def stage_rows(workers: int, run: dict, memory: list, baseline: int) -> list[lis
     rows = []
     for i, (s, m) in enumerate(zip(plan["stage_memory"], memory)):
         rss, w, c = s["peak_rss_bytes"], s["weight_bytes"], m.captures
-        seen = run["actors"].of(rss) or {"private": 0, "shared": 0}
+        seen = run["actors"].of(rss) or {"private": 0, "shared": 0, "hwm_phase": "?", "private_phase": "?"}
         rows.append([workers if i == 0 else "", i, len(plan["stages"][i]), f"{rss / MIB:.0f}", f"{w / MIB:.0f}",
                      f"{c / MIB:.0f}", f"{m.workspace / MIB:.0f}", f"{(rss - baseline) / MIB:.0f}",
                      f"{(rss - baseline) / (w + c):.2f}", f"{(rss - baseline) / m.total:.2f}",
                      f"{seen['shared'] / MIB:.0f}", f"{seen['private'] / MIB:.0f}",
-                     f"{(seen['private'] - baseline) / (w + c):.2f}"])
+                     f"{(seen['private'] - baseline) / (w + c):.2f}", seen["hwm_phase"], seen["private_phase"]])
     return rows
 
 
@@ -383,12 +390,13 @@ def run_jobs(args, model_dir: Path, cal: CalibrationSettings, baseline: int) -> 
     print()
     print(table(["workers", "stage", "units", "peak RSS MiB", "weights MiB", "captures MiB", "workspace MiB",
                  "RSS-baseline MiB", "(RSS-base)/(w+c)", "(RSS-base)/(w+c+ws)", "object store pages MiB",
-                 "private peak MiB", "(private-base)/(w+c)"], rows))
+                 "private peak MiB", "(private-base)/(w+c)", "peak RSS during", "private peak during"], rows))
     print(f"\nweights: the plan document's stage_memory weight_bytes; captures and workspace: cluster/memory.py "
           f"(capture_bytes, workspace_bytes at depth 1) at {args.samples} x {args.tokens}; baseline {baseline / MIB:.0f} MiB. "
           "Target (issue 16): (RSS-base)/(w+c) <= 1.3. The peak RSS (the kernel's high-water mark) counts the object "
           "store's pages the actor wrote or read; object store pages and private peak: the most of each seen in "
-          "/proc/PID/status (RssShmem; RssAnon + RssFile) at the 0.2 s polls, a lower bound of the private peak.\n")
+          "/proc/PID/status (RssShmem; RssAnon + RssFile) at the 0.2 s polls, a lower bound of the private peak; "
+          "during: the job's progress line at the poll that first saw the peak.\n")
     print(table(["workers", "transfer_bytes per stage MiB", "sent MiB", "by hand: boundaries x (2 x hidden + extra) MiB",
                  "by hand MiB", "sent/by hand", "object store peak MiB", "peak/by hand", "spilled MiB", "polls"], stores))
     print("\nsent: the plan document's transfer_bytes (what each stage put into the object store for the next); by hand: "
