@@ -9,9 +9,9 @@ searches a block, a
 workspace: per weight of the block what its search holds (``SEARCH_BYTES_PER_WEIGHT``), the block's cached unit
 outputs for every sample, GPTQ's Hessians (one unit's at a time), one batch's intermediate activations
 and, for learned rounding, what autograd keeps of one batch through the block. Activations are in the
-model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds a
-quantized copy of the stage's linears beside the full-precision ones, one batch's activations and, in the first
-stage, the float32 logits of both passes of one batch (cluster/evaluation.py). Visual-encoder optimisation, when
+model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds the
+integers of the stage's linears beside the full-precision weights (one linear dequantized at a time), one batch's
+activations and, in the first stage, the float32 logits of both passes of one batch (cluster/evaluation.py). Visual-encoder optimisation, when
 on, runs before the searches beside the captures: each stage keeps one batch's graph through its units, and the
 first stage also the tower's trainable quantizers and one batch's logits with their gradient (qvlm/veo.py), and
 in host memory the full-precision logits of every calibration batch (``StageMemory.host``).
@@ -167,17 +167,30 @@ def _autograd_bytes(plan, unit, size: CalibrationSize) -> int:
     return size.batch_size * unit_tokens(unit, size) * per_token
 
 
-def evaluation_bytes(plan, stage: int, size: CalibrationSize) -> int:
-    """The held-out evaluation: the quantized copies of the stage's linears, one batch's activations through its
-    widest linear, and in the first stage one batch's logits three times in float32 (the full-precision pass's,
+def evaluation_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
+    """The held-out evaluation: the integers of the stage's quantized linears with their scales, one linear's weight
+    dequantized as a forward pass reaches it (qvlm.stage.Stage.prepare_evaluation), one batch's activations through
+    its widest linear, and in the first stage one batch's logits three times in float32 (the full-precision pass's,
     kept for the quantized one, the quantized pass's, and the model's output before its float32 copy; the
     log-softmax is taken a few rows at a time, qvlm.evaluate.ROWS_AT_ONCE)."""
     units = [plan.units[i] for i in plan.stages[stage]]
-    copies = sum(plan.unit_bytes[i] for i in plan.stages[stage])
-    widest = max(out for u in units for n in u.linears for out, _ in [plan.linear_shapes[u.linear_name(n)]])
+    shapes = [plan.linear_shapes[u.linear_name(n)] for u in units for n in u.linears]
+    integers = sum(_held_integer_bytes(out, inp, quant) for out, inp in shapes)
+    dequantized = max(out * inp for out, inp in shapes) * plan.weight_element_bytes
+    widest = max(out for out, _ in shapes)
     transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * plan.weight_element_bytes
     logits = 3 * 4 * size.batch_size * size.tokens * plan.vocab_size if stage == 0 else 0
-    return copies + transient + logits
+    return integers + dequantized + transient + logits
+
+
+def _held_integer_bytes(out_features: int, in_features: int, quant) -> int:
+    """One quantized linear as qvlm.quant.QuantizedWeight holds it: its integers (two a byte at 4 bits and fewer
+    with an even input width, else one; mixed precision may raise any linear above 4 bits) and a scale, and a
+    zero point when asymmetric, per group (counted at 4 bytes each, the widest they are held in)."""
+    scheme = quant.weights
+    packed = scheme.bits <= 4 and in_features % 2 == 0 and quant.mixed_precision.metric == "none"
+    groups = out_features * (1 if scheme.group_size == -1 else -(-in_features // scheme.group_size))
+    return out_features * in_features // (2 if packed else 1) + groups * 4 * (1 if scheme.symmetric else 2)
 
 
 # One batch's logits in VEO's first stage, per logit: the logits, their float32 copies in the loss (the error
@@ -241,7 +254,7 @@ def tower_capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     captures = capture_bytes(plan, stage, size) + carried_bytes(plan, stage, size, quant)
     return StageMemory(plan.stage_bytes(stage), captures,
-                       workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size),
+                       workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size, quant),
                        veo_bytes(plan, stage, size, quant), veo_host_bytes(plan, stage, size, quant),
                        tower_capture_bytes(plan, stage, size))
 

@@ -270,13 +270,14 @@ class Stage:
 
     def prepare_evaluation(self, results: Sequence[BlockResult], act, comparison: Comparison | None = None) -> None:
         """Hold the quantized linears of this stage's blocks beside the full-precision ones, to switch between
-        them per forward pass; the first stage also holds the held-out batches (``comparison``). The captures are
-        dropped first: the searches are over, and their memory is what the quantized copies take."""
+        them per forward pass; the first stage also holds the held-out batches (``comparison``). The quantized
+        linears hold the integers and dequantize as a forward pass reaches them, as a search's do, so the stage
+        holds no second dense copy of its weights. The captures are dropped first: the searches are over."""
         self.reset_captures()
         self._carried = None
         linears = [r for b in results for r in b.linears]
-        self._quantized = {r.name: FakeQuantLinear.from_linear(self._original(r.name)) for r in linears}
-        apply_linear_results(self._quantized, linears, act)
+        self._quantized = {r.name: FakeQuantLinear.from_linear(self._original(r.name), share=True) for r in linears}
+        apply_linear_results(self._quantized, linears, act, dense=False)
         self.comparison = comparison if self.first else None
 
     def _original(self, name: str) -> nn.Module:

@@ -236,6 +236,29 @@ def test_the_evaluation_after_the_searches_counts_in_a_stage_memory(tmp_path, ti
     check_memory(plan, job.calibration, job.quant, False, None, host // 2)  # the small vocabulary fits
 
 
+def test_the_evaluation_counts_the_integers_of_the_stages_linears_at_their_width(tmp_path, tiny_llava_dir):
+    """The evaluation holds each linear's integers (two a byte at 4 bits, one at 8, and one wherever mixed precision
+    may raise a linear) beside the stage's weights, not a dense copy of them."""
+    from dataclasses import replace
+
+    from cluster.memory import calibration_size, stage_memory
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+    from qvlm.config import MixedPrecisionConfig
+    from qvlm.quant import WeightScheme
+
+    job = load_job(_job(tmp_path, tiny_llava_dir)).compile()
+    plan = inspect_model(job)[0]
+    size = calibration_size(plan, job.calibration)
+    w4, w8 = replace(job.quant, weights=WeightScheme(4, 32)), replace(job.quant, weights=WeightScheme(8, 32))
+    boosted = replace(w4, mixed_precision=MixedPrecisionConfig(metric="kurtosis"))
+    for stage in range(len(plan.stages)):
+        shapes = [plan.linear_shapes[plan.units[i].linear_name(n)] for i in plan.stages[stage] for n in plan.units[i].linears]
+        half = sum(out * inp // 2 for out, inp in shapes)
+        at = lambda quant: stage_memory(plan, stage, size, quant).evaluation
+        assert at(w8) - at(w4) == half and at(boosted) == at(w8)  # a dense copy would be the same at any width
+
+
 def test_veo_counts_in_each_stage_memory_and_needs_no_worker_for_the_whole_model(tmp_path, tiny_llava_dir):
     """VEO runs through the stages (each keeps one batch's graph; the first also the tower's quantizers and the
     logits): the plan counts it per stage and a GPU too small for the whole model in one worker takes the job on

@@ -129,3 +129,30 @@ def test_evaluation_through_three_stages_equals_the_whole_models(setup, dtype):
     twin = make_tiny_llava(seed=0)[0].to(dtype).eval()
     with torch.no_grad():
         torch.testing.assert_close(fp(**batches[0]).logits, twin(**batches[0]).logits, rtol=0, atol=0)
+
+
+def test_the_evaluations_quantized_linears_hold_integers_not_a_second_copy_of_the_weights(setup):
+    """A stage evaluating its blocks holds their integers beside its own weights, not a dense quantized copy of
+    every linear (a second copy of the stage's weights): the quantized linears read the stage's weight tensors,
+    which a quantized pass leaves as loaded."""
+    from qvlm.config import QuantConfig
+    from qvlm.driver import quantize
+    from qvlm.evaluate import Comparison, answered_batches
+    from qvlm.stage import Stage
+    from qvlm.structure import find_units
+
+    _, processor, records = setup
+    fp = make_tiny_llava(seed=0)[0].eval()
+    batches, spans = answered_batches(records, processor, MAX_LENGTH, batch_size=4)
+    _, result = quantize(make_tiny_llava(seed=0)[0], batches[:1], QuantConfig(method="rtn"))
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    stage = Stage(fp, find_units(fp), first=True)
+    stage.prepare_evaluation(result.block_results, QuantConfig().activations, Comparison(batches, spans))
+    assert stage._quantized
+    for name, fq in stage._quantized.items():
+        own = fp.get_submodule(name).weight
+        assert fq.weight.untyped_storage().data_ptr() == own.untyped_storage().data_ptr(), name
+        assert fq.quantized is not None and fq.quantized.packed, name  # W4: two integers a byte
+    for quantized in (False, True):
+        stage.evaluate_head(0, stage.evaluate_forward(0, quantized), quantized)
+    assert all(torch.equal(v, fp.state_dict()[k]) for k, v in before.items())
