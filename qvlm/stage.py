@@ -320,7 +320,7 @@ class Stage:
         return self.comparison.result()
 
     def end_evaluation(self) -> None:
-        """Let the quantized copies and the held-out batches go."""
+        """Let the quantized linears (their integers) and the held-out batches go."""
         self._quantized, self.comparison = {}, None
 
     # --- visual-encoder optimisation --------------------------------------------------------------------
