@@ -67,10 +67,11 @@ def main() -> None:
     seconds = time.perf_counter() - start
     before = meter.rows[0][2]
     prepared, passes = meter.rows[1], meter.rows[2]
+    peak = max(prepared[1], passes[1])
     print(f"one 13B-wide layer as stage 0 of 4 ({weights / 1e6:.0f} M linear weights, float16, W4 g128; one batch of "
           f"{args.batch} x {args.tokens} tokens): prepare_evaluation holds {(prepared[2] - before) / MIB:+.0f} MiB "
-          f"(peak {(prepared[1] - before) / MIB:+.0f}); the evaluation peaks {(max(prepared[1], passes[1]) - before) / MIB:+.0f} "
-          f"MiB over the RSS before it; {seconds:.1f} s; {stage.evaluation()}")
+          f"(peak {(prepared[1] - before) / MIB:+.0f}); the evaluation peaks {(peak - before) / MIB:+.0f} MiB over the "
+          f"RSS before it; {seconds:.1f} s; {stage.evaluation()}")
 
 
 if __name__ == "__main__":

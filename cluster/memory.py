@@ -11,10 +11,11 @@ outputs for every sample, GPTQ's Hessians (one unit's at a time), one batch's in
 and, for learned rounding, what autograd keeps of one batch through the block. Activations are in the
 model's dtype, as the stage computes. After the searches the captures go, and the held-out evaluation holds the
 integers of the stage's linears beside the full-precision weights (one linear dequantized at a time), one batch's
-activations and, in the first stage, the float32 logits of both passes of one batch (cluster/evaluation.py). Visual-encoder optimisation, when
-on, runs before the searches beside the captures: each stage keeps one batch's graph through its units, and the
-first stage also the tower's trainable quantizers and one batch's logits with their gradient (qvlm/veo.py), and
-in host memory the full-precision logits of every calibration batch (``StageMemory.host``).
+activations and, in the first stage, the float32 logits of both passes of one batch (cluster/evaluation.py).
+Visual-encoder optimisation, when on, runs before the searches beside the captures: each stage keeps one batch's
+graph through its units, and the first stage also the tower's trainable quantizers and one batch's logits with
+their gradient (qvlm/veo.py), and in host memory the full-precision logits of every calibration batch
+(``StageMemory.host``).
 
 With a GPU the captures stay on the GPU when everything fits there; else, in a stage that holds the vision tower
 and language layers, the tower's (and the projector's) go to the worker's host memory when that is enough; else
@@ -253,10 +254,9 @@ def tower_capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 
 def stage_memory(plan, stage: int, size: CalibrationSize, quant) -> StageMemory:
     captures = capture_bytes(plan, stage, size) + carried_bytes(plan, stage, size, quant)
-    return StageMemory(plan.stage_bytes(stage), captures,
-                       workspace_bytes(plan, stage, size, search_cost(quant)), evaluation_bytes(plan, stage, size, quant),
-                       veo_bytes(plan, stage, size, quant), veo_host_bytes(plan, stage, size, quant),
-                       tower_capture_bytes(plan, stage, size))
+    return StageMemory(plan.stage_bytes(stage), captures, workspace_bytes(plan, stage, size, search_cost(quant)),
+                       evaluation_bytes(plan, stage, size, quant), veo_bytes(plan, stage, size, quant),
+                       veo_host_bytes(plan, stage, size, quant), tower_capture_bytes(plan, stage, size))
 
 
 @dataclass(frozen=True)
