@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from qvlm.quant import held_two_a_byte
 from qvlm.veo_stage import ACT_ROWS
 
 GIB = 2**30
@@ -185,11 +186,11 @@ def evaluation_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
 
 
 def _held_integer_bytes(out_features: int, in_features: int, quant) -> int:
-    """One quantized linear as qvlm.quant.QuantizedWeight holds it: its integers (two a byte at 4 bits and fewer
-    with an even input width, else one; mixed precision may raise any linear above 4 bits) and a scale, and a
-    zero point when asymmetric, per group (counted at 4 bytes each, the widest they are held in)."""
+    """One quantized linear as qvlm.quant.QuantizedWeight holds it: its integers (two a byte where
+    ``held_two_a_byte``, else one; mixed precision may raise any linear above 4 bits) and a scale, and a zero point
+    when asymmetric, per group (counted at 4 bytes each, the widest they are held in)."""
     scheme = quant.weights
-    packed = scheme.bits <= 4 and in_features % 2 == 0 and quant.mixed_precision.metric == "none"
+    packed = held_two_a_byte(scheme.bits, in_features) and quant.mixed_precision.metric == "none"
     groups = out_features * (1 if scheme.group_size == -1 else -(-in_features // scheme.group_size))
     return out_features * in_features // (2 if packed else 1) + groups * 4 * (1 if scheme.symmetric else 2)
 

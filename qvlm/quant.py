@@ -169,10 +169,15 @@ def percentile_bounds(x: torch.Tensor, percentile: float, symmetric: bool) -> tu
     return s[..., round((n - 1) * (1 - percentile))], s[..., round((n - 1) * percentile)]
 
 
+def held_two_a_byte(bits: int, in_features: int) -> bool:
+    """Whether :class:`QuantizedWeight` holds a weight's integers two a byte: 4 bits and fewer, an even ``in``."""
+    return bits <= 4 and in_features % 2 == 0
+
+
 def held_codes(qweight: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
-    """int8 integers [out, in] as :class:`QuantizedWeight` holds them: themselves, or two a byte at 4 bits and fewer
-    with an even ``in``."""
-    if scheme.bits > 4 or qweight.shape[1] % 2:
+    """int8 integers [out, in] as :class:`QuantizedWeight` holds them: themselves, or two a byte where
+    :func:`held_two_a_byte`."""
+    if not held_two_a_byte(scheme.bits, qweight.shape[1]):
         return qweight
     low = (qweight - scheme.qmin).to(torch.uint8)
     return low[:, 0::2] | (low[:, 1::2] << 4)

@@ -253,7 +253,8 @@ def test_the_evaluation_counts_the_integers_of_the_stages_linears_at_their_width
     w4, w8 = replace(job.quant, weights=WeightScheme(4, 32)), replace(job.quant, weights=WeightScheme(8, 32))
     boosted = replace(w4, mixed_precision=MixedPrecisionConfig(metric="kurtosis"))
     for stage in range(len(plan.stages)):
-        shapes = [plan.linear_shapes[plan.units[i].linear_name(n)] for i in plan.stages[stage] for n in plan.units[i].linears]
+        shapes = [plan.linear_shapes[plan.units[i].linear_name(n)]
+                  for i in plan.stages[stage] for n in plan.units[i].linears]
         half = sum(out * inp // 2 for out, inp in shapes)
         at = lambda quant: stage_memory(plan, stage, size, quant).evaluation
         assert at(w8) - at(w4) == half and at(boosted) == at(w8)  # a dense copy would be the same at any width
