@@ -10,7 +10,8 @@ over random token ids; each method is one ``search_block`` of that layer (``lear
 of a search's evaluations runs. Figures: seconds per phase and tokens per second, the block evaluations, and
 the memory of each phase: before it and its peak (GPU: ``torch.cuda.memory_allocated`` and
 ``max_memory_allocated``, reset before each phase; CPU: the process's RSS and its high-water mark, reset
-before each phase through ``/proc/self/clear_refs``), the object store's put and get throughput of one
+before each phase through ``/proc/self/clear_refs``, or with ``--live`` the peak of live tensors above the phase's
+start, as a GPU counts them), the object store's put and get throughput of one
 boundary hidden state (batch x tokens x hidden, packed as the stages send it), and the throughput of ranged
 reads of the layer's weights from a safetensors file on local disk, and the device's memory bandwidth for a
 large copy (what bench/projection.py scales by). ``--json PATH`` also writes every figure
@@ -72,8 +73,13 @@ def build_layer(args, device: torch.device):
     return model
 
 
+LIVE = False  # --live: on the CPU, the peak of live tensors (as a GPU's figures are) in place of the RSS
+
+
 def timed(device: torch.device, fn) -> tuple:
     """(value, seconds, memory before in GiB, peak during in GiB)."""
+    if LIVE and device.type == "cpu":
+        return _timed_live(fn)
     _sync(device)
     _reset_peak(device)
     before = _now(device)
@@ -81,6 +87,29 @@ def timed(device: torch.device, fn) -> tuple:
     value = fn()
     _sync(device)
     return value, time.perf_counter() - t, before, _peak(device)
+
+
+def _timed_live(fn) -> tuple:
+    """``timed`` on the CPU with ``live_peak_bytes`` (reported above a before of 0)."""
+    t = time.perf_counter()
+    value, peak = live_peak_bytes(fn)
+    return value, time.perf_counter() - t, 0.0, peak / GIB  # with the profiler's overhead: time without --live
+
+
+def live_peak_bytes(fn) -> tuple:
+    """``fn()`` and the peak of live CPU tensors above what was live before it. torch.profiler records each
+    allocation under the operator that made it and each free; they are replayed here in order. (The RSS also
+    holds what the C allocator keeps of freed memory; a GPU's max_memory_allocated does not.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        value = fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return value, peak
 
 
 def capture(stage, args, device) -> tuple[float, float, float]:
@@ -227,6 +256,8 @@ def arguments() -> argparse.Namespace:
                         "(default --tokens)")
     parser.add_argument("--boundary-hidden", type=int, default=None, help="object store: its width (default --hidden)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    parser.add_argument("--live", action="store_true", help="on the CPU: each phase's peak of live tensors above "
+                        "its start (as on a GPU), not the RSS; times then include the profiler's overhead")
     return parser.parse_args()
 
 
@@ -235,7 +266,9 @@ def _label(method: str, args) -> str:
 
 
 def main() -> None:
+    global LIVE
     args = arguments()
+    LIVE = args.live
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -257,7 +290,7 @@ def main() -> None:
         "uncounted_forwards": dict(UNCOUNTED_FORWARDS)}  # the search code's own, for bench/projection.py's check
     seconds, before, peak = capture(stage, args, device)
     figures["capture"] = {"seconds": seconds, "before_gib": before, "peak_gib": peak}
-    unit = "GPU GiB allocated" if device.type == "cuda" else "RSS GiB"
+    unit = "GPU GiB allocated" if device.type == "cuda" else "live GiB" if LIVE else "RSS GiB"
     print(f"\n{'phase':<16}{'seconds':>10}{'tokens/s':>12}{'evaluations':>13}{'before ' + unit:>24}{'peak ' + unit:>22}"
           f"{'error after/before':>20}")
     print(f"{'capture':<16}{seconds:>10.2f}{tokens / seconds:>12.0f}{'':>13}{before:>24.2f}{peak:>22.2f}{'':>20}")
