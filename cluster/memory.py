@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from qvlm.quant import held_two_a_byte
+from qvlm.quant import ROW_SLICE_ELEMENTS, held_two_a_byte
 from qvlm.veo_stage import ACT_ROWS
 
 GIB = 2**30
@@ -82,17 +82,22 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
     return hidden + masks
 
 
-# Bytes a block search holds per weight element of the block, besides the stage's own weights: measured on the CPU
-# with bench/gpu.py on one decoder layer of 51M weights in float32 and in bfloat16, the larger of the two
-# (BENCHMARKS.md, "Search workspace per weight"); "plain" was raised to what clip took on an H200 at LLaVA-13B's
-# layer (12, BENCHMARKS.md, "One 13B layer on an H200"). Both were lowered when the fake-quant linears stopped
-# holding a dense copy (BENCHMARKS.md, "No dense copy in the search workspace") by what the CPU measured them to
-# lose in both dtypes: clip 4.0-4.2 bytes a weight, learned 1.7-3.1 (2 taken). "plain" (rtn, clip, gptq): the
-# int8 candidates, one linear's weight dequantized as the forward reaches it and the quantizer's temporaries;
+# Bytes a block search holds per weight element of the block, besides the stage's own weights.
+# "plain" (rtn, clip, gptq): the int8 candidates it compares, two at once (the round-to-nearest start and the
+# clipped or GPTQ weights), one byte a weight each; integers of 4 bits and fewer are held two a byte
+# (qvlm.quant.QuantizedWeight), which this does not take off, so there it is an upper bound. Beside them a plain
+# search holds one linear's weight dequantized as the forward reaches it, and the quantizer's float32 temporaries
+# of one slice of rows (``QUANTIZER_SLICES``, ``plain_search_extra_bytes``). Measured as the allocator's peak of
+# live tensors (BENCHMARKS.md, "The plan's count of a plain search"). It was 8, measured as RSS before the
+# quantizer worked a slice of rows at a time and before integers were held two a byte.
 # "learned": also its float32 rounding offsets and their gradients, the int8 best-so-far and one linear's soft
-# weight recomputed in the backward. Since then integers of 4 bits and fewer are held two a byte
-# (qvlm.quant.QuantizedWeight), which these figures do not take off: there they are an upper bound.
-SEARCH_BYTES_PER_WEIGHT = {"plain": 8, "learned": 22}
+# weight recomputed in the backward: measured on the CPU with bench/gpu.py on one decoder layer of 51M weights in
+# float32 and in bfloat16, the larger of the two (BENCHMARKS.md, "Search workspace per weight"), less what the
+# dense copy had held (BENCHMARKS.md, "No dense copy in the search workspace").
+SEARCH_BYTES_PER_WEIGHT = {"plain": 2, "learned": 22}
+# Float32 temporaries of ``ROW_SLICE_ELEMENTS`` each that the quantizer may hold at once (the clipping grid's
+# grouped weight, integers, error and their intermediates): at most 5 were seen, in bfloat16.
+QUANTIZER_SLICES = 8
 # `best` runs its candidates one after another (qvlm.search.search_best): clipped RTN, then GPTQ with the RTN
 # candidate kept (its int8 codes), then learned rounding with both kept and its int16 shifts from the GPTQ start.
 # Its peak is the larger of its GPTQ and learned phases plus what each keeps, not their sum.
@@ -101,8 +106,10 @@ BEST_KEEPS_PER_WEIGHT = {"plain": 1, "learned": 4}
 # factor, the inverse and the inverse's factor, alive at once (8 bytes each), beside two float32 copies of the
 # weights of the linears that read that input, quantized together (the original and its act-order permutation),
 # and their rows joined in the model's dtype. On an H200 a GPTQ search of LLaVA-13B's layer took 5 GiB more than
-# the per-weight figure said: down_proj's 13824 inputs.
-GPTQ_FLOAT64_COPIES = 4
+# the per-weight figure said: down_proj's 13824 inputs. One copy more is counted for what the CPU's RSS showed beyond
+# the tensors torch's allocator recorded (319 MiB at a 51M-weight layer whose widest input is 5632, one such copy is
+# 242 MiB: BENCHMARKS.md, "The plan's count of a plain search").
+GPTQ_FLOAT64_COPIES = 5
 GPTQ_FLOAT32_COPIES = 2
 
 
@@ -138,7 +145,7 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
     shapes = [shape for per_unit in unit_shapes for shape in per_unit]
     outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
     transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * max(o for o, _ in shapes) * element
-    plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights
+    plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights + plain_search_extra_bytes(shapes, element)
     if cost.hessians:  # a unit's Hessians (float32) while GPTQ quantizes it, and one input's work
         plain += max(4 * sum(inp**2 for _, inp in per_unit) for per_unit in unit_shapes)
         plain += max(_gptq_input_bytes(per_unit, element) for per_unit in unit_shapes)
@@ -147,6 +154,14 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
               "best": max(plain + BEST_KEEPS_PER_WEIGHT["plain"] * n_weights,
                           learned + BEST_KEEPS_PER_WEIGHT["learned"] * n_weights)}[cost.kind]
     return search + outputs + transient
+
+
+def plain_search_extra_bytes(shapes, element: int) -> int:
+    """What a plain search holds besides its candidates, whatever the block's size: its largest linear (``shapes``:
+    (out, in) each) dequantized in the model's dtype, and the quantizer's float32 temporaries of one slice of
+    rows (qvlm.quant.row_slices: at most ``ROW_SLICE_ELEMENTS`` elements, and no more than the linear has)."""
+    largest = max(out * inp for out, inp in shapes)
+    return largest * element + QUANTIZER_SLICES * 4 * min(largest, ROW_SLICE_ELEMENTS)
 
 
 def _gptq_input_bytes(shapes, element: int) -> int:

@@ -217,3 +217,54 @@ def test_a_quarantined_block_hands_on_the_output_of_its_fallback(llava, llava_ba
     assert result.chosen == "fallback"
     for a, b in zip(outputs, quantized_block_outputs(data, result)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def bfloat16_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama saved as a bfloat16 checkpoint (what most released LLMs are)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama-bf16")
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("checkpoint", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method,search", [("rtn", None), ("gptq", None), ("qvlm", "clip"), ("qvlm", "learned"),
+                                           ("qvlm", "best")])
+def test_the_plan_counts_at_least_what_a_block_search_holds(tmp_path, tiny_llama_dir, bfloat16_llama_dir, checkpoint,
+                                                            method, search):
+    """cluster/memory.py's workspace of one block against the peak of live tensors while a stage searches that
+    block (beside its weights and captures, which the plan counts apart), at the plan's calibration size."""
+    from dataclasses import replace
+
+    from transformers import LlamaForCausalLM
+
+    from bench.gpu import live_peak_bytes
+    from cluster.memory import block_workspace_bytes, calibration_size, search_cost
+    from cluster.plan import inspect_model
+    from jobs.spec import load_job
+    from qvlm.batches import calibration_batches
+    from qvlm.method import Block, Layout, block_jobs
+    from qvlm.stage import Stage
+    from tests.job_files import write_job
+
+    model_dir = {"float32": tiny_llama_dir, "bfloat16": bfloat16_llama_dir}[checkpoint]
+    quant = {"quantization.method": method, "quantization.qvlm.iters": 5}
+    if search:
+        quant["quantization.qvlm.search"] = search
+    job = load_job(write_job(tmp_path / "job.yaml", "count", str(model_dir), str(tmp_path / "out"), **quant)).compile()
+    plan = inspect_model(job)[0]
+    stage = Stage(LlamaForCausalLM.from_pretrained(model_dir), plan.units, first=True)
+    for batch in calibration_batches(model_dir, job.calibration):
+        stage.capture(batch, hand_over=False)
+    unit = next(u for u in plan.units if u.segment == "language")
+    schemes = {unit.linear_name(n): job.quant.weights for n in unit.linears}
+    every = tuple(u.index for u in plan.units)
+    block = block_jobs([Block(0, 0, (unit.index,))], Layout(tuple(plan.units), (every,), (every,)), schemes)[0]
+
+    _, held = live_peak_bytes(lambda: stage.search_block(block, job.quant))
+    counted = block_workspace_bytes(plan, [unit], calibration_size(plan, job.calibration),
+                                    replace(search_cost(job.quant), depth=1))
+    assert 0 < held <= counted, (held, counted)
