@@ -9,7 +9,8 @@ over random token ids; each method is one ``search_block`` of that layer (``lear
 ``--iters``, W4 g128 symmetric); the forward is one plain pass of the layer over the captured batches, what each
 of a search's evaluations runs. Figures: seconds per phase and tokens per second, the block evaluations, and
 the memory of each phase: before it and its peak (GPU: ``torch.cuda.memory_allocated`` and
-``max_memory_allocated``, reset before each phase; CPU: the process's RSS and its high-water mark, reset
+``max_memory_allocated``, reset before each phase; CPU, with a stage worker's allocator setting
+(workers/host_memory.py): the process's RSS and its high-water mark, reset
 before each phase through ``/proc/self/clear_refs``, or with ``--live`` the peak of live tensors above the phase's
 start, as a GPU counts them), the object store's put and get throughput of one
 boundary hidden state (batch x tokens x hidden, packed as the stages send it), and the throughput of ranged
@@ -272,6 +273,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        from workers.host_memory import return_freed_memory
+
+        return_freed_memory()  # as a stage worker does, so the RSS is of what is held, not of what glibc kept
     from qvlm.method import select_units
     from qvlm.config import QuantConfig
     from qvlm.search import UNCOUNTED_FORWARDS
