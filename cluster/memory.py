@@ -87,7 +87,7 @@ def capture_bytes(plan, stage: int, size: CalibrationSize) -> int:
 # clipped or GPTQ weights), one byte a weight each; integers of 4 bits and fewer are held two a byte
 # (qvlm.quant.QuantizedWeight), which this does not take off, so there it is an upper bound. Beside them a plain
 # search holds one linear's weight dequantized as the forward reaches it, and the quantizer's float32 temporaries
-# of one slice of rows (``QUANTIZER_SLICES``, ``plain_search_extra_bytes``). Measured as the allocator's peak of
+# of one slice of rows (``QUANTIZER_SLICES``, ``_plain_search_extra_bytes``). Measured as the allocator's peak of
 # live tensors (BENCHMARKS.md, "The plan's count of a plain search"). It was 8, measured as RSS before the
 # quantizer worked a slice of rows at a time and before integers were held two a byte.
 # "learned": also its float32 rounding offsets and their gradients, the int8 best-so-far and one linear's soft
@@ -145,7 +145,7 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
     shapes = [shape for per_unit in unit_shapes for shape in per_unit]
     outputs = sum(size.samples * unit_tokens(u, size) * _unit_out_width(plan, u) * element for u in units)
     transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * max(o for o, _ in shapes) * element
-    plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights + plain_search_extra_bytes(shapes, element)
+    plain = SEARCH_BYTES_PER_WEIGHT["plain"] * n_weights + _plain_search_extra_bytes(shapes, element)
     if cost.hessians:  # a unit's Hessians (float32) while GPTQ quantizes it, and one input's work
         plain += max(4 * sum(inp**2 for _, inp in per_unit) for per_unit in unit_shapes)
         plain += max(_gptq_input_bytes(per_unit, element) for per_unit in unit_shapes)
@@ -156,7 +156,7 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
     return search + outputs + transient
 
 
-def plain_search_extra_bytes(shapes, element: int) -> int:
+def _plain_search_extra_bytes(shapes, element: int) -> int:
     """What a plain search holds besides its candidates, whatever the block's size: its largest linear (``shapes``:
     (out, in) each) dequantized in the model's dtype, and the quantizer's float32 temporaries of one slice of
     rows (qvlm.quant.row_slices: at most ``ROW_SLICE_ELEMENTS`` elements, and no more than the linear has)."""
