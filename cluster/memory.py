@@ -158,10 +158,16 @@ def block_workspace_bytes(plan, units, size: CalibrationSize, cost: SearchCost) 
 
 def _plain_search_extra_bytes(shapes, element: int) -> int:
     """What a plain search holds besides its candidates, whatever the block's size: its largest linear (``shapes``:
-    (out, in) each) dequantized in the model's dtype, and the quantizer's float32 temporaries of one slice of
-    rows (qvlm.quant.row_slices: at most ``ROW_SLICE_ELEMENTS`` elements, and no more than the linear has)."""
+    (out, in) each) dequantized, and the quantizer's float32 temporaries of one slice of rows
+    (qvlm.quant.row_slices: at most ``ROW_SLICE_ELEMENTS`` elements, and no more than the linear has)."""
     largest = max(out * inp for out, inp in shapes)
-    return largest * element + QUANTIZER_SLICES * 4 * min(largest, ROW_SLICE_ELEMENTS)
+    return _dequantized_linear_bytes(shapes, element) + QUANTIZER_SLICES * 4 * min(largest, ROW_SLICE_ELEMENTS)
+
+
+def _dequantized_linear_bytes(shapes, element: int) -> int:
+    """The largest of ``shapes`` ((out, in) each) dequantized in the model's dtype: what a fake-quant linear holding
+    integers makes as a forward pass reaches it (qvlm.fakequant.FakeQuantLinear), one linear at a time."""
+    return max(out * inp for out, inp in shapes) * element
 
 
 def _gptq_input_bytes(shapes, element: int) -> int:
@@ -193,7 +199,7 @@ def evaluation_bytes(plan, stage: int, size: CalibrationSize, quant) -> int:
     units = [plan.units[i] for i in plan.stages[stage]]
     shapes = [plan.linear_shapes[u.linear_name(n)] for u in units for n in u.linears]
     integers = sum(_held_integer_bytes(out, inp, quant) for out, inp in shapes)
-    dequantized = max(out * inp for out, inp in shapes) * plan.weight_element_bytes
+    dequantized = _dequantized_linear_bytes(shapes, plan.weight_element_bytes)
     widest = max(out for out, _ in shapes)
     transient = 4 * size.batch_size * max(unit_tokens(u, size) for u in units) * widest * plan.weight_element_bytes
     logits = 3 * 4 * size.batch_size * size.tokens * plan.vocab_size if stage == 0 else 0
